@@ -1,0 +1,227 @@
+"""The `dream-export` command line: one click group, one small function per command.
+
+Expected failures (`DreamExportError`) print a short message and exit 2; anything else is a bug and
+exits 1, with the traceback only under `--debug`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from dream_export import __version__
+from dream_export.errors import DreamExportError, MissingBackendError
+
+DEMO_DIR = Path(__file__).parent / "assets" / "demo"
+
+
+def _need_torch() -> None:
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise MissingBackendError(
+            f"this command needs the export extra ({e.name} is missing): pip install 'dream-export[export]'"
+        ) from e
+
+
+def _emit_json(obj: dict) -> None:
+    # The JSON object is always the last line, so scripts can `tail -n1 | jq`.
+    click.echo(json.dumps(obj, sort_keys=True))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dream-export")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for unexpected errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Export, calibrate, build and run DREAM speculative decoding of vision-language models.
+
+    Every command works on the embedded demo VLM out of the box; `dream-export demo` runs the main
+    job end to end.
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+@cli.command()
+@click.option("--model", "model_dir", type=click.Path(file_okay=False, path_type=Path),
+              default=DEMO_DIR / "vlm", show_default="the embedded demo VLM", help="VLM directory to use.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write the demo's artifacts (answers, evaluation) here.")
+@click.option("-n", "--num", default=5, show_default=True, help="How many held-out images to answer.")
+@click.option("--eval", "do_eval", is_flag=True, help="Evaluate on the whole held-out split (per-task accuracy).")
+@click.option("--per-task", default=100, show_default=True, help="Held-out samples per task for --eval.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line.")
+def demo(model_dir: Path, out: Path | None, num: int, do_eval: bool, per_task: int, as_json: bool) -> None:
+    """Run the main job on the embedded demo VLM: answer held-out images and report timing.
+
+    With --eval, score the model on the fixed held-out split: the share of answers whose first
+    clause (the count, the colour, the number read, ...) matches the reference exactly.
+    """
+    _need_torch()
+    from dream_export.demo import pipeline
+
+    summary = pipeline.run_demo(model_dir, out=out, num=num, do_eval=do_eval, per_task=per_task,
+                                echo=None if as_json else click.echo)
+    if as_json:
+        _emit_json(summary)
+
+
+@cli.command("demo-model")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), default=DEMO_DIR / "vlm",
+              show_default="the embedded demo VLM", help="Where to write the trained VLM.")
+@click.option("--steps", type=int, default=None, help="Training steps (default: the recorded recipe).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
+def demo_model(out: Path, steps: int | None, seed: int, threads: int) -> None:
+    """Regenerate the demo VLM from scratch: data, tokenizer, weights (reproducible by seed)."""
+    _need_torch()
+    from dream_export.demo.train import TrainConfig, train_demo_vlm
+
+    cfg = TrainConfig(seed=seed, threads=threads)
+    if steps is not None:
+        cfg.steps = steps
+    t0 = time.time()
+    record = train_demo_vlm(out, cfg, log=click.echo)
+    click.echo(f"done in {(time.time() - t0) / 60:.1f} min; held-out accuracy: {record['heldout']['accuracy']}")
+
+
+@cli.command("demo-data")
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True)
+@click.option("--heldout-per-task", default=20, show_default=True)
+@click.option("--calib", "n_calib", default=64, show_default=True, help="Calibration prompts.")
+@click.option("--train", "n_train", default=2000, show_default=True, help="Draft-training prompts.")
+def demo_data(out: Path, heldout_per_task: int, n_calib: int, n_train: int) -> None:
+    """Write the demo's prompt files: heldout.jsonl, calib.jsonl and train.jsonl (+ images/)."""
+    from dream_export.demo import data, scenes
+
+    paths = [data.write_split(out, "heldout", data.heldout_split(heldout_per_task)),
+             data.write_split(out, "calib", data.train_split(n_calib, base=scenes.CALIB_SEED_BASE)),
+             data.write_split(out, "train", data.train_split(n_train))]
+    for p in paths:
+        click.echo(f"wrote {p} ({sum(1 for _ in p.open())} prompts)")
+
+
+@cli.command("train-draft")
+@click.argument("target_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help='JSONL of {"image": path, "prompt": text}; the target answers each prompt itself.')
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Draft directory.")
+@click.option("--arch", type=click.Choice(["dream", "eagle2", "eagle3"]), default="dream", show_default=True)
+@click.option("--steps", default=3000, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--features", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Feature cache directory (default: OUT.features); reused and resumed across runs.")
+@click.option("--mid-select", type=click.Choice(["dream", "dream-s"]), default="dream", show_default=True,
+              help="Intermediate-feature selection: DREAM entropy window or DREAM-S entropy + change.")
+@click.option("--vtc-keep", type=float, default=None, help="Train on visual-token-compressed streams (e.g. 0.75).")
+@click.option("--no-cross", is_flag=True, help="Ablation: drop the cross-attention block.")
+@click.option("--no-self-feed", is_flag=True, help="Skip the second pass on the draft's own predictions.")
+@click.option("--weights", default="1.0,0.2,0.2", show_default=True, help="Loss weights logits,feature,mid.")
+@click.option("--seed", default=0, show_default=True)
+def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, steps: int, batch_size: int, lr: float,
+                    features: Path | None, mid_select: str, vtc_keep: float | None, no_cross: bool,
+                    no_self_feed: bool, weights: str, seed: int) -> None:
+    """Train a DREAM (or EAGLE-2/3 style) draft for TARGET_DIR by distillation on its own answers."""
+    _need_torch()
+    from dream_export.draft.config import DraftConfig
+    from dream_export.draft.data import DataConfig, generate_features, read_jsonl, target_identity
+    from dream_export.draft.target import load_target
+    from dream_export.draft.train import DraftTrainConfig, train_draft
+
+    try:
+        w = [float(x) for x in weights.split(",")]
+        assert len(w) == 3
+    except (ValueError, AssertionError) as e:
+        raise click.BadParameter("--weights takes three numbers: logits,feature,mid") from e
+    rows = read_jsonl(data_path)
+    cfg = DraftConfig.from_target(_text_config(target_dir), arch=arch, cross_attention=not no_cross)
+    target = load_target(target_dir, taps=tuple(cfg.fuse_layers))
+    feat_dir = features or out.with_name(out.name + ".features")
+    dcfg = DataConfig(mid_select=mid_select, taps=tuple(cfg.fuse_layers))
+    generate_features(target.model, target.processor, rows, feat_dir, dcfg, target_identity(target_dir))
+    tcfg = DraftTrainConfig(steps=steps, batch_size=batch_size, lr=lr, vtc_keep=vtc_keep, self_feed=not no_self_feed,
+                            w_logits=w[0], w_feature=w[1], w_mid=w[2], seed=seed)
+    _, record = train_draft(feat_dir, target.model.lm_head.weight, cfg, tcfg, out_dir=out, log=click.echo)
+    click.echo(f"saved {arch} draft to {out} ({record['train_minutes']} min)")
+
+
+@cli.command("eval-draft")
+@click.argument("target_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--draft", "drafts", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
+              help="Draft directory (repeatable); named by its folder name.")
+@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--tree", default="4,6,32", show_default=True, help="K,DEPTH,TOTAL of the EAGLE-2 tree.")
+@click.option("--chain", is_flag=True, help="Also evaluate chain drafting (depth = tree depth).")
+@click.option("--vtc-keep", type=float, default=None, help="Visual-token keep ratio for the draft stream.")
+@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option("--limit", type=int, default=None, help="Evaluate only the first N prompts.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write the results as JSON here.")
+def eval_draft_cmd(target_dir: Path, drafts: tuple, data_path: Path, tree: str, chain: bool, vtc_keep: float | None,
+                   max_new_tokens: int, limit: int | None, json_out: Path | None) -> None:
+    """Mean acceptance length τ of drafts with the torch reference decoder (greedy), per task."""
+    _need_torch()
+    from dream_export.draft.evaluate import evaluate_drafts
+    from dream_export.draft.target import load_target
+    from dream_export.draft.train import load_draft
+    from dream_export.io import atomic_write_text
+    from dream_export.runtime.tree import TreeSpec
+
+    try:
+        spec = TreeSpec.parse(tree)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+    loaded = {Path(d).name: load_draft(d) for d in drafts}
+    taps = next((tuple(d.config.fuse_layers) for d in loaded.values() if d.config.arch == "eagle3"), ())
+    target = load_target(target_dir, taps=taps)
+    modes = ("tree", "chain") if chain else ("tree",)
+    res = evaluate_drafts(target, loaded, data_path, spec, max_new_tokens, modes, vtc_keep, limit)
+    tasks = sorted({t for r in res["results"].values() for m in r.values() for t in m["tau_by_task"]})
+    click.echo(f"{'draft':<16}{'mode':<7}{'tau':>6}{'match':>7}  " + "".join(f"{t:>10}" for t in tasks))
+    for name, per_mode in res["results"].items():
+        for mode, r in per_mode.items():
+            click.echo(f"{name:<16}{mode:<7}{r['tau']:>6.2f}{r['match_rate']:>7.2f}  "
+                       + "".join(f"{r['tau_by_task'].get(t, float('nan')):>10.2f}" for t in tasks))
+    if json_out:
+        atomic_write_text(json_out, json.dumps(res, indent=2))
+
+
+def _text_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(model_dir)).get_text_config()
+
+
+def main() -> None:
+    """Console-script entry point with the project's error policy."""
+    debug = "--debug" in sys.argv
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except DreamExportError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except Exception:
+        if debug:
+            raise
+        import traceback
+
+        click.echo("internal error (a bug in dream-export); rerun with --debug for the traceback:", err=True)
+        click.echo(traceback.format_exc().strip().splitlines()[-1], err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

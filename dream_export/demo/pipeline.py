@@ -1,0 +1,91 @@
+"""`dream-export demo`: the main job on the embedded demo VLM, as a sequence of the real commands' steps.
+
+Today the steps are: load the VLM through `from_pretrained`, answer held-out images, optionally
+evaluate. Export, calibration, builds and the speculative runtime join as further steps, each the same
+code its own command runs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from dream_export.demo import scenes
+from dream_export.errors import UsageError
+from dream_export.io import atomic_write_text
+
+
+def _load(model_dir: Path):
+    from dream_export.demo.model import load_demo
+
+    if not (Path(model_dir) / "config.json").exists():
+        raise UsageError(f"{model_dir} holds no model (config.json missing); run `make demo-model` to train one")
+    return load_demo(model_dir)
+
+
+def answer_heldout(model, processor, num: int) -> list[dict]:
+    """Greedy answers to the first `num` held-out samples (round-robin over tasks), with timing."""
+    import torch
+
+    from dream_export.demo.prompts import PromptEncoder
+
+    enc = PromptEncoder(processor)
+    per_task = max(1, -(-num // len(scenes.TASKS)))
+    pool = scenes.heldout(per_task)
+    order = [pool[t * per_task + i] for i in range(per_task) for t in range(len(scenes.TASKS))][:num]
+    rows = []
+    for scene, sample in order:
+        inputs = enc.encode([scenes.render(scene)], [sample.prompt])
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            gen = model.generate(**inputs, max_new_tokens=128, do_sample=False,
+                                 pad_token_id=processor.tokenizer.pad_token_id)
+        dt = time.perf_counter() - t0
+        new = gen[0, inputs["input_ids"].shape[1]:]
+        text = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+        rows.append({"seed": sample.seed, "task": sample.task, "prompt": sample.prompt, "answer": text,
+                     "reference": sample.answer, "correct": scenes.first_clause(text) == sample.key,
+                     "tokens": int(new.numel()), "seconds": round(dt, 4),
+                     "tokens_per_s": round(new.numel() / dt, 1)})
+    return rows
+
+
+def run_demo(model_dir: Path, out: Path | None = None, num: int = 5, do_eval: bool = False,
+             per_task: int = 100, echo: Callable[[str], None] | None = print) -> dict:
+    """Run the demo steps; returns a JSON-able summary (accuracy present when `do_eval`)."""
+    import torch
+
+    torch.set_num_threads(2)
+    say = echo or (lambda _s: None)
+    t0 = time.perf_counter()
+    model, processor = _load(model_dir)
+    load_s = time.perf_counter() - t0
+    say(f"loaded {model_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters) in {load_s:.1f}s")
+    summary: dict = {"model": str(model_dir), "load_seconds": round(load_s, 2)}
+    if num > 0:
+        rows = answer_heldout(model, processor, num)
+        for r in rows:
+            say(f"\n[{r['task']}] Q: {r['prompt']}\n  A: {r['answer']}\n"
+                f"  ({r['tokens']} tokens in {r['seconds'] * 1000:.0f} ms, {r['tokens_per_s']} tok/s; "
+                f"{'matches' if r['correct'] else 'differs from'} the reference)")
+        summary["answers"] = rows
+        summary["tokens_per_s"] = round(sum(r["tokens"] for r in rows) / sum(r["seconds"] for r in rows), 1)
+    if do_eval:
+        from dream_export.demo.evaluate import evaluate
+
+        say(f"\nevaluating on the held-out split ({per_task} per task)...")
+        t1 = time.perf_counter()
+        res = evaluate(model, processor, n_per_task=per_task)
+        summary.update(res)
+        summary["eval_seconds"] = round(time.perf_counter() - t1, 1)
+        say("task        accuracy  exact-answer")
+        for task in scenes.TASKS:
+            if task in res["accuracy"]:
+                say(f"{task:<10}  {res['accuracy'][task]:>8.3f}  {res['exact'][task]:>12.3f}")
+    if out is not None:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(out) / "demo.json", json.dumps(summary, indent=2))
+        say(f"\nwrote {Path(out) / 'demo.json'}")
+    return summary

@@ -1,0 +1,228 @@
+"""Draft training data: the target answers each (image, prompt) greedily; its features are stored.
+
+Per sample: the merged input embeddings of prompt + answer, the final-norm hidden states, the
+entropy-selected intermediate feature per token, optional EAGLE-3 taps, the loss mask (positions whose
+next token is part of the answer), the image-token mask and each prompt position's visual importance
+(attention received in the last layer at prefill). Samples stream into safetensors shards; a rerun
+skips finished shards, and refuses to mix data from a different target or recipe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dream_export.errors import IncompatibleArtifactError, UsageError
+
+
+@dataclass
+class DataConfig:
+    """How features are produced; part of the data's identity."""
+
+    max_new_tokens: int = 128
+    mid_select: str = "dream"  # "dream": min entropy over layers 1..0.4L; "dream-s": entropy + |Δentropy|, ~all layers
+    mid_window: float = 0.4
+    taps: tuple[int, ...] = ()
+    shard_size: int = 256
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Lines of {"image": path, "prompt": text}; image paths are relative to the file's folder."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"data file {path} not found")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+        if not isinstance(row, dict) or "prompt" not in row or "image" not in row:
+            raise UsageError(f'{path}:{n}: each line needs "image" and "prompt" keys')
+        img = Path(row["image"])
+        row["image"] = str(img if img.is_absolute() else path.parent / img)
+        rows.append(row)
+    if not rows:
+        raise UsageError(f"{path} holds no samples")
+    return rows
+
+
+def select_intermediate(attns: list, hidden_states: list, cfg: DataConfig) -> np.ndarray:
+    """Per token, the hidden state of the layer whose attention entropy is lowest (DREAM / DREAM-S).
+
+    attns[l]: [heads, T, T] probabilities of layer l+1; hidden_states[l]: output of layer l (0 = embeddings).
+    Returns the chosen layer index (1-based, into hidden_states) per token.
+    """
+    import torch
+
+    n_layers = len(attns)
+    if cfg.mid_select == "dream":
+        window = range(1, max(2, int(round(cfg.mid_window * n_layers))) + 1)
+    elif cfg.mid_select == "dream-s":
+        window = range(1, max(2, int(0.98 * n_layers)) + 1)
+    else:
+        raise UsageError(f"unknown --mid-select {cfg.mid_select!r} (dream or dream-s)")
+    ent = []
+    for layer in range(1, n_layers + 1):
+        a = attns[layer - 1].clamp_min(1e-12)
+        ent.append(-(a * a.log()).sum(-1).mean(0))  # [T], averaged over heads
+    ent_t = torch.stack(ent)  # [L, T]
+    metric = ent_t.clone()
+    if cfg.mid_select == "dream-s":
+        delta = torch.zeros_like(ent_t)
+        delta[1:] = (ent_t[1:] - ent_t[:-1]).abs()
+        metric = ent_t + delta
+    lo, hi = window.start, window.stop
+    choice = torch.argmin(metric[lo - 1: hi - 1], 0) + lo
+    return choice.numpy()
+
+
+def target_identity(model_dir: str | Path) -> str:
+    """Short hash of the target's config and weights index (the draft is tied to this target)."""
+    h = hashlib.sha256()
+    for name in ("config.json", "model.safetensors.index.json"):
+        p = Path(model_dir) / name
+        if p.exists():
+            h.update(p.read_bytes())
+    st = Path(model_dir) / "model.safetensors"
+    if st.exists():
+        h.update(str(st.stat().st_size).encode())
+    return h.hexdigest()[:16]
+
+
+def _merged_embeddings(model, inputs: dict):
+    """Prompt+answer embeddings with image features spliced in, exactly as the HF forward builds them."""
+    out = model(**inputs, output_hidden_states=True)
+    return out.hidden_states[0]
+
+
+def generate_features(model, processor, rows: list[dict], out_dir: str | Path, cfg: DataConfig,
+                      identity: str, progress: bool = True, batch_size: int = 16) -> dict:
+    """Answer every row with the target (greedy) and write feature shards to `out_dir`.
+
+    Resumable: finished shards are kept; `index.json` records the target identity and recipe, and a
+    rerun with a different one is refused rather than mixing data.
+    """
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from dream_export.demo.prompts import PromptEncoder
+    from dream_export.export.decoder import TargetDecoder, causal_mask
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"target": identity, "config": {**asdict(cfg), "taps": list(cfg.taps)}, "samples": len(rows)}
+    index_path = out_dir / "index.json"
+    if index_path.exists():
+        old = json.loads(index_path.read_text())
+        if {k: old.get(k) for k in meta} != meta:
+            raise IncompatibleArtifactError(
+                f"{out_dir} holds features from another target or recipe ({old.get('target')}, "
+                f"{old.get('config')}); use a new directory")
+    index_path.write_text(json.dumps(meta, indent=2))
+    enc = PromptEncoder(processor)
+    lm = model.model.language_model
+    dec = TargetDecoder(lm, taps=cfg.taps)
+    img_id = model.config.image_token_id if hasattr(model.config, "image_token_id") else model.config.image_token_index
+    eos = processor.tokenizer.eos_token_id
+    pad = processor.tokenizer.pad_token_id
+    shards = [rows[i:i + cfg.shard_size] for i in range(0, len(rows), cfg.shard_size)]
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(rows), desc="draft data", disable=not progress, mininterval=5)
+    for s_idx, shard in enumerate(shards):
+        path = out_dir / f"shard-{s_idx:05d}.safetensors"
+        if path.exists():
+            bar.update(len(shard))
+            continue
+        cols: dict[str, list] = {k: [] for k in ("embeds", "final", "mid", "taps", "loss_mask", "image_mask",
+                                                 "importance", "input_ids")}
+        lengths, prompt_lens = [], []
+        for b0 in range(0, len(shard), batch_size):
+            batch = shard[b0:b0 + batch_size]
+            images = [Image.open(r["image"]).convert("RGB") for r in batch]
+            inputs = enc.encode(images, [r["prompt"] for r in batch])
+            with torch.no_grad():
+                gen = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False, pad_token_id=pad)
+            plen = inputs["input_ids"].shape[1]
+            for j in range(len(batch)):
+                valid = inputs["attention_mask"][j].bool()
+                prompt_ids = inputs["input_ids"][j][valid]
+                ans = gen[j, plen:].tolist()
+                if eos in ans:
+                    ans = ans[: ans.index(eos) + 1]
+                ids = torch.cat([prompt_ids, torch.tensor(ans, dtype=torch.long)])[None]
+                single = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                          "pixel_values": inputs["pixel_values"][j:j + 1]}
+                with torch.no_grad():
+                    merged = _merged_embeddings(model, single)
+                    t = ids.shape[1]
+                    pk, pv = dec.empty_cache()
+                    o = dec(merged, torch.arange(t)[None], causal_mask(t), pk, pv, output_attentions=True,
+                            output_hidden_states=True)
+                n = len(prompt_ids)
+                attns = [a[0] for a in o["attn"]]
+                choice = select_intermediate(attns, o["hidden_states"], cfg)
+                hs = torch.stack(o["hidden_states"])[:, 0]  # [L+1, T, H]
+                mid = hs[torch.from_numpy(choice), torch.arange(t)]
+                last = attns[-1][:, :n, :n].mean((0, 1))  # attention each prompt position receives
+                imp = torch.zeros(t)
+                imp[:n] = last
+                lm_mask = torch.zeros(t, dtype=torch.uint8)
+                lm_mask[n:t - 1] = 1  # draft predictions made at answer positions
+                cols["embeds"].append(merged[0].half())
+                cols["final"].append(o["hidden"][0].half())
+                cols["mid"].append(mid.half())
+                if cfg.taps:
+                    cols["taps"].append(torch.cat([x[0] for x in o["taps"]], -1).half())
+                cols["loss_mask"].append(lm_mask)
+                cols["image_mask"].append((ids[0] == img_id).to(torch.uint8))
+                cols["importance"].append(imp)
+                cols["input_ids"].append(ids[0])
+                lengths.append(t)
+                prompt_lens.append(n)
+            bar.update(len(batch))
+        tensors = {k: torch.cat(v).contiguous() for k, v in cols.items() if v}
+        tensors["lengths"] = torch.tensor(lengths, dtype=torch.int64)
+        tensors["prompt_lens"] = torch.tensor(prompt_lens, dtype=torch.int64)
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        tmp.replace(path)
+    bar.close()
+    return meta
+
+
+class FeatureDataset:
+    """All shards of a feature directory, as per-sample tensor dicts."""
+
+    def __init__(self, data_dir: str | Path):
+        from safetensors.torch import load_file
+
+        self.dir = Path(data_dir)
+        if not (self.dir / "index.json").exists():
+            raise UsageError(f"{self.dir} is not a draft feature directory (index.json missing)")
+        self.meta = json.loads((self.dir / "index.json").read_text())
+        self.samples = []
+        for p in sorted(self.dir.glob("shard-*.safetensors")):
+            t = load_file(str(p))
+            offs = np.concatenate([[0], np.cumsum(t["lengths"].numpy())])
+            for i in range(len(t["lengths"])):
+                a, b = int(offs[i]), int(offs[i + 1])
+                s = {k: v[a:b] for k, v in t.items() if k not in ("lengths", "prompt_lens")}
+                s["prompt_len"] = int(t["prompt_lens"][i])
+                self.samples.append(s)
+        if not self.samples:
+            raise UsageError(f"{self.dir} holds no finished shards")
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.samples[i]

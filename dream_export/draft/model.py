@@ -1,0 +1,235 @@
+"""DREAM draft (and the EAGLE-2 / EAGLE-3 style baselines) as torch modules with explicit caches.
+
+One call signature serves training (whole sequences), the reference decoder (context pass, tree steps)
+and ONNX export:
+
+    out = draft(embeds, positions, self_mask, self_cache, cross_k, cross_v, cross_mask, prev_feat)
+
+- `embeds` [B,T,H]: the target's input embeddings of the draft's tokens (image features spliced in).
+- `positions` [B,T]: the draft's own RoPE positions (compacted when visual tokens are pruned).
+- `self_mask` [B,T,P+T] bool: which cached (P) and new (T) rows each query sees (causal or ancestry).
+- `self_cache`: per self-attention block, (k, v) [B,kv_heads,P,head_dim] or None.
+- `cross_k`, `cross_v` [B,kv_heads,C,head_dim]: projected target features (see `cross_kv`); the
+  cross-attention keys are already per-head RMS-normed, so the cache is append-only.
+- `cross_mask` [B,T,C] bool: query i sees features of positions before its own (and, in a tree, the
+  draft features of its ancestors). A learned null key is always visible, so no row is empty.
+- `prev_feat` [B,T,H]: the feature of each query's predecessor (EAGLE baselines fuse it with the
+  embedding; DREAM reads features through cross-attention instead).
+
+Returns a dict: `feature` (final-normed draft feature, fed to the target's LM head), `block0` (output
+of the first block, the intermediate-supervision point) and `self_kv` (the new rows per block).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dream_export.draft.config import DraftConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm in the target family's flavour ("gemma_rms" scales by 1 + w)."""
+
+    def __init__(self, dim: int, eps: float, flavour: str = "rms"):
+        super().__init__()
+        self.eps, self.offset = eps, flavour == "gemma_rms"
+        self.weight = nn.Parameter(torch.zeros(dim) if self.offset else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        w = (1.0 + self.weight.float()) if self.offset else self.weight.float()
+        return (x * w).to(dtype)
+
+
+def _act(name: str):
+    return {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+            "gelu_new": lambda x: F.gelu(x, approximate="tanh")}[name]
+
+
+class MLP(nn.Module):
+    """Gated MLP (gate, up, down) as in Llama / Mistral / Qwen2 / Gemma."""
+
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act = _act(cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotary embedding (rotate-half convention) of x [B,heads,T,D] at integer positions [B,T]."""
+    d = x.shape[-1]
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d))
+    ang = positions.to(torch.float32)[:, None, :, None] * inv  # [B,1,T,D/2]
+    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return (x * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
+
+
+def _attend(q, k, v, mask, n_rep: int) -> torch.Tensor:
+    if n_rep > 1:
+        k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+
+
+class SelfAttention(nn.Module):
+    """GQA self-attention with RoPE at the draft's own positions."""
+
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+
+    def forward(self, x, positions, mask, cache):
+        b, t, _ = x.shape
+        c = self.cfg
+        q = self.q_proj(x).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        kk, vv = (torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)) if cache is not None else (k, v)
+        o = _attend(q, kk, vv, mask, c.num_heads // c.num_kv_heads)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1)), (k, v)
+
+
+class SelfAttnBlock(nn.Module):
+    """Pre-norm decoder block; block 0 takes the raw embedding stream (no input norm), as EAGLE does."""
+
+    def __init__(self, cfg: DraftConfig, input_norm: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_flavour) if input_norm else None
+        self.self_attn = SelfAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_flavour)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, positions, mask, cache):
+        h = self.input_layernorm(x) if self.input_layernorm is not None else x
+        a, kv = self.self_attn(h, positions, mask, cache)
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class CrossAttnBlock(nn.Module):
+    """Gated cross-attention to the target's final-norm features (Mllama style, tanh gates at 0).
+
+    Per-head RMSNorm on Q and K, no RoPE (features carry no draft position). A learned null key/value
+    is always visible: the first query of a sequence has no earlier target feature, and without it its
+    softmax would spread over masked (future) keys.
+    """
+
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps, cfg.norm_flavour)
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.null_k = nn.Parameter(torch.zeros(cfg.num_kv_heads, 1, d))
+        self.null_v = nn.Parameter(torch.zeros(cfg.num_kv_heads, 1, d))
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps, cfg.norm_flavour)
+        self.mlp = MLP(cfg)
+        self.mlp_gate = nn.Parameter(torch.zeros(1))
+
+    def kv(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project features [B,S,H] to cacheable (normed K, V), each [B,kv_heads,S,head_dim]."""
+        b, s, _ = feats.shape
+        c = self.cfg
+        k = self.k_norm(self.k_proj(feats).view(b, s, c.num_kv_heads, c.head_dim)).transpose(1, 2)
+        v = self.v_proj(feats).view(b, s, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        return k, v
+
+    def forward(self, x, cross_k, cross_v, cross_mask):
+        b, t, _ = x.shape
+        c = self.cfg
+        q = self.q_norm(self.q_proj(self.input_layernorm(x)).view(b, t, c.num_heads, c.head_dim)).transpose(1, 2)
+        k = torch.cat([self.null_k.expand(b, -1, -1, -1).to(q.dtype), cross_k], 2)
+        v = torch.cat([self.null_v.expand(b, -1, -1, -1).to(q.dtype), cross_v], 2)
+        null_visible = torch.ones_like(cross_mask[..., :1]) if c.null_key else ~cross_mask.any(-1, keepdim=True)
+        mask = torch.cat([null_visible, cross_mask], -1)
+        o = _attend(q, k, v, mask, c.num_heads // c.num_kv_heads)
+        x = x + torch.tanh(self.attn_gate) * self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+        return x + torch.tanh(self.mlp_gate) * self.mlp(self.post_attention_layernorm(x))
+
+
+class Draft(nn.Module):
+    """A draft model: DREAM (3 blocks with gated cross-attention) or an EAGLE-2/3 style baseline."""
+
+    def __init__(self, cfg: DraftConfig):
+        super().__init__()
+        self.config = cfg
+        h = cfg.hidden_size
+        if cfg.arch == "eagle3":
+            self.fuse = nn.Linear(h * len(cfg.fuse_layers), h, bias=False)
+        if cfg.arch in ("eagle2", "eagle3"):
+            self.fc = nn.Linear(2 * h, h, bias=False)
+            self.blocks = nn.ModuleList([SelfAttnBlock(cfg, input_norm=False)])
+            self.cross = None
+        else:
+            self.blocks = nn.ModuleList([SelfAttnBlock(cfg, input_norm=False), SelfAttnBlock(cfg, input_norm=True)])
+            self.cross = CrossAttnBlock(cfg) if cfg.cross_attention else None
+        self.norm = RMSNorm(h, cfg.rms_norm_eps, cfg.norm_flavour)
+
+    @property
+    def uses_cross(self) -> bool:
+        return self.cross is not None
+
+    def target_feature(self, final: torch.Tensor, taps: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """The per-position target feature this draft consumes (EAGLE-3: fused low/mid/high taps)."""
+        if self.config.arch == "eagle3":
+            return self.fuse(torch.cat(taps, -1))
+        return final
+
+    def cross_kv(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cacheable cross-attention K/V of features [B,S,H] (empty tensors for drafts without it)."""
+        if self.cross is None:
+            b, s, _ = feats.shape
+            z = feats.new_zeros(b, self.config.num_kv_heads, s, self.config.head_dim)
+            return z, z
+        return self.cross.kv(feats)
+
+    def forward(self, embeds, positions, self_mask, self_cache=None, cross_k=None, cross_v=None,
+                cross_mask=None, prev_feat=None) -> dict:
+        x = embeds
+        if self.config.arch != "dream":
+            x = self.fc(torch.cat([embeds, prev_feat.to(embeds.dtype)], -1))
+        caches = self_cache or [None] * len(self.blocks)
+        x, kv0 = self.blocks[0](x, positions, self_mask, caches[0])
+        block0, new_kv = x, [kv0]
+        if self.cross is not None:
+            x = self.cross(x, cross_k, cross_v, cross_mask)
+        for blk, cache in zip(self.blocks[1:], caches[1:], strict=True):
+            x, kv = blk(x, positions, self_mask, cache)
+            new_kv.append(kv)
+        return {"feature": self.norm(x), "block0": block0, "self_kv": new_kv}
+
+
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Final-logit soft-capping (Gemma 2/3); identity when the family has none."""
+    return logits if not cap else torch.tanh(logits / cap) * cap
+
+
+def init_weights(model: Draft, std: float | None = None) -> None:
+    """Small normal init for linears (the gates and norms keep their identity initialisation)."""
+    std = std or 1.0 / math.sqrt(model.config.hidden_size)
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=std)

@@ -1,0 +1,222 @@
+"""Distillation of a draft against its target's stored features (DREAM recipe, EAGLE baselines)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dream_export.draft.config import DraftConfig
+from dream_export.draft.data import FeatureDataset
+from dream_export.draft.model import Draft, init_weights, soft_cap
+from dream_export.draft.reference import vtc_keep_indices
+from dream_export.errors import IncompatibleArtifactError
+from dream_export.io import atomic_dir
+
+
+@dataclass
+class DraftTrainConfig:
+    """Optimisation recipe; DREAM's loss weights and optimiser settings by default."""
+
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 1e-3
+    warmup: int = 100
+    min_lr_ratio: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 0.5
+    w_logits: float = 1.0
+    w_feature: float = 0.2
+    w_mid: float = 0.2
+    noise: float = 0.2  # EAGLE-style uniform noise on the target features, amplitude noise/2
+    self_feed: bool = True  # a second pass on the draft's own predicted features (training-time test)
+    vtc_keep: float | None = None  # train the draft on visual-token-compressed streams
+    seed: int = 0
+    threads: int = 2
+
+
+def _lr(step: int, c: DraftTrainConfig) -> float:
+    if step < c.warmup:
+        return c.lr * (step + 1) / c.warmup
+    p = (step - c.warmup) / max(1, c.steps - c.warmup)
+    return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def collate(samples: list[dict], draft: Draft, vtc_keep: float | None, noise: float, use_taps: bool) -> dict:
+    """Pad a batch; queries may drop visual tokens (VTC) while the cross features keep every position."""
+    b = len(samples)
+    qs = []
+    for s in samples:
+        if vtc_keep is not None:
+            qs.append(vtc_keep_indices(s["image_mask"].numpy().astype(bool), s["importance"].numpy(), vtc_keep))
+        else:
+            qs.append(np.arange(len(s["input_ids"])))
+    tq = max(len(q) for q in qs)
+    tk = max(len(s["input_ids"]) for s in samples)
+    h = samples[0]["final"].shape[1]
+    z = lambda *shape, dt=torch.float32: torch.zeros(*shape, dtype=dt)  # noqa: E731
+    out = {"embeds": z(b, tq, h), "final_q": z(b, tq, h), "mid_q": z(b, tq, h), "feats": z(b, tk, h),
+           "loss_mask": z(b, tq), "q_valid": z(b, tq, dt=torch.bool), "k_valid": z(b, tk, dt=torch.bool),
+           "q_pos": torch.full((b, tq), 10**6, dtype=torch.long), "resp": z(b, tk, dt=torch.bool)}
+    if use_taps:
+        out["taps"] = z(b, tk, samples[0]["taps"].shape[1])
+    for i, (s, q) in enumerate(zip(samples, qs, strict=True)):
+        qt = torch.from_numpy(q)
+        t = len(s["input_ids"])
+        out["embeds"][i, : len(q)] = s["embeds"][qt].float()
+        out["final_q"][i, : len(q)] = s["final"][qt].float()
+        out["mid_q"][i, : len(q)] = s["mid"][qt].float()
+        out["loss_mask"][i, : len(q)] = s["loss_mask"][qt].float()
+        out["q_valid"][i, : len(q)] = True
+        out["q_pos"][i, : len(q)] = qt
+        f = s["final"].float()
+        out["feats"][i, :t] = f + (torch.rand_like(f) - 0.5) * noise
+        out["k_valid"][i, :t] = True
+        out["resp"][i, s["prompt_len"]:t] = True
+        if use_taps:
+            tp = s["taps"].float()
+            out["taps"][i, :t] = tp + (torch.rand_like(tp) - 0.5) * noise
+    return out
+
+
+def _forward(draft: Draft, batch: dict, feats: torch.Tensor) -> dict:
+    b, tq, _ = batch["embeds"].shape
+    tk = feats.shape[1]
+    causal = torch.tril(torch.ones(tq, tq, dtype=torch.bool))[None] & batch["q_valid"][:, None, :]
+    causal = causal | torch.eye(tq, dtype=torch.bool)[None]  # padded queries see themselves (no empty rows)
+    cross_mask = (torch.arange(tk)[None, None, :] < batch["q_pos"][:, :, None]) & batch["k_valid"][:, None, :]
+    ck, cv = draft.cross_kv(feats)
+    prev_idx = (batch["q_pos"] - 1).clamp(0, tk - 1)
+    prev = torch.gather(feats, 1, prev_idx[..., None].expand(-1, -1, feats.shape[-1]))
+    prev = prev * (batch["q_pos"] > 0)[..., None]
+    pos = torch.arange(tq)[None].expand(b, -1)
+    return draft(batch["embeds"], pos, causal, None, ck, cv, cross_mask, prev)
+
+
+def _soft_ce(student_logits, teacher_logits, mask):
+    t = torch.softmax(teacher_logits, -1)
+    ce = -(t * torch.log_softmax(student_logits, -1)).sum(-1)
+    return (ce * mask).sum() / mask.sum().clamp_min(1)
+
+
+def _smooth_l1(a, b, mask):
+    return (F.smooth_l1_loss(a, b, reduction="none").mean(-1) * mask).sum() / mask.sum().clamp_min(1)
+
+
+def train_draft(data_dir: str | Path, lm_head_weight: torch.Tensor, cfg: DraftConfig, tcfg: DraftTrainConfig,
+                out_dir: str | Path | None = None, log=print, progress: bool = True,
+                holdout: int = 64) -> tuple[Draft, dict]:
+    """Train a draft on a feature directory; save (atomically) to `out_dir` when given.
+
+    The last `holdout` samples are kept out of training and report top-1 agreement with the target.
+    """
+    torch.set_num_threads(tcfg.threads)
+    torch.manual_seed(tcfg.seed)
+    rng = random.Random(tcfg.seed)
+    ds = FeatureDataset(data_dir)
+    use_taps = cfg.arch == "eagle3"
+    if use_taps and not ds.meta["config"].get("taps"):
+        raise IncompatibleArtifactError(f"{data_dir} has no layer taps; generate data with taps for --arch eagle3")
+    n_train = max(1, len(ds) - holdout)
+    draft = Draft(cfg)
+    init_weights(draft)
+    head = lm_head_weight.detach().float()
+    logits_of = lambda x: soft_cap(x @ head.T, cfg.final_logit_softcapping)  # noqa: E731
+    params = [p for p in draft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=tcfg.lr, betas=tcfg.betas, weight_decay=0.0)
+    t0 = time.time()
+    history = []
+    from tqdm import tqdm
+
+    bar = tqdm(range(tcfg.steps), desc=f"train {cfg.arch} draft", disable=not progress, mininterval=5)
+    for step in bar:
+        draft.train()
+        batch = collate([ds[rng.randrange(n_train)] for _ in range(tcfg.batch_size)], draft, tcfg.vtc_keep,
+                        tcfg.noise, use_taps)
+        feats = draft.target_feature(batch["feats"], [batch["taps"]] if use_taps else None)
+        out = _forward(draft, batch, feats)
+        mask = batch["loss_mask"]
+        teacher = logits_of(batch["final_q"])
+        loss_p = _soft_ce(logits_of(out["feature"]), teacher, mask)
+        loss = tcfg.w_logits * loss_p
+        if cfg.arch != "eagle3":
+            loss = loss + tcfg.w_feature * _smooth_l1(out["feature"], batch["final_q"], mask)
+        if cfg.arch == "dream" and tcfg.w_mid:
+            loss = loss + tcfg.w_mid * _smooth_l1(out["block0"], batch["mid_q"], mask)
+        if tcfg.self_feed:
+            # Replace answer-position features by the draft's own (detached) predictions, as in tree drafting.
+            pred = torch.zeros_like(feats)
+            idx = batch["q_pos"].clamp(max=feats.shape[1] - 1)
+            pred.scatter_(1, idx[..., None].expand(-1, -1, feats.shape[-1]), out["feature"].detach())
+            feats2 = torch.where(batch["resp"][..., None], pred, feats)
+            out2 = _forward(draft, batch, feats2)
+            loss = loss + tcfg.w_logits * _soft_ce(logits_of(out2["feature"]), teacher, mask)
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, tcfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, tcfg.grad_clip)
+        opt.step()
+        if step % 50 == 0 and progress:
+            bar.set_postfix(loss=f"{loss.item():.3f}", p=f"{loss_p.item():.3f}")
+        if (step + 1) % 500 == 0 or step + 1 == tcfg.steps:
+            acc = top1_agreement(draft, ds, range(n_train, len(ds)), logits_of, use_taps)
+            history.append({"step": step + 1, "loss": round(loss.item(), 4), "top1": round(acc, 4),
+                            "minutes": round((time.time() - t0) / 60, 2)})
+            log(json.dumps(history[-1]))
+    draft.eval()
+    record = {"draft_config": asdict(cfg), "train_config": asdict(tcfg), "data": ds.meta, "history": history,
+              "train_minutes": round((time.time() - t0) / 60, 2), "samples": len(ds)}
+    if out_dir is not None:
+        save_draft(draft, out_dir, record)
+    return draft, record
+
+
+@torch.no_grad()
+def top1_agreement(draft: Draft, ds: FeatureDataset, indices, logits_of, use_taps: bool) -> float:
+    """Share of answer positions where the draft's argmax equals the target's (teacher-forced)."""
+    draft.eval()
+    hit = tot = 0.0
+    for i in indices:
+        batch = collate([ds[i]], draft, None, 0.0, use_taps)
+        feats = draft.target_feature(batch["feats"], [batch["taps"]] if use_taps else None)
+        out = _forward(draft, batch, feats)
+        m = batch["loss_mask"][0].bool()
+        a = logits_of(out["feature"][0][m]).argmax(-1)
+        b = logits_of(batch["final_q"][0][m]).argmax(-1)
+        hit += float((a == b).sum())
+        tot += float(m.sum())
+    return hit / max(tot, 1.0)
+
+
+def save_draft(draft: Draft, out_dir: str | Path, record: dict) -> None:
+    """Write weights (safetensors), draft_config.json and training.json atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_dir(out_dir) as tmp:
+        save_file({k: v.contiguous() for k, v in draft.state_dict().items()}, str(Path(tmp) / "model.safetensors"))
+        draft.config.save(tmp)
+        (Path(tmp) / "training.json").write_text(json.dumps(record, indent=2))
+
+
+def load_draft(path: str | Path) -> Draft:
+    """Load a draft saved by `save_draft` (or converted from an upstream checkpoint)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "draft_config.json").exists():
+        raise IncompatibleArtifactError(f"{path} is not a draft directory (draft_config.json missing)")
+    draft = Draft(DraftConfig.load(path))
+    missing, unexpected = draft.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    if missing or unexpected:
+        raise IncompatibleArtifactError(f"{path}: weights do not match the config (missing {missing[:3]}, "
+                                        f"unexpected {unexpected[:3]})")
+    draft.eval()
+    return draft

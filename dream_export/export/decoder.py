@@ -1,0 +1,95 @@
+"""The target's decoder as a pure function of (embeddings, positions, mask, KV cache).
+
+The same module is the ground truth of the torch reference decoder, the producer of draft training
+data and the body of the exported target graph, so all three agree by construction. It reuses the HF
+model's own sub-modules (projections, norms, MLP, rotary embedding) and re-implements only the
+attention bookkeeping: an explicit runtime-owned cache and an arbitrary boolean mask (causal prefill
+or tree ancestry), which HF's cache classes do not express portably.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat([-x[..., h:], x[..., :h]], -1)
+
+
+class TargetDecoder(nn.Module):
+    """Explicit-KV forward over a HF Llama-family language model.
+
+    forward(inputs_embeds [B,T,H], position_ids [B,T], mask [B,T,P+T] bool,
+            past_k, past_v [L,B,kv_heads,P,head_dim]) -> dict with
+      hidden   [B,T,H]    final-norm hidden states (the draft's features)
+      new_k/v  [L,B,kv_heads,T,head_dim]  this call's KV rows (the runtime places them)
+      taps     list of [B,T,H] hidden states after the requested layers (hidden_states[i] numbering)
+      attn     (when requested) list of per-layer attention probabilities [B,heads,T,P+T]
+    """
+
+    def __init__(self, language_model: nn.Module, taps: tuple[int, ...] = ()):
+        super().__init__()
+        self.lm = language_model
+        cfg = language_model.config
+        self.n_layers = cfg.num_hidden_layers
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = getattr(cfg, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.taps = tuple(taps)
+
+    def forward(self, inputs_embeds, position_ids, mask, past_k, past_v, output_attentions: bool = False,
+                output_hidden_states: bool = False) -> dict:
+        b, t, _ = inputs_embeds.shape
+        x = inputs_embeds
+        cos, sin = self.lm.rotary_emb(x, position_ids)
+        cos, sin = cos[:, None], sin[:, None]
+        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, torch.finfo(x.dtype).min)
+        bias = bias[:, None]
+        new_k, new_v, attns, hidden_states, taps = [], [], [], [x], []
+        rep = self.n_heads // self.n_kv
+        for i, layer in enumerate(self.lm.layers[: self.n_layers]):
+            at = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = at.q_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
+            k = at.k_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
+            v = at.v_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            new_k.append(k)
+            new_v.append(v)
+            kk = torch.cat([past_k[i], k], 2)
+            vv = torch.cat([past_v[i], v], 2)
+            if rep > 1:
+                kk, vv = kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1)
+            probs = torch.softmax((q @ kk.transpose(-1, -2)) * self.scale + bias, -1)
+            if output_attentions:
+                attns.append(probs)
+            o = (probs @ vv).transpose(1, 2).reshape(b, t, -1)
+            x = x + at.o_proj(o)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            hidden_states.append(x)
+            if i + 1 in self.taps:
+                taps.append(x)
+        out = {"hidden": self.lm.norm(x), "new_k": torch.stack(new_k), "new_v": torch.stack(new_v), "taps": taps}
+        if output_attentions:
+            out["attn"] = attns
+        if output_hidden_states:
+            out["hidden_states"] = hidden_states
+        return out
+
+    def empty_cache(self, batch: int = 1, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-length past K/V for a first (prefill) call."""
+        z = torch.zeros(self.n_layers, batch, self.n_kv, 0, self.head_dim, dtype=dtype)
+        return z, z.clone()
+
+
+def causal_mask(t: int, past: int = 0, device=None) -> torch.Tensor:
+    """[1,T,past+T] bool: every query sees the whole past and the new rows up to itself."""
+    m = torch.ones(t, past + t, dtype=torch.bool, device=device)
+    m[:, past:] = torch.tril(torch.ones(t, t, dtype=torch.bool, device=device))
+    return m[None]
