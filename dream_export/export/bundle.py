@@ -1,0 +1,182 @@
+"""`dream-export export`: a (target VLM, draft) pair → a bundle of ONNX graphs + manifest.
+
+The bundle is written into a temporary sibling and renamed at the end, so an interrupted export
+never leaves a directory that looks like a bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from dream_export import __version__
+from dream_export.export import names
+from dream_export.io import atomic_dir
+
+FORMAT_VERSION = 1
+OPSET = 17
+
+
+@dataclass
+class ExportOptions:
+    """What the user chose on the command line."""
+
+    kv_capacity: int = 512
+    max_tree: int = 64
+    topk: int = 8
+    taps: tuple[int, ...] = ()
+    attn_scores: bool = True
+    precision: str = "fp32"
+
+
+def _sha(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _io(session_like) -> dict:
+    """Manifest I/O entries: name, symbolic shape, dtype (read back from the ONNX model itself)."""
+    import onnx
+
+    model = onnx.load(str(session_like), load_external_data=False)
+    out = {}
+    for kind, vals in (("inputs", model.graph.input), ("outputs", model.graph.output)):
+        out[kind] = []
+        for v in vals:
+            tt = v.type.tensor_type
+            dims = [d.dim_param if d.dim_param else d.dim_value for d in tt.shape.dim]
+            out[kind].append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name,
+                              "shape": dims})
+    return out
+
+
+def _export(module, args, path: Path, input_names, output_names, dynamic_axes) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        # The TorchScript exporter gives plain standard-op graphs with named dynamic axes, which both
+        # ONNX Runtime and TensorRT's parser take as they are.
+        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET, input_names=list(input_names),
+                          output_names=list(output_names), dynamic_axes=dynamic_axes, do_constant_folding=True)
+
+
+def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path, opts: ExportOptions,
+                  log=print) -> dict:
+    """Export vision, target and draft graphs, embeddings, tokenizer and manifest into bundle `out`."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dream_export.draft.data import target_identity
+    from dream_export.draft.target import load_target
+    from dream_export.draft.train import load_draft
+    from dream_export.export.graphs import DraftGraph, TargetGraph, VisionGraph
+
+    t0 = time.time()
+    draft = load_draft(draft_dir)
+    taps = tuple(opts.taps) or tuple(draft.config.fuse_layers)
+    target = load_target(target_dir, taps=taps)
+    model, proc = target.model, target.processor
+    dec = target.side.decoder
+    cfg = model.config
+    text = cfg.get_text_config()
+    hidden, n_layers, kvh, hd = text.hidden_size, dec.n_layers, dec.n_kv, dec.head_dim
+    cap, tree = opts.kv_capacity, opts.max_tree
+    dcfg = draft.config
+    nb = len(draft.blocks)
+    draft_cap = cap + tree  # committed draft rows + tree scratch
+    cross_cap = cap + tree
+    manifest: dict = {
+        "format": "dream-export-bundle", "format_version": FORMAT_VERSION,
+        "created_by": {"dream_export": __version__, "torch": torch.__version__,
+                       "transformers": __import__("transformers").__version__,
+                       "onnx": __import__("onnx").__version__, "opset": OPSET},
+        "source": {"target": {"path": str(Path(target_dir).resolve()), "identity": target_identity(target_dir),
+                              "model_type": cfg.model_type},
+                   "draft": {"path": str(Path(draft_dir).resolve()), "arch": dcfg.arch,
+                             "identity": _sha(Path(draft_dir) / "model.safetensors")}},
+        "dims": {"hidden": hidden, "layers": n_layers, "heads": dec.n_heads, "kv_heads": kvh, "head_dim": hd,
+                 "vocab": text.vocab_size, "draft_blocks": nb, "draft_kv_heads": dcfg.num_kv_heads,
+                 "draft_head_dim": dcfg.head_dim},
+        "kv_capacity": cap, "draft_capacity": draft_cap, "cross_capacity": cross_cap, "max_tree": tree,
+        "topk": opts.topk, "taps": list(taps),
+        "draft": {"arch": dcfg.arch, "uses_cross": draft.uses_cross, "eagle3_taps": dcfg.arch == "eagle3"},
+        "tokens": {"image_token_id": int(getattr(cfg, "image_token_id", None) or cfg.image_token_index),
+                   "bos_id": proc.tokenizer.bos_token_id, "eos_id": proc.tokenizer.eos_token_id,
+                   "pad_id": proc.tokenizer.pad_token_id},
+        "embeddings": {"file": "embeddings.safetensors", "tensor": "embed_tokens", "scale": 1.0},
+        "precision": {"vision": opts.precision, "target": opts.precision, "draft": opts.precision},
+        "graphs": {},
+    }
+    with atomic_dir(out) as tmp:
+        onnx_dir = tmp / "onnx"
+        # vision
+        vg = VisionGraph(model).eval()
+        size = proc.image_processor.crop_size
+        px = torch.zeros(1, 3, size["height"], size["width"])
+        n_img = vg(px).shape[1]
+        _export(vg, (px,), onnx_dir / "vision.onnx", names.VISION["inputs"], names.VISION["outputs"],
+                {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}})
+        manifest["tokens"]["image_tokens_per_image"] = int(n_img)
+        # target
+        tg = TargetGraph(dec, model.lm_head, opts.topk, getattr(text, "final_logit_softcapping", None),
+                         importance=opts.attn_scores).eval()
+        t = 4
+        t_args = (torch.zeros(1, t, hidden), torch.arange(t)[None], torch.ones(1, t, cap + t, dtype=torch.bool),
+                  torch.zeros(n_layers, 1, kvh, cap, hd), torch.zeros(n_layers, 1, kvh, cap, hd), torch.tensor([t - 1]))
+        t_out = list(names.TARGET["outputs"]) + (["attn_importance"] if opts.attn_scores else []) + (
+            ["taps"] if taps else [])
+        dyn = {"inputs_embeds": {1: "tokens"}, "position_ids": {1: "tokens"},
+               "attention_mask": {1: "tokens", 2: "slots"}, "logit_rows": {0: "rows"}, "hidden": {1: "tokens"},
+               "new_key": {3: "tokens"}, "new_value": {3: "tokens"}, "topk_ids": {0: "rows"},
+               "topk_logprobs": {0: "rows"}, "row_logits": {0: "rows"}, "attn_importance": {0: "slots"},
+               "taps": {1: "tokens"}}
+        _export(tg, t_args, onnx_dir / "target.onnx", names.TARGET["inputs"], t_out,
+                {k: v for k, v in dyn.items() if k in t_out or k in names.TARGET["inputs"]})
+        # draft
+        dg = DraftGraph(draft, model.lm_head, opts.topk, dcfg.final_logit_softcapping).eval()
+        dkv, ddim = dcfg.num_kv_heads, dcfg.head_dim
+        f = 2
+        d_args = (torch.zeros(1, t, hidden), torch.arange(t)[None], torch.ones(1, t, draft_cap + t, dtype=torch.bool),
+                  torch.zeros(nb, 1, dkv, draft_cap, ddim), torch.zeros(nb, 1, dkv, draft_cap, ddim),
+                  torch.zeros(1, dkv, cross_cap, ddim), torch.zeros(1, dkv, cross_cap, ddim), torch.zeros(1, f, hidden),
+                  torch.ones(1, t, cross_cap + f, dtype=torch.bool), torch.zeros(1, t, hidden))
+        _export(dg, d_args, onnx_dir / "draft.onnx", names.DRAFT["inputs"], names.DRAFT["outputs"],
+                {"embeds": {1: "tokens"}, "positions": {1: "tokens"}, "self_mask": {1: "tokens", 2: "self_slots"},
+                 "new_feats": {1: "feats"}, "cross_mask": {1: "tokens", 2: "cross_slots"},
+                 "prev_feat": {1: "tokens"}, "feature": {1: "tokens"}, "topk_ids": {0: "tokens"},
+                 "topk_logprobs": {0: "tokens"}, "new_self_key": {3: "tokens"}, "new_self_value": {3: "tokens"},
+                 "new_cross_key": {2: "feats"}, "new_cross_value": {2: "feats"}})
+        for name in ("vision", "target", "draft"):
+            p = onnx_dir / f"{name}.onnx"
+            io = _io(p)
+            roles = [v["name"] for v in io["inputs"] + io["outputs"]]
+            # role -> tensor name: the runtime binds by role through this table only
+            manifest["graphs"][name] = {"file": f"onnx/{name}.onnx", "sha256": _sha(p), **io,
+                                        "bindings": {r: r for r in roles}}
+        # runtime assets: embedding table, tokenizer, template, image preprocessing
+        save_file({"embed_tokens": target.side.embed_tokens.weight.detach().float().contiguous()},
+                  str(tmp / "embeddings.safetensors"))
+        proc.save_pretrained(tmp / "processor")
+        for fname in ("tokenizer.json", "chat_template.jinja", "chat_template.json"):
+            src = tmp / "processor" / fname
+            if src.exists():
+                shutil.copy(src, tmp / fname)
+        ip = proc.image_processor
+        manifest["preprocess"] = {"kind": "clip", "size": dict(ip.size), "crop_size": dict(ip.crop_size),
+                                  "image_mean": list(ip.image_mean), "image_std": list(ip.image_std),
+                                  "rescale_factor": float(ip.rescale_factor), "resample": int(ip.resample)}
+        manifest["chat_template"] = proc.chat_template
+        manifest["export_seconds"] = round(time.time() - t0, 1)
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    log(f"exported bundle to {out} in {manifest['export_seconds']}s")
+    return manifest

@@ -1,0 +1,72 @@
+"""Torch modules whose forward signatures are exactly the exported graphs' I/O (see names.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dream_export.draft.model import Draft, soft_cap
+from dream_export.export.decoder import TargetDecoder
+
+
+def _topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    lp = torch.log_softmax(logits.float(), -1)
+    v, i = torch.topk(lp, k, -1)
+    return i, v
+
+
+class TargetGraph(nn.Module):
+    """Prefill and tree verification in one graph over a runtime-owned fixed-capacity KV cache."""
+
+    def __init__(self, decoder: TargetDecoder, lm_head: nn.Module, topk: int, softcap: float | None = None,
+                 importance: bool = False):
+        super().__init__()
+        self.decoder, self.lm_head, self.topk, self.softcap, self.importance = decoder, lm_head, topk, softcap, importance
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, past_key, past_value, logit_rows):
+        o = self.decoder(inputs_embeds, position_ids, attention_mask, past_key, past_value,
+                         output_attentions=self.importance)
+        rows = o["hidden"][0].index_select(0, logit_rows)
+        logits = soft_cap(self.lm_head(rows), self.softcap)
+        ids, lps = _topk_logprobs(logits, self.topk)
+        outs = [o["hidden"], o["new_k"], o["new_v"], ids, lps, logits]
+        if self.importance:
+            outs.append(o["attn"][-1][0].mean((0, 1)))  # attention each slot receives in the last layer
+        if o["taps"]:
+            outs.append(torch.cat(o["taps"], -1))
+        return tuple(outs)
+
+
+class DraftGraph(nn.Module):
+    """One draft graph for the context pass and the k-wide tree steps (the LM head is the target's)."""
+
+    def __init__(self, draft: Draft, lm_head: nn.Module, topk: int, softcap: float | None = None):
+        super().__init__()
+        self.draft, self.lm_head, self.topk, self.softcap = draft, lm_head, topk, softcap
+
+    def forward(self, embeds, positions, self_mask, self_key, self_value, cross_key, cross_value, new_feats,
+                cross_mask, prev_feat):
+        nk, nv = self.draft.cross_kv(new_feats)
+        ck, cv = torch.cat([cross_key, nk], 2), torch.cat([cross_value, nv], 2)
+        caches = [(self_key[i], self_value[i]) for i in range(len(self.draft.blocks))]
+        o = self.draft(embeds, positions, self_mask, caches, ck, cv, cross_mask, prev_feat)
+        ids, lps = _topk_logprobs(soft_cap(self.lm_head(o["feature"][0]), self.softcap), self.topk)
+        return (o["feature"], ids, lps, torch.stack([kv[0] for kv in o["self_kv"]]),
+                torch.stack([kv[1] for kv in o["self_kv"]]), nk, nv)
+
+
+class VisionGraph(nn.Module):
+    """Pixels → projected image embeddings ready to splice into the prompt (tower + projector)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        feats = self.model.model.get_image_features(pixel_values=pixel_values)
+        if not torch.is_tensor(feats):  # transformers 5 wraps it in a model output
+            feats = getattr(feats, "pooler_output", None) if getattr(feats, "pooler_output", None) is not None \
+                else feats[0]
+        if isinstance(feats, (list, tuple)):
+            feats = torch.stack(list(feats))
+        return feats.reshape(pixel_values.shape[0], -1, feats.shape[-1])

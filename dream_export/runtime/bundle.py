@@ -1,0 +1,61 @@
+"""Open a bundle directory: validate its manifest and hand out paths and I/O facts (no torch)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from dream_export.errors import IncompatibleArtifactError, UsageError
+
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+
+@dataclass
+class Bundle:
+    """A loaded manifest plus its directory."""
+
+    root: Path
+    manifest: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> Bundle:
+        """Read and check `manifest.json`; refuse unknown formats and missing or edited graphs."""
+        root = Path(path)
+        mpath = root / "manifest.json"
+        if not mpath.exists():
+            raise UsageError(f"{root} is not a bundle (manifest.json missing); create one with `dream-export export`")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError as e:
+            raise IncompatibleArtifactError(f"{mpath} is not valid JSON ({e.msg})") from e
+        if manifest.get("format") != "dream-export-bundle":
+            raise IncompatibleArtifactError(f"{mpath} is not a dream-export manifest")
+        if manifest.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
+            raise IncompatibleArtifactError(
+                f"bundle format {manifest.get('format_version')} is not supported by this runtime "
+                f"(supports {SUPPORTED_FORMAT_VERSIONS}); re-export with this version of dream-export")
+        b = cls(root, manifest)
+        for name in ("vision", "target", "draft"):
+            if name not in manifest.get("graphs", {}):
+                raise IncompatibleArtifactError(f"manifest lists no {name} graph")
+            if not b.graph_path(name).exists():
+                raise IncompatibleArtifactError(f"{b.graph_path(name)} is missing from the bundle")
+        return b
+
+    def graph(self, name: str, precision: str | None = None) -> dict:
+        """Manifest entry of a graph (file, inputs, outputs)."""
+        return self.manifest["graphs"][name]
+
+    def graph_path(self, name: str) -> Path:
+        return self.root / self.manifest["graphs"][name]["file"]
+
+    def input_names(self, name: str) -> list[str]:
+        return [i["name"] for i in self.graph(name)["inputs"]]
+
+    def output_names(self, name: str) -> list[str]:
+        return [o["name"] for o in self.graph(name)["outputs"]]
+
+    @property
+    def dims(self) -> dict:
+        return self.manifest["dims"]

@@ -1,0 +1,257 @@
+"""Draft–verify speculation over a bundle's graphs, with runtime-owned fixed-capacity caches (numpy).
+
+The same algorithm as the torch reference (`dream_export.draft.reference`), expressed on
+preallocated buffers: the target's KV cache [layers,1,kv_heads,capacity,head_dim], the draft's
+self-attention cache (committed rows + per-round tree scratch) and its cross-attention cache
+(projected target features, append-only, + the round's draft features as scratch). Each graph call
+returns only its new rows; the engine writes them into place, so nothing grows with context.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dream_export.errors import UsageError
+from dream_export.runtime.accept import SamplingParams, accept_greedy, accept_sampling, probs_from_logits, sample
+from dream_export.runtime.backends import Backend
+from dream_export.runtime.bundle import Bundle
+from dream_export.runtime.tree import TreeDraft, TreeSpec, draft_step_masks
+
+
+@dataclass
+class Round:
+    """What one target pass produced."""
+
+    tokens: list[int]
+    accepted: int  # tokens gained (accepted drafts + bonus)
+
+
+@dataclass
+class EngineStats:
+    """Per-request counters (seconds are host wall time around each stage)."""
+
+    rounds: list[int] = field(default_factory=list)
+    seconds: dict = field(default_factory=lambda: {"prefill": 0.0, "draft": 0.0, "verify": 0.0, "host": 0.0})
+
+    @property
+    def tau(self) -> float:
+        return float(np.mean(self.rounds)) if self.rounds else 0.0
+
+
+def vtc_keep_indices(image_mask: np.ndarray, importance: np.ndarray, keep: float) -> np.ndarray:
+    """Prompt positions the draft keeps: all text and the `keep` share of image tokens with most attention."""
+    img = np.flatnonzero(image_mask)
+    n_keep = max(1, int(round(len(img) * keep))) if len(img) else 0
+    top = img[np.argsort(-importance[img], kind="stable")[:n_keep]]
+    return np.sort(np.concatenate([np.flatnonzero(~image_mask), top]))
+
+
+class SpecEngine:
+    """One request at a time; buffers are allocated once per engine and reused across requests."""
+
+    def __init__(self, bundle: Bundle, backend: Backend, embed_table: np.ndarray):
+        m = bundle.manifest
+        d = m["dims"]
+        self.bundle, self.backend, self.embed_table = bundle, backend, embed_table
+        self.cap, self.tree_cap = m["kv_capacity"], m["max_tree"]
+        self.dcap, self.ccap = m["draft_capacity"], m["cross_capacity"]
+        self.hidden = d["hidden"]
+        self.uses_cross = m["draft"]["uses_cross"]
+        self.eagle3 = m["draft"]["eagle3_taps"]
+        self.tb = bundle.graph("target")["bindings"]
+        self.db = bundle.graph("draft")["bindings"]
+        self.target_outputs = bundle.output_names("target")
+        f32 = np.float32
+        self.kv_k = np.zeros((d["layers"], 1, d["kv_heads"], self.cap, d["head_dim"]), f32)
+        self.kv_v = np.zeros_like(self.kv_k)
+        nb, dkv, dd = d["draft_blocks"], d["draft_kv_heads"], d["draft_head_dim"]
+        self.self_k = np.zeros((nb, 1, dkv, self.dcap, dd), f32)
+        self.self_v = np.zeros_like(self.self_k)
+        self.cross_k = np.zeros((1, dkv, self.ccap, dd), f32)
+        self.cross_v = np.zeros_like(self.cross_k)
+        self.feats = np.zeros((self.cap + self.tree_cap, self.hidden), f32)  # per target position
+
+    # ---- graph calls -------------------------------------------------------------------------
+    def _target(self, embeds, positions, new_mask, rows, past: int) -> dict:
+        t = embeds.shape[0]
+        mask = np.zeros((1, t, self.cap + t), dtype=bool)
+        mask[0, :, :past] = True
+        mask[0, :, self.cap:] = new_mask
+        tb = self.tb
+        feeds = {tb["inputs_embeds"]: embeds[None].astype(np.float32, copy=False),
+                 tb["position_ids"]: positions[None].astype(np.int64), tb["attention_mask"]: mask,
+                 tb["past_key"]: self.kv_k, tb["past_value"]: self.kv_v,
+                 tb["logit_rows"]: np.asarray(rows, dtype=np.int64)}
+        return self.backend.run("target", feeds)
+
+    def _commit_target(self, out: dict, rows: np.ndarray, at: int) -> None:
+        n = len(rows)
+        self.kv_k[:, :, :, at:at + n] = out[self.tb["new_key"]][:, :, :, rows]
+        self.kv_v[:, :, :, at:at + n] = out[self.tb["new_value"]][:, :, :, rows]
+
+    def _draft(self, embeds, positions, self_mask, new_feats, cross_mask, prev_feat) -> dict:
+        roles = {"embeds": embeds[None].astype(np.float32, copy=False), "positions": positions[None],
+                 "self_mask": self_mask[None], "self_key": self.self_k, "self_value": self.self_v,
+                 "cross_key": self.cross_k, "cross_value": self.cross_v,
+                 "new_feats": new_feats[None].astype(np.float32, copy=False), "cross_mask": cross_mask[None],
+                 "prev_feat": prev_feat[None].astype(np.float32, copy=False)}
+        # the exporter drops inputs a draft does not read (DREAM: prev_feat; EAGLE: the cross cache)
+        return self.backend.run("draft", {self.db[r]: v for r, v in roles.items() if r in self.db})
+
+    def embed(self, ids) -> np.ndarray:
+        return self.embed_table[np.asarray(ids, dtype=np.int64)]
+
+    # ---- generation --------------------------------------------------------------------------
+    def generate(self, prompt_embeds: np.ndarray, image_mask: np.ndarray, max_new_tokens: int, mode: str = "tree",
+                 spec: TreeSpec | None = None, sampling: SamplingParams | None = None, eos_id: int | None = None,
+                 vtc_keep: float | None = None, stats: EngineStats | None = None) -> Iterator[Round]:
+        """Yield the tokens of each round until EOS, `max_new_tokens` or the KV capacity."""
+        sampling = sampling or SamplingParams()
+        spec = TreeSpec.chain(spec.depth if spec else 5) if mode == "chain" else (spec or TreeSpec())
+        if mode != "ar" and spec.total > self.tree_cap:
+            raise UsageError(f"tree of {spec.total} nodes exceeds the bundle's max_tree {self.tree_cap}; "
+                             "re-export with a larger --max-tree")
+        stats = stats if stats is not None else EngineStats()
+        rng = np.random.default_rng(sampling.seed)
+        n = prompt_embeds.shape[0]
+        if n + 1 > self.cap:
+            raise UsageError(f"prompt of {n} tokens does not fit the KV capacity {self.cap}")
+        t0 = time.perf_counter()
+        out = self._target(prompt_embeds, np.arange(n), np.tril(np.ones((n, n), bool)), [n - 1], past=0)
+        self._commit_target(out, np.arange(n), 0)
+        stats.seconds["prefill"] += time.perf_counter() - t0
+
+        def choose(logits_row: np.ndarray, topk_row: np.ndarray) -> int:
+            if sampling.greedy:
+                return int(topk_row[0])
+            return sample(probs_from_logits(logits_row[None], sampling)[0], rng)
+
+        root = choose(out[self.tb["row_logits"]][0], out[self.tb["topk_ids"]][0])
+        produced = 1
+        yield Round([root], 1)
+        if root == eos_id:
+            return
+        if mode == "ar":
+            m = n
+            while produced < max_new_tokens and m + 1 < self.cap:
+                t1 = time.perf_counter()
+                o = self._target(self.embed([root]), np.array([m]), np.ones((1, 1), bool), [0], past=m)
+                self._commit_target(o, np.array([0]), m)
+                stats.seconds["verify"] += time.perf_counter() - t1
+                m += 1
+                root = choose(o[self.tb["row_logits"]][0], o[self.tb["topk_ids"]][0])
+                produced += 1
+                stats.rounds.append(1)
+                yield Round([root], 1)
+                if root == eos_id:
+                    return
+            return
+        # draft state: committed rows D (self) / C (cross), pending (orig position, embedding)
+        feats_in = out["taps"][0] if self.eagle3 else out[self.tb["hidden"]][0]
+        self.feats[:n] = feats_in
+        keep = np.arange(n)
+        if vtc_keep is not None:
+            keep = vtc_keep_indices(image_mask, out["attn_importance"][:n], vtc_keep)
+        pending_pos = list(keep) + [n]
+        pending_emb = [prompt_embeds[i] for i in keep] + [self.embed([root])[0]]
+        d_rows, c_rows, next_pos = 0, 0, 0
+        new_feat_from = 0  # target features not yet appended to the cross cache
+        m = n
+        while produced < max_new_tokens:
+            if m + spec.total + 1 >= self.cap or d_rows + len(pending_pos) + spec.total >= self.dcap:
+                return  # KV capacity reached (the pipeline reports finish_reason="capacity")
+            t1 = time.perf_counter()
+            # context pass over the pending tokens
+            pos = np.array(pending_pos)
+            t = len(pos)
+            self_mask = np.zeros((t, self.dcap + t), bool)
+            self_mask[:, :d_rows] = True
+            self_mask[:, self.dcap:] = np.tril(np.ones((t, t), bool))
+            nf = self.feats[new_feat_from:m] if self.uses_cross else np.zeros((0, self.hidden), np.float32)
+            f = nf.shape[0]
+            cross_mask = np.zeros((t, self.ccap + f), bool)
+            cross_mask[:, :c_rows] = True  # committed features all precede the pending tokens
+            cross_mask[:, self.ccap:] = (np.arange(new_feat_from, new_feat_from + f)[None] < pos[:, None])
+            prev = np.stack([self.feats[p - 1] if p > 0 else np.zeros(self.hidden, np.float32) for p in pos])
+            o = self._draft(np.stack(pending_emb), np.arange(next_pos, next_pos + t), self_mask, nf, cross_mask, prev)
+            self.self_k[:, :, :, d_rows:d_rows + t] = o[self.db["new_self_key"]]
+            self.self_v[:, :, :, d_rows:d_rows + t] = o[self.db["new_self_value"]]
+            if f:
+                self.cross_k[:, :, c_rows:c_rows + f] = o[self.db["new_cross_key"]]
+                self.cross_v[:, :, c_rows:c_rows + f] = o[self.db["new_cross_value"]]
+            d_rows, c_rows, next_pos, new_feat_from = d_rows + t, c_rows + f, next_pos + t, m
+            tree = self._draft_tree(spec, root, o, d_rows, c_rows, next_pos - 1)
+            t2 = time.perf_counter()
+            stats.seconds["draft"] += t2 - t1
+            # verify the whole tree in one target pass
+            vt = tree.finalize()
+            o = self._target(self.embed(vt.tokens), m + vt.depths, vt.ancestor_mask(), np.arange(len(vt)), past=m)
+            t3 = time.perf_counter()
+            stats.seconds["verify"] += t3 - t2
+            if sampling.greedy:
+                path, bonus = accept_greedy(vt, o[self.tb["topk_ids"]][:, 0])
+            else:
+                path, bonus = accept_sampling(vt, probs_from_logits(o[self.tb["row_logits"]], sampling), rng)
+            idx = np.array(path)
+            self._commit_target(o, idx, m)
+            src = o["taps"][0] if self.eagle3 else o[self.tb["hidden"]][0]
+            self.feats[m:m + len(idx)] = src[idx]
+            new = [int(vt.tokens[i]) for i in path[1:]] + [bonus]
+            if eos_id in new:
+                new = new[: new.index(eos_id) + 1]
+            new = new[: max_new_tokens - produced]
+            pending_pos = list(range(m + 1, m + 1 + len(new)))
+            pending_emb = list(self.embed(new))
+            m += len(path)
+            root = bonus
+            produced += len(new)
+            stats.rounds.append(len(path))
+            stats.seconds["host"] += time.perf_counter() - t3
+            yield Round(new, len(path))
+            if new and new[-1] == eos_id:
+                return
+
+    def _draft_tree(self, spec: TreeSpec, root: int, ctx_out: dict, d_rows: int, c_rows: int, root_pos: int) -> TreeDraft:
+        db = self.db
+        tree = TreeDraft(spec, root)
+        frontier = tree.expand(ctx_out[db["topk_ids"]][-1:, : spec.k], ctx_out[db["topk_logprobs"]][-1:, : spec.k])
+        pending_feats = ctx_out[db["feature"]][0, -1:]  # root's draft feature, appended at the next call
+        run_slot: dict[int, int] = {}
+        feat_slot = {0: 0}
+        n_self, n_cross = 0, 0  # scratch rows already written
+        for _ in range(spec.depth - 1):
+            fr = len(frontier)
+            for r, node in enumerate(frontier):
+                run_slot[node] = n_self + r
+            sm, cm = draft_step_masks(tree, frontier, run_slot, feat_slot, n_self + fr, n_cross + len(pending_feats))
+            self_mask = np.zeros((fr, self.dcap + fr), bool)
+            self_mask[:, :d_rows] = True
+            self_mask[:, d_rows:d_rows + n_self] = sm[:, :n_self]
+            self_mask[:, self.dcap:] = sm[:, n_self:]
+            nf = pending_feats if self.uses_cross else np.zeros((0, self.hidden), np.float32)
+            cross_mask = np.zeros((fr, self.ccap + len(nf)), bool)
+            cross_mask[:, :c_rows] = True
+            cross_mask[:, c_rows:c_rows + n_cross] = cm[:, :n_cross]
+            cross_mask[:, self.ccap:] = cm[:, n_cross:n_cross + len(nf)]
+            # every parent is in the previous frontier (or the root): its feature is among those appended now
+            prev = np.stack([pending_feats[feat_slot[tree.parents[n]] - n_cross] for n in frontier])
+            o = self._draft(self.embed([tree.tokens[n] for n in frontier]),
+                            np.array([root_pos + tree.depths[n] for n in frontier]), self_mask, nf, cross_mask, prev)
+            a = d_rows + n_self
+            self.self_k[:, :, :, a:a + fr] = o[db["new_self_key"]]
+            self.self_v[:, :, :, a:a + fr] = o[db["new_self_value"]]
+            if len(nf):
+                b = c_rows + n_cross
+                self.cross_k[:, :, b:b + len(nf)] = o[db["new_cross_key"]]
+                self.cross_v[:, :, b:b + len(nf)] = o[db["new_cross_value"]]
+            n_self += fr
+            n_cross += len(pending_feats)
+            for r, node in enumerate(frontier):
+                feat_slot[node] = n_cross + r
+            pending_feats = o[db["feature"]][0]
+            frontier = tree.expand(o[db["topk_ids"]][:, : spec.k], o[db["topk_logprobs"]][:, : spec.k])
+        return tree
