@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
-from dream_export.runtime.accept import SamplingParams, accept_greedy, accept_sampling, probs_from_logits, sample
+from dream_export.runtime.accept import (
+    SamplingParams,
+    accept_greedy,
+    accept_sampling,
+    probs_from_logits,
+    sample,
+)
 from dream_export.runtime.tree import TreeDraft, TreeSpec, VerifyTree
 
 

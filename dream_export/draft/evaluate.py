@@ -7,8 +7,9 @@ from collections import defaultdict
 import numpy as np
 
 from dream_export.draft.data import read_jsonl
-from dream_export.draft.reference import generate, vtc_keep_indices
+from dream_export.draft.reference import generate
 from dream_export.runtime.tree import TreeSpec
+from dream_export.runtime.vtc import vtc_keep_indices
 
 
 def evaluate_drafts(target, drafts: dict, data_path, spec: TreeSpec, max_new_tokens: int = 128,

@@ -14,7 +14,13 @@ import torch
 
 from dream_export.draft.model import Draft, soft_cap
 from dream_export.export.decoder import TargetDecoder, causal_mask
-from dream_export.runtime.accept import SamplingParams, accept_greedy, accept_sampling, probs_from_logits, sample
+from dream_export.runtime.accept import (
+    SamplingParams,
+    accept_greedy,
+    accept_sampling,
+    probs_from_logits,
+    sample,
+)
 from dream_export.runtime.tree import TreeDraft, TreeSpec, draft_step_masks
 
 
@@ -47,18 +53,6 @@ class GenResult:
     @property
     def tau(self) -> float:
         return float(np.mean(self.accepted)) if self.accepted else 0.0
-
-
-def vtc_keep_indices(image_mask: np.ndarray, importance: np.ndarray, keep: float) -> np.ndarray:
-    """Draft-stream positions kept by visual-token compression: all text, the top `keep` image tokens.
-
-    Image tokens are ranked by the attention they receive in the target's last layer at prefill;
-    the kept ones stay in their original order.
-    """
-    img = np.flatnonzero(image_mask)
-    n_keep = max(1, int(round(len(img) * keep))) if len(img) else 0
-    top = img[np.argsort(-importance[img], kind="stable")[:n_keep]]
-    return np.sort(np.concatenate([np.flatnonzero(~image_mask), top]))
 
 
 class _DraftState:

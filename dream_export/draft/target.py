@@ -33,7 +33,7 @@ class Target:
         with torch.no_grad():
             merged = self.model(**inputs, output_hidden_states=True).hidden_states[0]
         cfg = self.model.config
-        img_id = getattr(cfg, "image_token_id", None) or getattr(cfg, "image_token_index")
+        img_id = getattr(cfg, "image_token_id", None) or cfg.image_token_index
         return merged, (inputs["input_ids"][0] == img_id).numpy()
 
 

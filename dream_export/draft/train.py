@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from dream_export.draft.config import DraftConfig
 from dream_export.draft.data import FeatureDataset
 from dream_export.draft.model import Draft, init_weights, soft_cap
-from dream_export.draft.reference import vtc_keep_indices
 from dream_export.errors import IncompatibleArtifactError
 from dream_export.io import atomic_dir
+from dream_export.runtime.vtc import vtc_keep_indices
 
 
 @dataclass

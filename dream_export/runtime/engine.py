@@ -16,10 +16,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dream_export.errors import UsageError
-from dream_export.runtime.accept import SamplingParams, accept_greedy, accept_sampling, probs_from_logits, sample
+from dream_export.runtime.accept import (
+    SamplingParams,
+    accept_greedy,
+    accept_sampling,
+    probs_from_logits,
+    sample,
+)
 from dream_export.runtime.backends import Backend
 from dream_export.runtime.bundle import Bundle
 from dream_export.runtime.tree import TreeDraft, TreeSpec, draft_step_masks
+from dream_export.runtime.vtc import vtc_keep_indices
 
 
 @dataclass
@@ -40,14 +47,6 @@ class EngineStats:
     @property
     def tau(self) -> float:
         return float(np.mean(self.rounds)) if self.rounds else 0.0
-
-
-def vtc_keep_indices(image_mask: np.ndarray, importance: np.ndarray, keep: float) -> np.ndarray:
-    """Prompt positions the draft keeps: all text and the `keep` share of image tokens with most attention."""
-    img = np.flatnonzero(image_mask)
-    n_keep = max(1, int(round(len(img) * keep))) if len(img) else 0
-    top = img[np.argsort(-importance[img], kind="stable")[:n_keep]]
-    return np.sort(np.concatenate([np.flatnonzero(~image_mask), top]))
 
 
 class SpecEngine:
