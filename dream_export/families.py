@@ -1,0 +1,474 @@
+"""The one place that knows how each Hugging Face VLM family is laid out.
+
+Everything downstream (draft training, target export, calibration) talks to a `VLM`: text embeddings,
+image features, the merged prompt embeddings, a decoder forward from embeddings with an explicit
+mask, and the LM head — plus `TextFacts`, the decoder's dimensions and numerics as plain data. The
+HF model's own sub-modules do the computing, so the adapter cannot drift from the checkpoint; what
+this module adds is the per-family wiring (where the decoder stack lives, which processor outputs the
+vision path needs, how positions and the prefill mask are built).
+
+Supported: LLaVA, LLaVA-NeXT, Idefics3 (SmolVLM), Gemma3, Mistral3 (Pixtral), Qwen2.5-VL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dream_export.errors import UsageError
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """How one HF model_type is wired: class, decoder location, and what its vision path consumes."""
+
+    model_type: str
+    model_class: str  # the transformers *ForConditionalGeneration class
+    text_attr: str  # attribute of `model.model` holding the decoder stack
+    vision_kwargs: tuple[str, ...]  # processor outputs the vision path takes besides pixel_values
+    required_vision_kwargs: tuple[str, ...] = ()  # … and those it cannot do without
+    # Gemma3 prefill: image tokens of one image attend to each other bidirectionally.
+    bidirectional_image_blocks: bool = False
+    # Qwen2.5-VL: 3D (temporal, height, width) positions for image tokens.
+    mrope: bool = False
+
+
+FAMILIES: dict[str, FamilySpec] = {
+    "llava": FamilySpec("llava", "LlavaForConditionalGeneration", "language_model", ()),
+    "llava_next": FamilySpec("llava_next", "LlavaNextForConditionalGeneration", "language_model",
+                             ("image_sizes",), ("image_sizes",)),
+    "idefics3": FamilySpec("idefics3", "Idefics3ForConditionalGeneration", "text_model",
+                           ("pixel_attention_mask",)),
+    "gemma3": FamilySpec("gemma3", "Gemma3ForConditionalGeneration", "language_model", (),
+                         bidirectional_image_blocks=True),
+    "mistral3": FamilySpec("mistral3", "Mistral3ForConditionalGeneration", "language_model", ("image_sizes",),
+                           ("image_sizes",)),
+    "qwen2_5_vl": FamilySpec("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration", "language_model",
+                             ("image_grid_thw",), ("image_grid_thw",), mrope=True),
+}
+
+
+def supported_families() -> tuple[str, ...]:
+    """The HF `model_type`s this project can load."""
+    return tuple(FAMILIES)
+
+
+# ------------------------------------------------------------------------------------------- facts
+
+
+@dataclass(frozen=True)
+class TextFacts:
+    """The decoder's dimensions and numerics, read from the loaded model (JSON-able via `to_dict`).
+
+    `head_dim` comes from the config when present: Gemma3 and Pixtral/Mistral3 use a head_dim that is
+    not hidden_size/num_heads. `attention_scale` is the factor HF multiplies QK^T by (Gemma3:
+    query_pre_attn_scalar**-0.5, others head_dim**-0.5). `embed_scale` multiplies the embedding lookup
+    (Gemma: sqrt(hidden) rounded to the weight dtype). `norm` is "rms" (x̂·w) or "gemma_rms" (x̂·(1+w)).
+    """
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    rms_norm_eps: float
+    norm: str
+    embed_scale: float
+    final_logit_softcapping: float | None
+    query_pre_attn_scalar: float | None
+    attention_scale: float
+    rope_kind: str  # "default" (1D positions [B,T]) or "mrope" (3D positions [3,B,T])
+    rope_theta: float  # of full-attention layers
+    rope_theta_local: float | None  # of sliding-window layers when it differs (Gemma3)
+    rope_parameters: dict
+    mrope_section: tuple[int, ...] | None
+    tie_word_embeddings: bool
+    hidden_act: str
+    layer_types: tuple[str, ...]  # "full_attention" / "sliding_attention" per layer
+    sliding_window: int | None
+    qk_norm: bool  # per-head RMSNorm on q and k (Gemma3)
+    sandwich_norm: bool  # extra post-attention / pre- and post-MLP norms (Gemma3)
+    attention_bias: bool  # q/k/v projections carry a bias (Qwen2.5-VL)
+
+    def to_dict(self) -> dict:
+        """A JSON-able dict (tuples become lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def _rope_thetas(tc) -> tuple[float, float | None, dict]:
+    """(full-attention theta, sliding-layer theta or None, raw rope parameters) of a text config.
+
+    transformers 5 keeps `rope_parameters` flat for most models and keyed by layer type for Gemma3.
+    """
+    params = dict(getattr(tc, "rope_parameters", None) or {})
+    if "full_attention" in params:
+        full = params["full_attention"]["rope_theta"]
+        local = params.get("sliding_attention", {}).get("rope_theta")
+        return float(full), (float(local) if local is not None and local != full else None), params
+    theta = params.get("rope_theta", getattr(tc, "rope_theta", 10000.0))
+    return float(theta), None, params
+
+
+def _layer_types(tc, n_layers: int) -> tuple[str, ...]:
+    """Per-layer attention kind; Mistral without `layer_types` slides in every layer when it has a window."""
+    types = getattr(tc, "layer_types", None)
+    if types:
+        return tuple(types[:n_layers])
+    window = getattr(tc, "sliding_window", None)
+    return ("sliding_attention" if window else "full_attention",) * n_layers
+
+
+def _read_facts(family: str, tc, lm, lm_head) -> TextFacts:
+    """TextFacts from the text config, cross-checked against the instantiated modules where they decide."""
+    n_layers = tc.num_hidden_layers
+    heads = tc.num_attention_heads
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // heads
+    attn = lm.layers[0].self_attn
+    layer_types = _layer_types(tc, n_layers)
+    theta, theta_local, rope_params = _rope_thetas(tc)
+    embed = lm.embed_tokens
+    embed_scale = float(embed.embed_scale.to(embed.weight.dtype)) if hasattr(embed, "embed_scale") else 1.0
+    mrope = rope_params.get("mrope_section")
+    return TextFacts(
+        hidden_size=tc.hidden_size, num_layers=n_layers, num_heads=heads,
+        num_kv_heads=getattr(tc, "num_key_value_heads", None) or heads, head_dim=head_dim,
+        intermediate_size=tc.intermediate_size, vocab_size=tc.vocab_size, rms_norm_eps=float(tc.rms_norm_eps),
+        norm="gemma_rms" if family == "gemma3" else "rms", embed_scale=embed_scale,
+        final_logit_softcapping=getattr(tc, "final_logit_softcapping", None),
+        query_pre_attn_scalar=getattr(tc, "query_pre_attn_scalar", None),
+        attention_scale=float(attn.scaling), rope_kind="mrope" if mrope else "default",
+        rope_theta=theta, rope_theta_local=theta_local, rope_parameters=rope_params,
+        mrope_section=tuple(mrope) if mrope else None,
+        tie_word_embeddings=lm_head.weight.data_ptr() == embed.weight.data_ptr(),
+        hidden_act=getattr(tc, "hidden_act", None) or getattr(tc, "hidden_activation", None),
+        layer_types=layer_types,
+        sliding_window=getattr(tc, "sliding_window", None) if "sliding_attention" in layer_types else None,
+        qk_norm=hasattr(attn, "q_norm"), sandwich_norm=hasattr(lm.layers[0], "pre_feedforward_layernorm"),
+        attention_bias=getattr(attn.q_proj, "bias", None) is not None,
+    )
+
+
+# --------------------------------------------------------------------------------------------- VLM
+
+
+@dataclass
+class DecoderOutput:
+    """What `VLM.decoder_forward` returns.
+
+    hidden:        [B,T,H] final-norm hidden states (the LM head's input, the draft's features).
+    hidden_states: HF convention when requested: (embeddings, output of layer 1, …, output of layer L-1,
+                   final-norm output) — L+1 tensors; the last equals `hidden`.
+    attentions:    when requested, L tensors [B,heads,T,T] of attention probabilities.
+    """
+
+    hidden: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass(eq=False)
+class VLM:
+    """A loaded HF VLM seen through its family adapter."""
+
+    family: str
+    model: Any = field(repr=False)  # the HF *ForConditionalGeneration module
+    path: Path | None = None
+    spec: FamilySpec = field(init=False)
+    facts: TextFacts = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.spec = FAMILIES[self.family]
+        self.facts = _read_facts(self.family, self.text_config, self.language_model, self.lm_head)
+
+    # ----------------------------------------------------------------------- layout (module handles)
+
+    @property
+    def config(self):
+        """The top-level HF config."""
+        return self.model.config
+
+    @property
+    def text_config(self):
+        """The decoder's config."""
+        return self.model.config.get_text_config()
+
+    @property
+    def language_model(self) -> torch.nn.Module:
+        """The decoder stack (embed_tokens, layers, norm, rotary_emb)."""
+        return getattr(self.model.model, self.spec.text_attr)
+
+    @property
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.lm_head
+
+    @property
+    def embed_tokens(self) -> torch.nn.Module:
+        """The input-embedding module (applies the family's embedding scale in forward)."""
+        return self.language_model.embed_tokens
+
+    @property
+    def final_norm(self) -> torch.nn.Module:
+        return self.language_model.norm
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return self.language_model.layers
+
+    @property
+    def rotary_emb(self) -> torch.nn.Module:
+        return self.language_model.rotary_emb
+
+    @property
+    def image_token_id(self) -> int:
+        cfg = self.config
+        tid = getattr(cfg, "image_token_id", None)
+        return int(tid if tid is not None else cfg.image_token_index)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    # ------------------------------------------------------------------------------ embeddings
+
+    def embed_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B,T,H] with the family's scaling; out-of-vocab ids (an image token id past
+        the table, as Gemma3 allows) embed as id 0, as HF does — merge overwrites those slots."""
+        ids = input_ids.to(self.device)
+        ids = torch.where(ids >= self.embed_tokens.num_embeddings, torch.zeros_like(ids), ids)
+        return self.embed_tokens(ids)
+
+    def image_features(self, pixel_values: torch.Tensor, **processor_extras: Any) -> torch.Tensor:
+        """Projected image features [n_image_tokens, H], in image-token order, via the family's own
+        `get_image_features` (vision tower + projector; LLaVA-NeXT: tiling, unpadding, newline rows).
+
+        `processor_extras` may hold the processor's whole output: only the family's vision inputs
+        (image_sizes, pixel_attention_mask, image_grid_thw) are used.
+        """
+        kwargs = self._vision_kwargs(processor_extras)
+        pixel_values = pixel_values.to(self.device, self.dtype)
+        out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **kwargs)
+        feats = out.pooler_output
+        if isinstance(feats, (list, tuple)):
+            feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], 0)
+        return feats.reshape(-1, feats.shape[-1]).to(self.dtype)
+
+    def _vision_kwargs(self, extras: dict) -> dict:
+        missing = [k for k in self.spec.required_vision_kwargs if extras.get(k) is None]
+        if missing:
+            raise UsageError(f"{self.family} image features need the processor output(s) {', '.join(missing)}; "
+                             "pass everything the processor returned")
+        return {k: extras[k].to(self.device) for k in self.spec.vision_kwargs if extras.get(k) is not None}
+
+    def image_token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Bool [B,T]: the slots image features are spliced into."""
+        return input_ids.to(self.device) == self.image_token_id
+
+    def merge(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              **processor_extras: Any) -> torch.Tensor:
+        """Prompt embeddings [B,T,H]: text embeddings with image features written into the image-token
+        slots in order — the tensor HF's own forward feeds its decoder."""
+        embeds = self.embed_text(input_ids)
+        if pixel_values is None:
+            return embeds
+        feats = self.image_features(pixel_values, **processor_extras).to(embeds.dtype)
+        mask = self.image_token_mask(input_ids)
+        n_slots = int(mask.sum())
+        if n_slots != feats.shape[0]:
+            raise UsageError(f"the prompt has {n_slots} image tokens but the image gives {feats.shape[0]} "
+                             "features: build input_ids with the model's own processor")
+        merged = embeds.clone()
+        merged[mask] = feats  # row-major order, as HF's masked_scatter
+        return merged
+
+    # ---------------------------------------------------------------------- positions and masks
+
+    def position_ids(self, input_ids: torch.Tensor, **processor_extras: Any) -> torch.Tensor:
+        """Prefill positions: [B,T] (0..T-1), or for mRoPE families [3,B,T] (t, h, w) laid out over
+        each image grid as HF's get_rope_index does."""
+        b, t = input_ids.shape
+        if not self.spec.mrope:
+            return torch.arange(t, device=self.device).expand(b, t).clone()
+        grid = processor_extras.get("image_grid_thw")
+        types = processor_extras.get("mm_token_type_ids")
+        if types is None:
+            # What the processor would return: 1 for image tokens (videos are not supported here).
+            types = self.image_token_mask(input_ids).int()
+        if grid is None:
+            return torch.arange(t, device=self.device).expand(3, b, t).clone()
+        pos, _ = self.model.model.get_rope_index(input_ids.to(self.device), mm_token_type_ids=types.to(self.device),
+                                                 image_grid_thw=grid.to(self.device))
+        return pos
+
+    @staticmethod
+    def next_position(position_ids: torch.Tensor) -> int:
+        """The position of the first generated token: max prefill position + 1 (for mRoPE this is
+        less than T, because an image grid advances positions by its side, not its area)."""
+        return int(position_ids.max()) + 1
+
+    def prefill_mask(self, input_ids: torch.Tensor, **processor_extras: Any) -> torch.Tensor:
+        """Bool [B,T,T] "query may attend key" mask of the prompt as the HF model builds it: causal,
+        and for Gemma3 also bidirectional within each image's block of image tokens (HF does that when
+        the processor's token_type_ids are passed, which its processor always returns)."""
+        b, t = input_ids.shape
+        mask = torch.ones(t, t, dtype=torch.bool, device=self.device).tril().expand(b, t, t).clone()
+        if self.spec.bidirectional_image_blocks:
+            types = processor_extras.get("token_type_ids")
+            is_img = (types.to(self.device) == 1) if types is not None else self.image_token_mask(input_ids)
+            block = _image_block_ids(is_img)
+            mask |= (block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0)
+        return mask
+
+    # ---------------------------------------------------------------------------------- decoder
+
+    def decoder_forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
+                        attention_mask: torch.Tensor | None = None, output_hidden_states: bool = False,
+                        output_attentions: bool = False) -> DecoderOutput:
+        """Run the decoder stack on embeddings (no cache).
+
+        attention_mask: bool [B,T,T] (or [B,1,T,T]), True where query i may attend key j — causal
+        prefill, a tree-ancestry mask, or `prefill_mask(...)`; None means causal. Sliding-window
+        layers additionally restrict keys to i - j < window (sequence indices, as HF does).
+        position_ids: [B,T], or [3,B,T] for mRoPE families.
+        """
+        b, t, _ = inputs_embeds.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(t, t, dtype=torch.bool, device=inputs_embeds.device).tril()
+        allowed = attention_mask.to(inputs_embeds.device, torch.bool).reshape(-1, 1, t, t).expand(b, 1, t, t)
+        out = self.language_model(inputs_embeds=inputs_embeds, position_ids=position_ids.to(inputs_embeds.device),
+                                  attention_mask=self._hf_masks(allowed, inputs_embeds.dtype), use_cache=False,
+                                  output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                                  return_dict=True)
+        return DecoderOutput(out.last_hidden_state, out.hidden_states if output_hidden_states else None,
+                             out.attentions if output_attentions else None)
+
+    def _hf_masks(self, allowed: torch.Tensor, dtype: torch.dtype):
+        """Additive 4D masks in the form the HF decoder takes: one tensor when every layer is alike,
+        else a {layer_type: mask} dict (Gemma3, Qwen2.5-VL with sliding layers accept it). Additive
+        float rather than bool because HF's eager attention adds the mask to the scores."""
+        t = allowed.shape[-1]
+        masks = {}
+        for kind in set(self.facts.layer_types):
+            m = allowed
+            if kind == "sliding_attention" and self.facts.sliding_window:
+                idx = torch.arange(t, device=allowed.device)
+                m = m & ((idx[:, None] - idx[None, :]) < self.facts.sliding_window)
+            masks[kind] = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
+        return next(iter(masks.values())) if len(masks) == 1 else masks
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM head on final-norm hidden states, then tanh soft-capping when the config sets
+        final_logit_softcapping (c·tanh(z/c), as Gemma's causal LM does; released Gemma3 checkpoints
+        set none, and transformers' Gemma3ForConditionalGeneration does not apply it)."""
+        z = self.lm_head(hidden)
+        cap = self.facts.final_logit_softcapping
+        return torch.tanh(z / cap) * cap if cap else z
+
+
+def _image_block_ids(is_img: torch.Tensor) -> torch.Tensor:
+    """[B,T] index of the contiguous image-token run each token belongs to, -1 for text tokens."""
+    prev = torch.nn.functional.pad(is_img, (1, 0), value=False)[:, :-1]
+    starts = is_img & ~prev
+    return torch.where(is_img, torch.cumsum(starts.int(), 1) - 1, torch.full_like(is_img, -1, dtype=torch.int))
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def family_of(config) -> str:
+    """The family of an HF config, or UsageError naming the supported ones."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise UsageError(f"model_type {model_type!r} is not a supported VLM family; supported: "
+                         f"{', '.join(FAMILIES)}")
+    return model_type
+
+
+def load_vlm(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "eager",
+             device: str | torch.device = "cpu") -> VLM:
+    """Load a checkpoint directory through `from_pretrained` and wrap it in its family adapter.
+
+    Eager attention by default: it is the implementation that returns attention probabilities (for
+    DREAM's entropy targets and visual-token ranking) and the one that exports to plain ONNX ops.
+    """
+    from transformers import AutoConfig
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise UsageError(f"{path} is not a model directory (no config.json); pass a saved HF checkpoint")
+    config = AutoConfig.from_pretrained(str(path))
+    family = family_of(config)
+    model = _model_class(family).from_pretrained(str(path), dtype=dtype, attn_implementation=attn_implementation)
+    return VLM(family, model.to(device).eval(), path)
+
+
+def wrap_vlm(model: Any, path: str | Path | None = None) -> VLM:
+    """Adapter over an already instantiated HF VLM (e.g. one being trained)."""
+    return VLM(family_of(model.config), model, Path(path) if path is not None else None)
+
+
+def _model_class(family: str):
+    import transformers
+
+    name = FAMILIES[family].model_class
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise UsageError(f"this transformers ({transformers.__version__}) has no {name}; upgrade transformers")
+    return cls
+
+
+# ------------------------------------------------------------------------------ image preprocessing
+
+
+def params_from_hf(image_processor: Any) -> dict:
+    """The HF image processor's parameters as a JSON-able dict for `runtime.preprocess.ImagePreprocessor`.
+
+    Kinds: "clip" (resize shortest edge, center crop: CLIP / LLaVA), "siglip" (resize to a fixed size:
+    SigLIP / Gemma3), "pixtral" (Mistral3) and "qwen2_vl" (Qwen2-VL / Qwen2.5-VL). Raises UsageError for
+    processors whose extra steps are not reproduced (LLaVA's pad-to-square, Gemma3 pan-and-scan, the
+    tiling processors of LLaVA-NeXT and Idefics3).
+    """
+    name = type(image_processor).__name__.removesuffix("Pil").removesuffix("Fast")
+    ip = image_processor
+    common = {
+        "source": type(image_processor).__name__,
+        "do_resize": bool(ip.do_resize), "resample": int(ip.resample if ip.resample is not None else 2),
+        "do_rescale": bool(ip.do_rescale), "rescale_factor": float(ip.rescale_factor),
+        "do_normalize": bool(ip.do_normalize), "image_mean": [float(x) for x in ip.image_mean],
+        "image_std": [float(x) for x in ip.image_std],
+    }
+    size = _size_dict(ip.size)
+    if name in ("CLIPImageProcessor", "LlavaImageProcessor"):
+        if getattr(ip, "do_pad", False):
+            raise UsageError(f"{name} with do_pad=True (pad to square) is not reproduced by the runtime")
+        return {"kind": "clip", **common, "size": size, "do_center_crop": bool(ip.do_center_crop),
+                "crop_size": _size_dict(ip.crop_size)}
+    if name in ("SiglipImageProcessor", "Gemma3ImageProcessor"):
+        if getattr(ip, "do_pan_and_scan", False):
+            raise UsageError("Gemma3 pan-and-scan is not reproduced by the runtime; disable do_pan_and_scan")
+        if "height" not in size:
+            raise UsageError(f"{name} with size {size} is not a fixed-size resize")
+        return {"kind": "siglip", **common, "size": size}
+    if name == "PixtralImageProcessor":
+        if getattr(ip, "do_center_crop", False):
+            raise UsageError("Pixtral with do_center_crop=True is not reproduced by the runtime")
+        return {"kind": "pixtral", **common, "size": size, "patch_size": _size_dict(ip.patch_size)}
+    if name == "Qwen2VLImageProcessor":
+        return {"kind": "qwen2_vl", **common, "size": size, "patch_size": int(ip.patch_size),
+                "merge_size": int(ip.merge_size), "temporal_patch_size": int(ip.temporal_patch_size)}
+    raise UsageError(f"image processor {type(image_processor).__name__} is not reproduced by the runtime "
+                     "(supported: CLIP/LLaVA, SigLIP/Gemma3, Pixtral and Qwen2-VL image processors)")
+
+
+def _size_dict(size: Any) -> dict:
+    """HF size (dict or SizeDict) → plain dict of the keys that are set."""
+    items = size.items() if hasattr(size, "items") else dict(size).items()
+    return {k: int(v) for k, v in items if v is not None}

@@ -1,0 +1,5 @@
+"""The light runtime: runs exported bundles with numpy, ONNX Runtime (or TensorRT), tokenizers and Pillow.
+
+Nothing under this package may import torch or transformers: a robotics application that only runs
+bundles never installs them.
+"""

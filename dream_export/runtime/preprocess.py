@@ -1,0 +1,268 @@
+"""Image preprocessing of the target VLM in numpy + Pillow, bit-compatible with HF's PIL processors.
+
+The parameters come from the bundle (written by `dream_export.families.params_from_hf` at export);
+this module never imports torch or transformers. Each step copies what transformers' PIL backend
+does, including its numerics, so the runtime feeds the vision graph the same pixels as the HF
+processor did when the bundle was validated:
+
+- RGB conversion composites transparency onto white (PIL `alpha_composite`).
+- Resizing is Pillow's `Image.resize` on the uint8 image with the processor's filter; the shortest-edge
+  size is truncated, not rounded (`int(size * long / short)`), like torchvision.
+- Center crop zero-pads when the crop is larger than the image.
+- Rescale multiplies in float64 then casts to float32; normalisation runs in float32.
+
+Kinds: "clip" (shortest-edge resize + center crop: CLIP, LLaVA), "siglip" (fixed-size resize: SigLIP,
+Gemma3), "pixtral" (fit the longest edge, round up to patches, pad the batch: Mistral3) and "qwen2_vl"
+(area-bounded resize to merge-window multiples, flattened patches: Qwen2-VL / Qwen2.5-VL). LLaVA-NeXT
+anyres tiling and Idefics3 image splitting are not reproduced.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from dream_export.errors import IncompatibleArtifactError, UsageError
+
+KINDS = ("clip", "siglip", "pixtral", "qwen2_vl")
+# do_resize / do_rescale / do_normalize / do_center_crop default to True, as in every HF processor.
+_REQUIRED = ("kind", "size", "resample", "rescale_factor", "image_mean", "image_std")
+# Resize-size keys each kind understands (any one of the alternatives).
+_SIZE_KEYS = {"clip": (("shortest_edge",), ("height", "width")), "siglip": (("height", "width"),),
+              "pixtral": (("longest_edge",), ("height", "width")), "qwen2_vl": (("shortest_edge", "longest_edge"),)}
+_EXTRA_REQUIRED = {"pixtral": ("patch_size",), "qwen2_vl": ("patch_size", "merge_size", "temporal_patch_size")}
+
+
+class ImagePreprocessor:
+    """PIL image(s) → the pixel inputs the family's HF image processor returns (float32, numpy).
+
+    `preprocess` returns the processor's dict ("pixel_values", plus "image_sizes" for Pixtral and
+    "image_grid_thw" for Qwen2-VL); calling the object returns only "pixel_values".
+    """
+
+    def __init__(self, params: dict[str, Any]):
+        _validate(params)
+        self.params = dict(params)
+        self.kind: str = params["kind"]
+        self._mean = np.asarray(params["image_mean"], dtype=np.float32)
+        self._std = np.asarray(params["image_std"], dtype=np.float32)
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> ImagePreprocessor:
+        """Build from the dict `params_from_hf` produced (e.g. read from a bundle)."""
+        return cls(params)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> ImagePreprocessor:
+        """Build from a JSON file holding that dict."""
+        return cls(json.loads(Path(path).read_text()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.params)
+
+    def __call__(self, images: Any) -> np.ndarray:
+        """One image or a list of images → pixel_values (clip/siglip/pixtral: float32 [N, 3, H, W];
+        qwen2_vl: float32 [n_patches, 3·T·p·p])."""
+        return self.preprocess(images)["pixel_values"]
+
+    def preprocess(self, images: Any) -> dict[str, np.ndarray]:
+        """One image or a list of images → the HF processor's outputs (see the class docstring)."""
+        batch = images if isinstance(images, (list, tuple)) else [images]
+        if not batch:
+            raise UsageError("no image given to preprocess")
+        chws = [self.preprocess_one(im) for im in batch]
+        if self.kind == "pixtral":
+            sizes = np.array([c.shape[1:] for c in chws], dtype=np.int64)
+            return {"pixel_values": _pad_batch(chws), "image_sizes": sizes}
+        if self.kind == "qwen2_vl":
+            p = self.params
+            flat = [patchify(c, p["patch_size"], p["merge_size"], p["temporal_patch_size"]) for c in chws]
+            grids = [[1, c.shape[1] // p["patch_size"], c.shape[2] // p["patch_size"]] for c in chws]
+            return {"pixel_values": np.concatenate(flat), "image_grid_thw": np.array(grids, dtype=np.int64)}
+        return {"pixel_values": np.stack(chws)}
+
+    def preprocess_one(self, image: Any) -> np.ndarray:
+        """One PIL image (any mode), an HxW / HxWxC uint8 array, or an image path → float32 [3, H, W]
+        (before Pixtral's batch padding and Qwen2-VL's patch flattening)."""
+        p = self.params
+        # Always RGB: the vision towers take 3 channels. HF converts too (do_convert_rgb is on in every
+        # supported processor); without it HF would fail on L / RGBA inputs rather than differ.
+        rgb = to_rgb(image)
+        if p.get("do_resize", True):
+            rgb = resize(rgb, self.output_size(rgb.shape[0], rgb.shape[1]), p["resample"])
+        chw = np.moveaxis(rgb, -1, 0)
+        if self.kind == "clip" and p.get("do_center_crop", True):
+            crop = p["crop_size"]
+            chw = center_crop(chw, crop["height"], crop["width"])
+        return rescale_normalize(chw, p["rescale_factor"] if p.get("do_rescale", True) else None,
+                                 (self._mean, self._std) if p.get("do_normalize", True) else None)
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) the resize step produces for an input of this size."""
+        p, size = self.params, self.params["size"]
+        if self.kind == "pixtral":
+            limit = (size["longest_edge"],) * 2 if "longest_edge" in size else (size["height"], size["width"])
+            return pixtral_size(height, width, limit, (p["patch_size"]["height"], p["patch_size"]["width"]))
+        if self.kind == "qwen2_vl":
+            return smart_resize(height, width, p["patch_size"] * p["merge_size"], size["shortest_edge"],
+                                size["longest_edge"])
+        if "height" in size and "width" in size:
+            return int(size["height"]), int(size["width"])
+        return shortest_edge_size(height, width, int(size["shortest_edge"]))
+
+
+def _validate(params: dict[str, Any]) -> None:
+    """Reject parameter dicts this runtime cannot reproduce, with the reason."""
+    missing = [k for k in _REQUIRED if k not in params]
+    if missing:
+        raise IncompatibleArtifactError(f"image preprocessing parameters lack {', '.join(missing)}; "
+                                        "re-export the bundle")
+    kind = params["kind"]
+    if kind not in KINDS:
+        raise IncompatibleArtifactError(f"image preprocessing kind {kind!r} is not supported by this "
+                                        f"runtime (supported: {', '.join(KINDS)})")
+    missing = [k for k in _EXTRA_REQUIRED.get(kind, ()) if k not in params]
+    if missing:
+        raise IncompatibleArtifactError(f"{kind} preprocessing parameters lack {', '.join(missing)}")
+    size = params["size"]
+    # clip/siglip with a longest_edge cap as well would take HF's other resize rule: refuse, not ignore.
+    capped = kind in ("clip", "siglip") and "longest_edge" in size
+    if capped or not any(set(keys) <= set(size) for keys in _SIZE_KEYS[kind]):
+        raise IncompatibleArtifactError(f"{kind} preprocessing cannot resize to {size}")
+    if kind == "clip" and params.get("do_center_crop", True) and "crop_size" not in params:
+        raise IncompatibleArtifactError("clip preprocessing with center crop needs crop_size")
+    for key in ("image_mean", "image_std"):
+        if len(params[key]) != 3:
+            raise IncompatibleArtifactError(f"{key} must have 3 values, got {params[key]}")
+
+
+# ------------------------------------------------------------------------------------------- steps
+
+
+def to_rgb(image: Any) -> np.ndarray:
+    """uint8 [H, W, 3]. Transparency (an alpha band or a palette/`transparency` entry) is composited
+    onto white, as HF's `convert_to_rgb` does for PIL images."""
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as im:
+            return to_rgb(im.copy())
+    if isinstance(image, np.ndarray):
+        return _array_to_rgb(image)
+    if not isinstance(image, Image.Image):
+        raise UsageError(f"expected a PIL image, a uint8 array or a path, got {type(image).__name__}")
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.asarray(image.convert("RGB"))
+
+
+def _array_to_rgb(arr: np.ndarray) -> np.ndarray:
+    """HWC / HW uint8 array → RGB, with HF's numpy formula for 4 channels (round(a·rgb + (1-a)·255))."""
+    arr = _as_uint8_array(arr)
+    if arr.shape[-1] == 1:
+        return np.repeat(arr, 3, axis=-1)
+    if arr.shape[-1] == 4:
+        alpha = arr[..., 3:4] / 255
+        return np.round(alpha * arr[..., :3] + (1 - alpha) * 255).astype(np.uint8)
+    return arr
+
+
+def _as_uint8_array(image: Any) -> np.ndarray:
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise UsageError(f"image arrays must be uint8 (0..255), got {arr.dtype}")
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3, 4):
+        raise UsageError(f"image arrays must be HxW or HxWxC with C in 1, 3, 4; got shape {arr.shape}")
+    return arr
+
+
+def shortest_edge_size(height: int, width: int, shortest: int) -> tuple[int, int]:
+    """Output (height, width) with the short side = `shortest`; the long side is truncated like HF/torchvision."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(shortest * long / short)
+    return (new_long, shortest) if width <= height else (shortest, new_long)
+
+
+def resize(rgb: np.ndarray, size: tuple[int, int], resample: int) -> np.ndarray:
+    """Pillow resize of a uint8 [H, W, C] image to (height, width) with filter `resample` (PIL's enum value:
+    0 nearest, 1 lanczos, 2 bilinear, 3 bicubic, 4 box, 5 hamming)."""
+    height, width = size
+    img = Image.fromarray(rgb[..., 0] if rgb.shape[-1] == 1 else rgb)
+    out = np.asarray(img.resize((width, height), resample=Image.Resampling(int(resample))))
+    return out[..., None] if out.ndim == 2 else out
+
+
+def center_crop(chw: np.ndarray, height: int, width: int) -> np.ndarray:
+    """Center crop of [C, H, W]; a crop larger than the image is zero padded (offsets as HF computes)."""
+    _, h, w = chw.shape
+    top, left = (h - height) // 2, (w - width) // 2
+    if top >= 0 and left >= 0 and top + height <= h and left + width <= w:
+        return chw[:, top:top + height, left:left + width]
+    new_h, new_w = max(height, h), max(width, w)
+    pad_top, pad_left = -(-(new_h - h) // 2), -(-(new_w - w) // 2)  # ceil division
+    padded = np.zeros((chw.shape[0], new_h, new_w), dtype=chw.dtype)
+    padded[:, pad_top:pad_top + h, pad_left:pad_left + w] = chw
+    top, left = top + pad_top, left + pad_left
+    return padded[:, max(0, top):min(new_h, top + height), max(0, left):min(new_w, left + width)]
+
+
+def rescale_normalize(chw: np.ndarray, scale: float | None,
+                      mean_std: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    """float32 [C, H, W]: (x·scale − mean) / std, with HF's precision (scale in float64, the rest float32)."""
+    x = (chw.astype(np.float64) * scale).astype(np.float32) if scale is not None else chw.astype(np.float32)
+    if mean_std is not None:
+        mean, std = mean_std
+        x = (x - mean[:, None, None]) / std[:, None, None]
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def pixtral_size(height: int, width: int, limit: tuple[int, int], patch: tuple[int, int]) -> tuple[int, int]:
+    """Pixtral: shrink (never enlarge) to fit `limit` keeping the aspect ratio (floor), then round each
+    side up to a whole number of patches."""
+    ratio = max(height / limit[0], width / limit[1])
+    if ratio > 1:
+        height, width = int(math.floor(height / ratio)), int(math.floor(width / ratio))
+    return ((height - 1) // patch[0] + 1) * patch[0], ((width - 1) // patch[1] + 1) * patch[1]
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen2-VL: sides divisible by `factor`, area within [min_pixels, max_pixels], aspect kept (Python's
+    round-half-even, as the reference)."""
+    if max(height, width) / min(height, width) > 200:
+        raise UsageError(f"image aspect ratio must be below 200, got {max(height, width) / min(height, width)}")
+    h_bar, w_bar = round(height / factor) * factor, round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar, w_bar = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def patchify(chw: np.ndarray, patch: int, merge: int, temporal: int) -> np.ndarray:
+    """Qwen2-VL's flat patch layout [grid_h·grid_w, C·T·p·p]: patches ordered by merge window (so each
+    merge×merge group is contiguous), the still image repeated over the temporal patch."""
+    c, h, w = chw.shape
+    gh, gw = h // patch, w // patch
+    x = chw.reshape(c, gh // merge, merge, patch, gw // merge, merge, patch).transpose(1, 4, 2, 5, 0, 3, 6)
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], temporal, *x.shape[5:]))
+    return np.ascontiguousarray(x.reshape(gh * gw, c * temporal * patch * patch), dtype=np.float32)
+
+
+def _pad_batch(chws: list[np.ndarray]) -> np.ndarray:
+    """Zero-pad [3, h, w] images bottom/right to the largest h and w and stack (Pixtral's batching)."""
+    h = max(c.shape[1] for c in chws)
+    w = max(c.shape[2] for c in chws)
+    out = np.zeros((len(chws), chws[0].shape[0], h, w), dtype=np.float32)
+    for i, c in enumerate(chws):
+        out[i, :, :c.shape[1], :c.shape[2]] = c
+    return out
