@@ -77,6 +77,7 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
     from safetensors.torch import save_file
 
     from dream_export.draft.data import target_identity
+    from dream_export.families import params_from_hf
     from dream_export.draft.target import load_target
     from dream_export.draft.train import load_draft
     from dream_export.export.graphs import DraftGraph, TargetGraph, VisionGraph
@@ -171,10 +172,7 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
             src = tmp / "processor" / fname
             if src.exists():
                 shutil.copy(src, tmp / fname)
-        ip = proc.image_processor
-        manifest["preprocess"] = {"kind": "clip", "size": dict(ip.size), "crop_size": dict(ip.crop_size),
-                                  "image_mean": list(ip.image_mean), "image_std": list(ip.image_std),
-                                  "rescale_factor": float(ip.rescale_factor), "resample": int(ip.resample)}
+        manifest["preprocess"] = params_from_hf(proc.image_processor)
         manifest["chat_template"] = proc.chat_template
         manifest["export_seconds"] = round(time.time() - t0, 1)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
