@@ -193,6 +193,127 @@ def eval_draft_cmd(target_dir: Path, drafts: tuple, data_path: Path, tree: str, 
         atomic_write_text(json_out, json.dumps(res, indent=2))
 
 
+@cli.command("export")
+@click.argument("target_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--draft", "draft_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Bundle directory.")
+@click.option("--kv-capacity", default=512, show_default=True, help="Tokens the runtime-owned KV cache holds.")
+@click.option("--max-tree", default=64, show_default=True, help="Largest tree (nodes) a verify pass may carry.")
+@click.option("--taps", default="", help="Extra target layers to expose, e.g. 3,7 (final is always exported).")
+@click.option("--no-attn-scores", is_flag=True, help="Omit the last-layer attention importance output (VTC).")
+def export_cmd(target_dir: Path, draft_dir: Path, out: Path, kv_capacity: int, max_tree: int, taps: str,
+               no_attn_scores: bool) -> None:
+    """Export TARGET_DIR and its draft to a bundle: vision/target/draft ONNX graphs + manifest."""
+    _need_torch()
+    from dream_export.export.bundle import ExportOptions, export_bundle
+
+    try:
+        tap_layers = tuple(int(t.removeprefix("L")) for t in taps.split(",") if t and t != "final")
+    except ValueError as e:
+        raise click.BadParameter("--taps takes layer numbers, e.g. final,L3,L7") from e
+    export_bundle(target_dir, draft_dir, out, ExportOptions(kv_capacity=kv_capacity, max_tree=max_tree,
+                                                            taps=tap_layers, attn_scores=not no_attn_scores),
+                  log=click.echo)
+
+
+def _sampling_options(f):
+    for opt in reversed([
+        click.option("--backend", default="onnxruntime", show_default=True,
+                     type=click.Choice(["onnxruntime", "onnxruntime-cuda", "tensorrt"])),
+        click.option("--mode", type=click.Choice(["tree", "chain", "ar"]), default="tree", show_default=True),
+        click.option("--tree", "tree_spec", default="4,6,32", show_default=True, help="K,DEPTH,TOTAL"),
+        click.option("--max-new-tokens", default=128, show_default=True),
+        click.option("--vtc-keep", type=float, default=None, help="Visual-token keep ratio for the draft."),
+        click.option("--threads", default=2, show_default=True),
+    ]):
+        f = opt(f)
+    return f
+
+
+@cli.command("run")
+@click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--image", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@click.option("--prompt", required=True)
+@_sampling_options
+@click.option("--temperature", default=0.0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--top-k", default=0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (last line).")
+def run_cmd(bundle: Path, image: Path, prompt: str, backend: str, mode: str, tree_spec: str, max_new_tokens: int,
+            vtc_keep: float | None, threads: int, temperature: float, top_p: float, top_k: int, seed: int | None,
+            as_json: bool) -> None:
+    """Answer one (image, prompt) with the bundle, streaming text as rounds are accepted."""
+    from PIL import Image
+
+    from dream_export.runtime.pipeline import Pipeline, Result
+
+    pipe = Pipeline.load(bundle, backend=backend, threads=threads)
+    res = Result("", [], "")
+    for delta in pipe.stream(Image.open(image), prompt, max_new_tokens=max_new_tokens, mode=mode, tree=tree_spec,
+                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, vtc_keep=vtc_keep,
+                             _result=res):
+        if not as_json:
+            click.echo(delta, nl=False)
+    if as_json:
+        _emit_json({"text": res.text, "tokens": res.tokens, "finish_reason": res.finish_reason, "stats": res.stats})
+    else:
+        st = res.stats
+        click.echo(f"\n[{res.finish_reason}] {st['tokens']} tokens, tau {st['tau']:.2f}, "
+                   f"{st['tokens_per_s']:.1f} tok/s", err=True)
+
+
+@cli.command("bench")
+@click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
+@_sampling_options
+@click.option("--limit", type=int, default=None, help="Use only the first N prompts.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--sweep", is_flag=True, help="Also try several tree shapes and report the fastest.")
+def bench_cmd(bundle: Path, data_path: Path, backend: str, mode: str, tree_spec: str, max_new_tokens: int,
+              vtc_keep: float | None, threads: int, limit: int | None, json_out: Path | None, plot_out: Path | None,
+              sweep: bool) -> None:
+    """Speculative vs autoregressive decoding on the same backend: speedup, tau, time split."""
+    from dream_export.io import atomic_write_text
+    from dream_export.runtime.bench import bench, plot, read_prompts
+    from dream_export.runtime.pipeline import Pipeline
+    from dream_export.runtime.tree import TreeSpec
+
+    try:
+        spec = TreeSpec.parse(tree_spec)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+    rows = read_prompts(data_path)[:limit]
+    pipe = Pipeline.load(bundle, backend=backend, threads=threads)
+    summary = bench(pipe, rows, max_new_tokens, spec, mode, vtc_keep)
+    if sweep:
+        shapes = [TreeSpec(1, 5, 6), TreeSpec(2, 5, 12), TreeSpec(4, 5, 16), TreeSpec(4, 6, 24), TreeSpec(4, 6, 32),
+                  TreeSpec(4, 8, 32)]
+        results = []
+        for sh in shapes:
+            s = bench(pipe, rows, max_new_tokens, sh, "tree", vtc_keep, warmup=0)
+            results.append({"tree": [sh.k, sh.depth, sh.total], "speedup": s["speedup"], "tau": s["tau"],
+                            "match_rate": s["match_rate"]})
+            click.echo(f"tree {sh.k},{sh.depth},{sh.total}: speedup {s['speedup']:.2f}x tau {s['tau']:.2f}")
+        summary["sweep"] = sorted(results, key=lambda r: -r["speedup"])
+    _print_bench(summary)
+    if json_out:
+        atomic_write_text(json_out, json.dumps(summary, indent=2))
+    if plot_out:
+        plot(summary, plot_out)
+
+
+def _print_bench(s: dict) -> None:
+    click.echo(f"backend {s['backend']}, {s['settings']['prompts']} prompts, tree {s['settings']['tree']}")
+    click.echo(f"  speedup (end to end) {s['speedup']:.2f}x   decode speedup {s['decode_speedup']:.2f}x")
+    click.echo(f"  tau {s['tau']:.2f}   greedy match {s['match_rate'] * 100:.0f}%   host {s['host_fraction'] * 100:.1f}% "
+               "of decode")
+    click.echo(f"  tokens/s: speculative {s['spec_tokens_per_s']:.1f}, autoregressive {s['ar_tokens_per_s']:.1f}")
+    split = s["time_split_seconds"]
+    click.echo("  time split (s): " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
+
+
 def _text_config(model_dir: Path):
     from transformers import AutoConfig
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dream_export.errors import IncompatibleArtifactError, UsageError
+from dream_export.runtime.bench import read_prompts as read_jsonl  # noqa: F401  (one JSONL reader)
 
 
 @dataclass
@@ -28,29 +29,6 @@ class DataConfig:
     mid_window: float = 0.4
     taps: tuple[int, ...] = ()
     shard_size: int = 256
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Lines of {"image": path, "prompt": text}; image paths are relative to the file's folder."""
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"data file {path} not found")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-        if not isinstance(row, dict) or "prompt" not in row or "image" not in row:
-            raise UsageError(f'{path}:{n}: each line needs "image" and "prompt" keys')
-        img = Path(row["image"])
-        row["image"] = str(img if img.is_absolute() else path.parent / img)
-        rows.append(row)
-    if not rows:
-        raise UsageError(f"{path} holds no samples")
-    return rows
 
 
 def select_intermediate(attns: list, hidden_states: list, cfg: DataConfig) -> np.ndarray:

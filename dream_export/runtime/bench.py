@@ -1,0 +1,118 @@
+"""Speculative vs autoregressive decoding on the same backend, side by side in one run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dream_export.errors import UsageError
+from dream_export.runtime.pipeline import Pipeline
+from dream_export.runtime.tree import TreeSpec
+
+
+def read_prompts(path: str | Path) -> list[dict]:
+    """JSONL rows {"image": path, "prompt": text, ...}; image paths relative to the file."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"data file {path} not found")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{path}:{n}: not valid JSON ({e.msg})") from e
+        if "image" not in row or "prompt" not in row:
+            raise UsageError(f'{path}:{n}: each line needs "image" and "prompt"')
+        img = Path(row["image"])
+        row["image"] = str(img if img.is_absolute() else path.parent / img)
+        rows.append(row)
+    if not rows:
+        raise UsageError(f"{path} holds no prompts")
+    return rows
+
+
+def _tie_explained(pipe: Pipeline, image, prompt: str, a: list[int], b: list[int], tol: float = 1e-5) -> bool:
+    """Whether the first divergence of two greedy outputs sits on a target logit tie within `tol`."""
+    i = next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    emb, mask, _ = pipe.prompt_embeds(image, prompt)
+    ctx = np.concatenate([emb, pipe.embed_table[np.array(a[:i], dtype=np.int64)]]) if i else emb
+    n = ctx.shape[0]
+    eng = pipe.engine
+    out = eng._target(ctx, np.arange(n), np.tril(np.ones((n, n), bool)), [n - 1], past=0)
+    logits = out[eng.tb["row_logits"]][0]
+    if i >= min(len(a), len(b)):
+        return False
+    return abs(float(logits[a[i]]) - float(logits[b[i]])) <= tol
+
+
+def bench(pipe: Pipeline, rows: list[dict], max_new_tokens: int = 128, tree: TreeSpec | None = None,
+          mode: str = "tree", vtc_keep: float | None = None, warmup: int = 1, progress: bool = True) -> dict:
+    """Run every prompt with plain AR decoding and with speculation; aggregate as DREAM's evaluation does."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    tree = tree or TreeSpec()
+    images = [Image.open(r["image"]).convert("RGB") for r in rows]
+    for img, r in list(zip(images, rows, strict=True))[:warmup]:  # first calls allocate; keep them out
+        pipe.generate(img, r["prompt"], max_new_tokens=8, mode="ar")
+        pipe.generate(img, r["prompt"], max_new_tokens=8, mode=mode, tree=tree)
+    per = []
+    for img, r in tqdm(list(zip(images, rows, strict=True)), desc="bench", disable=not progress, mininterval=5):
+        ar = pipe.generate(img, r["prompt"], max_new_tokens=max_new_tokens, mode="ar")
+        sp = pipe.generate(img, r["prompt"], max_new_tokens=max_new_tokens, mode=mode, tree=tree, vtc_keep=vtc_keep)
+        match = ar.tokens == sp.tokens
+        per.append({"prompt": r["prompt"], "task": r.get("task"), "match": match,
+                    "tie_explained": None if match else _tie_explained(pipe, img, r["prompt"], ar.tokens, sp.tokens),
+                    "tokens": len(sp.tokens), "ar_tokens": len(ar.tokens), "tau": sp.stats["tau"],
+                    "accepted": sp.stats["rounds"], "ar_seconds": ar.stats["total_seconds"],
+                    "spec_seconds": sp.stats["total_seconds"], "ar_decode_seconds": ar.stats["decode_seconds"],
+                    "spec_decode_seconds": sp.stats["decode_seconds"], "host_seconds": sp.stats["host_seconds"],
+                    "split": {**sp.stats["seconds"]}, "text": sp.text})
+    ar_t = sum(p["ar_seconds"] for p in per)
+    sp_t = sum(p["spec_seconds"] for p in per)
+    ar_d = sum(p["ar_decode_seconds"] for p in per)
+    sp_d = sum(p["spec_decode_seconds"] for p in per)
+    accepted = [a for p in per for a in p["accepted"]]
+    toks = sum(p["tokens"] for p in per)
+    split = {k: sum(p["split"].get(k, 0.0) for p in per) for k in ("vision", "prefill", "draft", "verify", "host")}
+    return {
+        "speedup": ar_t / sp_t, "decode_speedup": ar_d / sp_d, "tau": float(np.mean(accepted)) if accepted else 0.0,
+        "match_rate": float(np.mean([p["match"] for p in per])),
+        "mismatches_explained_by_ties": all(p["tie_explained"] for p in per if not p["match"]),
+        "host_fraction": sum(p["host_seconds"] for p in per) / sp_d,
+        "spec_tokens_per_s": toks / sp_t, "ar_tokens_per_s": sum(p["ar_tokens"] for p in per) / ar_t,
+        "backend": pipe.backend.name, "time_split_seconds": split,
+        "accept_histogram": np.bincount(accepted, minlength=tree.depth + 2).tolist() if accepted else [],
+        "settings": {"mode": mode, "tree": [tree.k, tree.depth, tree.total], "max_new_tokens": max_new_tokens,
+                     "vtc_keep": vtc_keep, "prompts": len(per)},
+        "per_prompt": per,
+    }
+
+
+def plot(summary: dict, path: str | Path) -> None:
+    """Acceptance-length histogram and time split (needs matplotlib, from the `export` extra)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise UsageError("--plot needs matplotlib: pip install 'dream-export[export]'") from e
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    hist = summary["accept_histogram"]
+    a.bar(range(len(hist)), hist, color="#4477aa")
+    a.set_xlabel("tokens gained per target pass")
+    a.set_ylabel("rounds")
+    a.set_title(f"acceptance (τ = {summary['tau']:.2f})")
+    split = summary["time_split_seconds"]
+    b.barh(list(split), list(split.values()), color="#cc6677")
+    b.set_xlabel("seconds (all prompts)")
+    b.set_title(f"speculative time split, speedup {summary['speedup']:.2f}×")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
