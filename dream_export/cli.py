@@ -57,16 +57,26 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--eval", "do_eval", is_flag=True, help="Evaluate on the whole held-out split (per-task accuracy).")
 @click.option("--per-task", default=100, show_default=True, help="Held-out samples per task for --eval.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary as the last line.")
-def demo(model_dir: Path, out: Path | None, num: int, do_eval: bool, per_task: int, as_json: bool) -> None:
-    """Run the main job on the embedded demo VLM: answer held-out images and report timing.
+@click.option("--draft", "draft_dir", type=click.Path(file_okay=False, path_type=Path), default=DEMO_DIR / "draft",
+              show_default="the embedded demo draft", help="Draft for the speculative steps.")
+@click.option("--speculate/--no-speculate", default=True, show_default=True,
+              help="With --out: export the bundle, answer with the runtime and benchmark against AR decoding.")
+@click.option("--bench-prompts", default=25, show_default=True, help="Held-out prompts for the benchmark.")
+def demo(model_dir: Path, out: Path | None, num: int, do_eval: bool, per_task: int, as_json: bool, draft_dir: Path,
+         speculate: bool, bench_prompts: int) -> None:
+    """Run the main job on the embedded demo VLM.
 
-    With --eval, score the model on the fixed held-out split: the share of answers whose first
-    clause (the count, the colour, the number read, ...) matches the reference exactly.
+    Answers held-out images with the VLM; with --out also exports the bundle to OUT/bundle, writes
+    OUT/heldout.jsonl and OUT/calib.jsonl, answers with the torch-free runtime and benchmarks
+    speculative against autoregressive decoding (OUT/bench.json, OUT/bench.png). With --eval, scores
+    the VLM on the fixed held-out split: the share of answers whose first clause (the count, the
+    colour, the number read, ...) matches the reference exactly.
     """
     _need_torch()
     from dream_export.demo import pipeline
 
     summary = pipeline.run_demo(model_dir, out=out, num=num, do_eval=do_eval, per_task=per_task,
+                                speculate=speculate, draft_dir=draft_dir, bench_prompts=bench_prompts,
                                 echo=None if as_json else click.echo)
     if as_json:
         _emit_json(summary)
@@ -113,7 +123,7 @@ def demo_data(out: Path, heldout_per_task: int, n_calib: int, n_train: int) -> N
               help='JSONL of {"image": path, "prompt": text}; the target answers each prompt itself.')
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Draft directory.")
 @click.option("--arch", type=click.Choice(["dream", "eagle2", "eagle3"]), default="dream", show_default=True)
-@click.option("--steps", default=3000, show_default=True)
+@click.option("--steps", default=2500, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--features", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -141,10 +151,13 @@ def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, ste
     except (ValueError, AssertionError) as e:
         raise click.BadParameter("--weights takes three numbers: logits,feature,mid") from e
     rows = read_jsonl(data_path)
-    cfg = DraftConfig.from_target(_text_config(target_dir), arch=arch, cross_attention=not no_cross)
-    target = load_target(target_dir, taps=tuple(cfg.fuse_layers))
+    text_cfg = _text_config(target_dir)
+    cfg = DraftConfig.from_target(text_cfg, arch=arch, cross_attention=not no_cross)
+    # Features always carry the EAGLE-3 taps, so every draft architecture trains on one feature cache.
+    taps = tuple(DraftConfig.from_target(text_cfg, arch="eagle3").fuse_layers)
+    target = load_target(target_dir, taps=taps)
     feat_dir = features or out.with_name(out.name + ".features")
-    dcfg = DataConfig(mid_select=mid_select, taps=tuple(cfg.fuse_layers))
+    dcfg = DataConfig(mid_select=mid_select, taps=taps)
     generate_features(target.model, target.processor, rows, feat_dir, dcfg, target_identity(target_dir))
     tcfg = DraftTrainConfig(steps=steps, batch_size=batch_size, lr=lr, vtc_keep=vtc_keep, self_feed=not no_self_feed,
                             w_logits=w[0], w_feature=w[1], w_mid=w[2], seed=seed)

@@ -35,7 +35,7 @@ def test_bad_tree_spec_is_rejected(tmp_path):
 
 @pytest.mark.timeout(600)
 def test_demo_eval_json_reports_accuracy_per_task(tmp_path):
-    r = run("demo", "-n", "2", "--eval", "--per-task", "4", "--json", "--out", str(tmp_path))
+    r = run("demo", "-n", "2", "--eval", "--per-task", "4", "--json", "--out", str(tmp_path), "--no-speculate")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     acc = summary["accuracy"]

@@ -1,8 +1,9 @@
 """`dream-export demo`: the main job on the embedded demo VLM, as a sequence of the real commands' steps.
 
-Today the steps are: load the VLM through `from_pretrained`, answer held-out images, optionally
-evaluate. Export, calibration, builds and the speculative runtime join as further steps, each the same
-code its own command runs.
+Steps: load the VLM through `from_pretrained` and answer held-out images (torch, for reference);
+write the prompt files; export the bundle (`dream-export export`); answer with the torch-free runtime
+(`dream-export run`); benchmark speculative against autoregressive decoding (`dream-export bench`).
+Each step calls the same function its command calls.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from pathlib import Path
 from dream_export.demo import scenes
 from dream_export.errors import UsageError
 from dream_export.io import atomic_write_text
+
+DEMO_DIR = Path(__file__).resolve().parents[1] / "assets" / "demo"
 
 
 def _load(model_dir: Path):
@@ -52,9 +55,10 @@ def answer_heldout(model, processor, num: int) -> list[dict]:
     return rows
 
 
-def run_demo(model_dir: Path, out: Path | None = None, num: int = 5, do_eval: bool = False,
-             per_task: int = 100, echo: Callable[[str], None] | None = print) -> dict:
-    """Run the demo steps; returns a JSON-able summary (accuracy present when `do_eval`)."""
+def run_demo(model_dir: Path, out: Path | None = None, num: int = 5, do_eval: bool = False, per_task: int = 100,
+             speculate: bool = True, draft_dir: Path | None = None, bench_prompts: int = 25,
+             echo: Callable[[str], None] | None = print) -> dict:
+    """Run the demo steps; returns a JSON-able summary."""
     import torch
 
     torch.set_num_threads(2)
@@ -68,7 +72,7 @@ def run_demo(model_dir: Path, out: Path | None = None, num: int = 5, do_eval: bo
         rows = answer_heldout(model, processor, num)
         for r in rows:
             say(f"\n[{r['task']}] Q: {r['prompt']}\n  A: {r['answer']}\n"
-                f"  ({r['tokens']} tokens in {r['seconds'] * 1000:.0f} ms, {r['tokens_per_s']} tok/s; "
+                f"  ({r['tokens']} tokens in {r['seconds'] * 1000:.0f} ms, {r['tokens_per_s']} tok/s with torch; "
                 f"{'matches' if r['correct'] else 'differs from'} the reference)")
         summary["answers"] = rows
         summary["tokens_per_s"] = round(sum(r["tokens"] for r in rows) / sum(r["seconds"] for r in rows), 1)
@@ -84,8 +88,44 @@ def run_demo(model_dir: Path, out: Path | None = None, num: int = 5, do_eval: bo
         for task in scenes.TASKS:
             if task in res["accuracy"]:
                 say(f"{task:<10}  {res['accuracy'][task]:>8.3f}  {res['exact'][task]:>12.3f}")
+    draft_dir = Path(draft_dir) if draft_dir else DEMO_DIR / "draft"
+    if speculate and out is not None and (draft_dir / "draft_config.json").exists():
+        summary["speculative"] = _speculative_steps(Path(model_dir), draft_dir, Path(out), bench_prompts, say)
     if out is not None:
         Path(out).mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(out) / "demo.json", json.dumps(summary, indent=2))
         say(f"\nwrote {Path(out) / 'demo.json'}")
     return summary
+
+
+def _speculative_steps(model_dir: Path, draft_dir: Path, out: Path, bench_prompts: int, say) -> dict:
+    """export → run → bench, each through the function its command uses."""
+    from dream_export.demo import data
+    from dream_export.export.bundle import ExportOptions, export_bundle
+    from dream_export.runtime.bench import bench, plot, read_prompts
+    from dream_export.runtime.pipeline import Pipeline
+
+    out.mkdir(parents=True, exist_ok=True)
+    per_task = max(1, -(-bench_prompts // len(scenes.TASKS)))
+    heldout = data.write_split(out, "heldout", data.heldout_split(per_task))
+    data.write_split(out, "calib", data.train_split(64, base=scenes.CALIB_SEED_BASE))
+    say("\nexporting the bundle (dream-export export)...")
+    manifest = export_bundle(model_dir, draft_dir, out / "bundle", ExportOptions(), log=say)
+    pipe = Pipeline.load(out / "bundle")
+    rows = read_prompts(heldout)[:bench_prompts]
+    from PIL import Image
+
+    r = pipe.generate(Image.open(rows[0]["image"]), rows[0]["prompt"])
+    say(f"\nspeculative answer (dream-export run, no torch):\n  Q: {rows[0]['prompt']}\n  A: {r.text}\n"
+        f"  (tau {r.stats['tau']:.2f}, {r.stats['tokens_per_s']:.0f} tok/s)")
+    say(f"\nbenchmarking on {len(rows)} held-out prompts (dream-export bench)...")
+    s = bench(pipe, rows)
+    atomic_write_text(out / "bench.json", json.dumps(s, indent=2))
+    plot(s, out / "bench.png")
+    say(f"\n{'':<28}{'speculative':>12}{'autoregressive':>16}")
+    say(f"{'tokens/s':<28}{s['spec_tokens_per_s']:>12.1f}{s['ar_tokens_per_s']:>16.1f}")
+    say(f"speedup {s['speedup']:.2f}x (decode {s['decode_speedup']:.2f}x), tau {s['tau']:.2f}, "
+        f"greedy match {s['match_rate'] * 100:.0f}%, host {s['host_fraction'] * 100:.1f}% of decode")
+    say(f"wrote {out / 'bench.json'} and {out / 'bench.png'}")
+    return {k: s[k] for k in ("speedup", "decode_speedup", "tau", "match_rate", "host_fraction",
+                              "spec_tokens_per_s", "ar_tokens_per_s")} | {"export_seconds": manifest["export_seconds"]}

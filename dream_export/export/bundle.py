@@ -77,10 +77,10 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
     from safetensors.torch import save_file
 
     from dream_export.draft.data import target_identity
-    from dream_export.families import params_from_hf
     from dream_export.draft.target import load_target
     from dream_export.draft.train import load_draft
     from dream_export.export.graphs import DraftGraph, TargetGraph, VisionGraph
+    from dream_export.families import params_from_hf
 
     t0 = time.time()
     draft = load_draft(draft_dir)
