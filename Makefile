@@ -9,7 +9,10 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 TORCH ?= torch==2.13.0
 export OMP_NUM_THREADS ?= 2
 
-.PHONY: setup demo test test-all lint demo-model clean
+DEMO := dream_export/assets/demo
+DATA := out/demo-data
+
+.PHONY: setup demo test test-all lint demo-model draft-compare clean
 
 setup: $(STAMP)
 
@@ -33,8 +36,22 @@ test-all: setup
 lint: setup
 	$(BIN)/ruff check dream_export tests
 
+# Retrain the embedded demo from scratch (seeded): the VLM, then its DREAM draft (about 55 min on 2 cores).
 demo-model: setup
-	$(BIN)/dream-export demo-model
+	$(BIN)/dream-export demo-model -o $(DEMO)/vlm
+	$(BIN)/dream-export demo-data -o $(DATA) --train 2000
+	$(BIN)/dream-export train-draft $(DEMO)/vlm --data $(DATA)/train.jsonl -o $(DEMO)/draft \
+		--features $(DATA)/features --arch dream
+
+# DREAM against EAGLE-2/3-style drafts and the no-cross-attention ablation: same data, same budget.
+draft-compare: setup
+	for a in eagle2 eagle3; do $(BIN)/dream-export train-draft $(DEMO)/vlm --data $(DATA)/train.jsonl \
+		-o out/drafts/$$a --features $(DATA)/features --arch $$a || exit 1; done
+	$(BIN)/dream-export train-draft $(DEMO)/vlm --data $(DATA)/train.jsonl -o out/drafts/dream-nocross \
+		--features $(DATA)/features --arch dream --no-cross
+	$(BIN)/dream-export eval-draft $(DEMO)/vlm --draft $(DEMO)/draft --draft out/drafts/eagle2 \
+		--draft out/drafts/eagle3 --draft out/drafts/dream-nocross --data $(DATA)/heldout.jsonl --chain \
+		--json out/drafts/compare.json
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

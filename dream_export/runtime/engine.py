@@ -73,6 +73,12 @@ class SpecEngine:
         self.cross_k = np.zeros((1, dkv, self.ccap, dd), f32)
         self.cross_v = np.zeros_like(self.cross_k)
         self.feats = np.zeros((self.cap + self.tree_cap, self.hidden), f32)  # per target position
+        for role, buf in (("past_key", self.kv_k), ("past_value", self.kv_v)):
+            backend.register_resident("target", self.tb[role], buf)
+        for role, buf in (("self_key", self.self_k), ("self_value", self.self_v), ("cross_key", self.cross_k),
+                          ("cross_value", self.cross_v)):
+            if role in self.db:
+                backend.register_resident("draft", self.db[role], buf)
 
     # ---- graph calls -------------------------------------------------------------------------
     def _target(self, embeds, positions, new_mask, rows, past: int) -> dict:
