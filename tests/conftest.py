@@ -35,3 +35,20 @@ def demo_draft():
 
     assert (DEMO / "draft" / "draft_config.json").exists(), "demo draft missing: run `make demo-model`"
     return load_draft(DEMO / "draft")
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory):
+    """The demo VLM + its DREAM draft exported to a bundle (once per session)."""
+    from dream_export.export.bundle import ExportOptions, export_bundle
+
+    out = tmp_path_factory.mktemp("demo") / "bundle"
+    export_bundle(DEMO / "vlm", DEMO / "draft", out, ExportOptions(kv_capacity=256, max_tree=64), log=lambda _s: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_pipeline(demo_bundle):
+    from dream_export.runtime.pipeline import Pipeline
+
+    return Pipeline.load(demo_bundle, threads=2)

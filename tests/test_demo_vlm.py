@@ -11,7 +11,7 @@ def test_processor_expands_image_to_patch_tokens(demo_vlm):
     scene, s = scenes.make_sample(1)
     enc = PromptEncoder(processor).encode([scenes.render(scene)], [s.prompt])
     n_img = int((enc["input_ids"] == model.config.image_token_index).sum())
-    assert n_img == (96 // 32) ** 2
+    assert n_img == (96 // 32) ** 2 + 1  # the CLS token and one token per grid cell
     assert tuple(enc["pixel_values"].shape) == (1, 3, 96, 96)
 
 

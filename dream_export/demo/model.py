@@ -75,7 +75,7 @@ def build_processor(tokenizer):
         image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_convert_rgb=True,
     )
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=PATCH_SIZE,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          vision_feature_select_strategy="full", num_additional_image_tokens=1,
                           chat_template=CHAT_TEMPLATE)
 
 
@@ -89,10 +89,11 @@ def build_model(tokenizer, seed: int = 0):
     text = LlamaConfig(**shape["text"], vocab_size=len(tokenizer), rms_norm_eps=1e-5,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
-    n_img = (shape["vision"]["image_size"] // PATCH_SIZE) ** 2
+    # "full" keeps the CLIP CLS token: one image token that summarises the scene (counts), plus 9 cells
+    n_img = (shape["vision"]["image_size"] // PATCH_SIZE) ** 2 + 1
     config = LlavaConfig(vision_config=vision, text_config=text,
                          image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-                         image_seq_length=n_img, vision_feature_select_strategy="default",
+                         image_seq_length=n_img, vision_feature_select_strategy="full",
                          vision_feature_layer=-1, projector_hidden_act="gelu")
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config)

@@ -31,13 +31,14 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     threads: int = 2
-    eval_every: int = 250
+    eval_every: int = 500
     eval_per_task: int = 20
     # Short, image-grounded answers first: the visual binding is learned before long descriptions.
     curriculum_steps: int = 500
-    # Auxiliary per-cell attribute loss on the projected image tokens (head discarded after training):
-    # it makes the vision tower encode shape, colour, size and digit within the first few hundred steps,
-    # leaving the decoder only the routing from question words to the right image token to learn.
+    # Auxiliary losses on the projected image tokens (heads discarded after training): per-cell
+    # attributes on the patch tokens and object counts on the CLS token. The vision tower then encodes
+    # shape, colour, size, digit and counts within the first few hundred steps, leaving the decoder only
+    # the routing from question words to the right image token to learn.
     aux_weight: float = 0.5
     tokenizer_corpus: int = 20000
 
@@ -45,8 +46,8 @@ class TrainConfig:
 def _task_weights(step: int, cfg: TrainConfig) -> list[float]:
     # order: describe, count, color, position, read
     if step < cfg.curriculum_steps:
-        return [0.5, 3, 3, 2, 1.5]
-    return [2, 3, 3, 2, 1.5]
+        return [0.5, 4, 3, 2, 1.5]
+    return [2, 4, 3, 2, 1.5]
 
 
 def cell_targets(scene: scenes.Scene) -> list[list[int]]:
@@ -62,6 +63,16 @@ def cell_targets(scene: scenes.Scene) -> list[list[int]]:
 
 
 AUX_CLASSES = (len(scenes.SHAPES) + 2, len(scenes.COLORS) + 1, len(scenes.SIZES) + 1, 11)
+# Counts read from the vision tower's CLS token: all objects, per shape, per colour (shapes only).
+COUNT_HEADS = 1 + len(scenes.SHAPES) + len(scenes.COLORS)
+MAX_COUNT = scenes.GRID * scenes.GRID + 1
+
+
+def count_targets(scene: scenes.Scene) -> list[int]:
+    """[total, per-shape..., per-colour...] object counts of a scene."""
+    shapes = scene.shapes
+    return ([len(scene.objects)] + [sum(o.kind == k for o in shapes) for k in scenes.SHAPES]
+            + [sum(o.color == c for o in shapes) for c in scenes.COLORS])
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -92,9 +103,11 @@ def train_demo_vlm(out_dir: str | Path, cfg: TrainConfig, log=print) -> dict:
     log(f"demo VLM: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}")
 
     aux_head = torch.nn.Linear(model.config.text_config.hidden_size, sum(AUX_CLASSES))
+    count_head = torch.nn.Linear(model.config.text_config.hidden_size, COUNT_HEADS * MAX_COUNT)
     captured = {}
     model.model.multi_modal_projector.register_forward_hook(lambda _m, _i, o: captured.__setitem__("img", o))
-    named = list(model.named_parameters()) + [("aux." + n, p) for n, p in aux_head.named_parameters()]
+    named = list(model.named_parameters()) + [("aux." + n, p) for n, p in aux_head.named_parameters()] + [
+        ("count." + n, p) for n, p in count_head.named_parameters()]
     decay = [p for n, p in named if p.ndim >= 2]
     no_decay = [p for n, p in named if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -110,7 +123,7 @@ def train_demo_vlm(out_dir: str | Path, cfg: TrainConfig, log=print) -> dict:
         bar = range(cfg.steps)
     for step in bar:
         model.train()
-        batch, cells = [], []
+        batch, cells, counts = [], [], []
         weights = _task_weights(step, cfg)
         for _ in range(cfg.batch_size):
             task = rng.choices(scenes.TASKS, weights=weights)[0]
@@ -118,6 +131,7 @@ def train_demo_vlm(out_dir: str | Path, cfg: TrainConfig, log=print) -> dict:
             seed_counter += 1
             batch.append(encoder.encode_train(scenes.render(scene), sample.prompt, sample.answer))
             cells.append(cell_targets(scene))
+            counts.append(count_targets(scene))
         max_len = max(len(b["input_ids"]) for b in batch)
         ids = torch.full((len(batch), max_len), pad, dtype=torch.long)
         labels = torch.full((len(batch), max_len), -100, dtype=torch.long)
@@ -134,10 +148,13 @@ def train_demo_vlm(out_dir: str | Path, cfg: TrainConfig, log=print) -> dict:
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                ignore_index=-100)
         if cfg.aux_weight:
-            aux_logits = aux_head(captured["img"]).split(AUX_CLASSES, -1)
+            img = captured["img"]  # [B, 1 + cells, H]: CLS first (the "full" feature strategy)
+            aux_logits = aux_head(img[:, 1:]).split(AUX_CLASSES, -1)
             tgt = torch.tensor(cells)  # [B, cells, 4]
             aux = sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt[..., j].reshape(-1))
                       for j, lg in enumerate(aux_logits))
+            cnt = count_head(img[:, 0]).view(-1, COUNT_HEADS, MAX_COUNT)
+            aux = aux + F.cross_entropy(cnt.reshape(-1, MAX_COUNT), torch.tensor(counts).reshape(-1))
             loss = loss + cfg.aux_weight * aux
         opt.zero_grad(set_to_none=True)
         loss.backward()

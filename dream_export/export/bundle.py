@@ -19,7 +19,8 @@ from dream_export.export import names
 from dream_export.io import atomic_dir
 
 FORMAT_VERSION = 1
-OPSET = 17
+# Opset 16: LayerNormalization (opset 17) has no importer in TensorRT 8.5, so it is exported as basic ops.
+OPSET = 16
 
 
 @dataclass
@@ -125,8 +126,8 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
         size = proc.image_processor.crop_size
         px = torch.zeros(1, 3, size["height"], size["width"])
         n_img = vg(px).shape[1]
-        _export(vg, (px,), onnx_dir / "vision.onnx", names.VISION["inputs"], names.VISION["outputs"],
-                {"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}})
+        # One image per request: the exported tower splits the CLS token with a fixed batch of 1.
+        _export(vg, (px,), onnx_dir / "vision.onnx", names.VISION["inputs"], names.VISION["outputs"], {})
         manifest["tokens"]["image_tokens_per_image"] = int(n_img)
         # target
         tg = TargetGraph(dec, model.lm_head, opts.topk, getattr(text, "final_logit_softcapping", None),

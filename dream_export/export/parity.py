@@ -1,0 +1,356 @@
+"""Numerical parity of a bundle's ONNX graphs (each precision variant) against the torch modules.
+
+Every graph runs in ONNX Runtime (CPU) and as the torch module it was exported from
+(`export/graphs.py`, built here the way `export_bundle` builds them) on the same feeds:
+
+* random feeds per seed (random masks with each row seeing itself, random caches and positions);
+* realistic feeds: a rendered demo scene through the target's processor (vision); a causal prefill of
+  that prompt with the image features spliced in, then a tree verification over the prefilled cache
+  with an ancestor mask (target); the draft's context pass over the target's features, then a tree
+  step with ancestor masks on its self- and cross-attention (draft).
+
+Per output the report gives the max absolute error and the max error relative to the output's scale
+(max |reference|). `topk_ids` are judged by what they select, not by identity (near-ties may swap):
+the error is |reference log-prob of the id ONNX Runtime chose − reference k-th log-prob|, relative to
+the log-probs' scale. Tolerances (relative to scale): see `TOLERANCE`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from dream_export.errors import UsageError
+from dream_export.io import atomic_write_text
+
+# Max error relative to the output's scale. FP32: ONNX Runtime and torch differ only in summation order
+# and fused kernels (~1e-6 relative); 1e-3 leaves room for deep models. FP16 keeps ~3 significant
+# digits per op (unit roundoff 4.9e-4) and errors compound through the layers and the LM head; 3e-2
+# separates that from a real defect (a wrong or corrupted weight gives errors of order 1).
+TOLERANCE = {"fp32": 1e-3, "fp16": 3e-2}
+GRAPHS = ("vision", "target", "draft")
+TREE_PARENTS = (-1, 0, 0, 1, 1, 2, 3, 5)  # a small EAGLE-style tree: root, two children, grandchildren …
+
+
+# ----------------------------------------------------------------------------------------- modules
+
+
+class _Modules:
+    """The torch graphs of a bundle, built exactly as `export_bundle` builds them."""
+
+    def __init__(self, manifest: dict, target_dir: Path, draft_dir: Path):
+        import torch
+
+        from dream_export.draft.target import load_target
+        from dream_export.draft.train import load_draft
+        from dream_export.export.graphs import DraftGraph, TargetGraph, VisionGraph
+
+        torch.manual_seed(0)
+        self.draft = load_draft(draft_dir)
+        taps = tuple(manifest.get("taps") or ()) or tuple(self.draft.config.fuse_layers)
+        self.target = load_target(target_dir, taps=taps)
+        model = self.target.model
+        text = model.config.get_text_config()
+        outputs = [o["name"] for o in manifest["graphs"]["target"]["outputs"]]
+        self.vision = VisionGraph(model).eval()
+        self.target_graph = TargetGraph(self.target.side.decoder, model.lm_head, manifest["topk"],
+                                        getattr(text, "final_logit_softcapping", None),
+                                        importance="attn_importance" in outputs).eval()
+        self.draft_graph = DraftGraph(self.draft, model.lm_head, manifest["topk"],
+                                      self.draft.config.final_logit_softcapping).eval()
+        self.processor = self.target.processor
+        self.embed = self.target.side.embed_tokens
+
+    def run(self, name: str, feeds: dict[str, np.ndarray], arg_names: list[str]) -> list[np.ndarray]:
+        """Reference outputs of graph `name` for `feeds` (inputs ONNX pruned are fed as zeros)."""
+        import torch
+
+        module = {"vision": self.vision, "target": self.target_graph, "draft": self.draft_graph}[name]
+        with torch.no_grad():
+            out = module(*[torch.from_numpy(feeds[a]) for a in arg_names])
+        out = out if isinstance(out, (tuple, list)) else (out,)
+        return [o.detach().numpy() for o in out]
+
+    def logprobs(self, name: str, ref: dict) -> np.ndarray | None:
+        """Reference full-vocabulary log-probs of the rows `topk_ids` ranks (to judge tie swaps)."""
+        import torch
+
+        from dream_export.draft.model import soft_cap
+
+        with torch.no_grad():
+            if name == "target":
+                logits = torch.from_numpy(ref["row_logits"])
+            elif name == "draft":
+                logits = soft_cap(self.draft_graph.lm_head(torch.from_numpy(ref["feature"][0])),
+                                  self.draft_graph.softcap)
+            else:
+                return None
+            return torch.log_softmax(logits.float(), -1).numpy()
+
+
+# ------------------------------------------------------------------------------------------- feeds
+
+
+def _ancestors(parents) -> np.ndarray:
+    """[N, N] bool: node i sees node j iff j is i or one of its ancestors."""
+    n = len(parents)
+    m = np.eye(n, dtype=bool)
+    for i, p in enumerate(parents):
+        while p >= 0:
+            m[i, p] = True
+            p = parents[p]
+    return m
+
+
+def _depths(parents) -> np.ndarray:
+    d = np.zeros(len(parents), np.int64)
+    for i, p in enumerate(parents):
+        d[i] = 0 if p < 0 else d[p] + 1
+    return d
+
+
+def _arg_names(name: str) -> list[str]:
+    from dream_export.export import names
+
+    return list({"vision": names.VISION, "target": names.TARGET, "draft": names.DRAFT}[name]["inputs"])
+
+
+def _random_feeds(name: str, m: dict, rng: np.random.Generator, emb_std: float) -> dict[str, np.ndarray]:
+    """Random feeds of the graph's shapes; every query row sees at least itself."""
+    d = m["dims"]
+    h, f32 = d["hidden"], np.float32
+    if name == "vision":
+        # batch 1: the runtime encodes one image per call (and the exported vision graphs of some
+        # families bake the batch size into a Split despite the symbolic 'batch' axis)
+        shape = [s if isinstance(s, int) else 1 for s in m["graphs"]["vision"]["inputs"][0]["shape"]]
+        return {"pixel_values": rng.standard_normal(shape).astype(f32)}
+    t = 5
+    if name == "target":
+        cap = m["kv_capacity"]
+        kv = (d["layers"], 1, d["kv_heads"], cap, d["head_dim"])
+        mask = rng.random((1, t, cap + t)) < 0.5
+        mask[0, :, cap:] |= np.eye(t, dtype=bool)
+        return {"inputs_embeds": (rng.standard_normal((1, t, h)) * emb_std).astype(f32),
+                "position_ids": np.sort(rng.integers(0, cap, (1, t))).astype(np.int64),
+                "attention_mask": mask, "past_key": rng.standard_normal(kv).astype(f32),
+                "past_value": rng.standard_normal(kv).astype(f32),
+                "logit_rows": np.sort(rng.choice(t, 3, replace=False)).astype(np.int64)}
+    dcap, ccap, nf = m["draft_capacity"], m["cross_capacity"], 3
+    skv = (d["draft_blocks"], 1, d["draft_kv_heads"], dcap, d["draft_head_dim"])
+    ckv = (1, d["draft_kv_heads"], ccap, d["draft_head_dim"])
+    self_mask = rng.random((1, t, dcap + t)) < 0.5
+    self_mask[0, :, dcap:] |= np.eye(t, dtype=bool)
+    return {"embeds": (rng.standard_normal((1, t, h)) * emb_std).astype(f32),
+            "positions": np.sort(rng.integers(0, dcap, (1, t))).astype(np.int64), "self_mask": self_mask,
+            "self_key": rng.standard_normal(skv).astype(f32), "self_value": rng.standard_normal(skv).astype(f32),
+            "cross_key": rng.standard_normal(ckv).astype(f32), "cross_value": rng.standard_normal(ckv).astype(f32),
+            "new_feats": rng.standard_normal((1, nf, h)).astype(f32),
+            "cross_mask": rng.random((1, t, ccap + nf)) < 0.5,
+            "prev_feat": rng.standard_normal((1, t, h)).astype(f32)}
+
+
+class _Realistic:
+    """Realistic feeds, built in order: vision → target prefill → target tree → draft context → draft tree.
+
+    Later feeds use the *reference* outputs of earlier ones (features, KV rows), so every variant is
+    compared on identical inputs.
+    """
+
+    def __init__(self, mods: _Modules, m: dict):
+        self.mods, self.m = mods, m
+        self.cases: dict[str, dict[str, dict[str, np.ndarray]]] = {g: {} for g in GRAPHS}
+        self._build()
+
+    def _build(self) -> None:
+        import torch
+
+        from dream_export.demo import scenes
+
+        mods, m = self.mods, self.m
+        proc = mods.processor
+        image = scenes.render(scenes.make_scene(3))
+        token = getattr(proc, "image_token", None) or "<image>"
+        enc = proc(text=f"USER: {token}\nWhat is shown? ASSISTANT:", images=image, return_tensors="pt")
+        px = enc["pixel_values"].float().numpy()
+        self.cases["vision"]["realistic"] = {"pixel_values": px}
+        (img_emb,) = mods.run("vision", {"pixel_values": px}, _arg_names("vision"))
+
+        # target prefill: the prompt's embeddings with the image features spliced in, causal mask
+        n_tree = len(TREE_PARENTS)
+        cap = m["kv_capacity"]
+        ids = enc["input_ids"][0][: cap - n_tree]
+        with torch.no_grad():
+            emb = mods.embed(ids[None]).float().numpy() * m["embeddings"].get("scale", 1.0)
+        is_img = (ids == m["tokens"]["image_token_id"]).numpy()
+        emb[0, is_img] = img_emb.reshape(-1, img_emb.shape[-1])[: int(is_img.sum())]
+        p = emb.shape[1]
+        d = m["dims"]
+        kv = (d["layers"], 1, d["kv_heads"], cap, d["head_dim"])
+        mask = np.zeros((1, p, cap + p), bool)
+        mask[0, :, cap:] = np.tril(np.ones((p, p), bool))
+        prefill = {"inputs_embeds": emb.astype(np.float32), "position_ids": np.arange(p)[None],
+                   "attention_mask": mask, "past_key": np.zeros(kv, np.float32),
+                   "past_value": np.zeros(kv, np.float32), "logit_rows": np.array([p - 1])}
+        self.cases["target"]["realistic-prefill"] = prefill
+        ref = dict(zip(_output_names(m, "target"), mods.run("target", prefill, _arg_names("target")), strict=True))
+
+        # target tree verification over the committed prefix
+        anc = _ancestors(TREE_PARENTS)
+        tree_ids = np.random.default_rng(7).integers(0, d["vocab"], n_tree)
+        with torch.no_grad():
+            tree_emb = mods.embed(torch.from_numpy(tree_ids)[None]).float().numpy()
+        past_k, past_v = np.zeros(kv, np.float32), np.zeros(kv, np.float32)
+        past_k[..., :p, :], past_v[..., :p, :] = ref["new_key"], ref["new_value"]
+        tmask = np.zeros((1, n_tree, cap + n_tree), bool)
+        tmask[0, :, :p] = True
+        tmask[0, :, cap:] = anc
+        self.cases["target"]["realistic-tree"] = {
+            "inputs_embeds": tree_emb, "position_ids": (p + _depths(TREE_PARENTS))[None], "attention_mask": tmask,
+            "past_key": past_k, "past_value": past_v, "logit_rows": np.arange(n_tree)}
+
+        # draft context pass: the prompt's embeddings, the target's features; query i sees features < i
+        dcap, ccap = m["draft_capacity"], m["cross_capacity"]
+        skv = (d["draft_blocks"], 1, d["draft_kv_heads"], dcap, d["draft_head_dim"])
+        ckv = (1, d["draft_kv_heads"], ccap, d["draft_head_dim"])
+        smask = np.zeros((1, p, dcap + p), bool)
+        smask[0, :, dcap:] = np.tril(np.ones((p, p), bool))
+        cmask = np.zeros((1, p, ccap + p), bool)
+        cmask[0, :, ccap:] = np.tril(np.ones((p, p), bool), -1)
+        ctx = {"embeds": emb.astype(np.float32), "positions": np.arange(p)[None], "self_mask": smask,
+               "self_key": np.zeros(skv, np.float32), "self_value": np.zeros(skv, np.float32),
+               "cross_key": np.zeros(ckv, np.float32), "cross_value": np.zeros(ckv, np.float32),
+               "new_feats": ref["hidden"].astype(np.float32), "cross_mask": cmask,
+               "prev_feat": np.zeros_like(emb, np.float32)}
+        self.cases["draft"]["realistic-context"] = ctx
+        dref = dict(zip(_output_names(m, "draft"), mods.run("draft", ctx, _arg_names("draft")), strict=True))
+
+        # draft tree step: committed self/cross rows visible; the tree's own rows and its predicted
+        # features (appended to the cross keys/values) under the ancestor mask
+        sk, sv = np.zeros(skv, np.float32), np.zeros(skv, np.float32)
+        sk[..., :p, :], sv[..., :p, :] = dref["new_self_key"], dref["new_self_value"]
+        ck, cv = np.zeros(ckv, np.float32), np.zeros(ckv, np.float32)
+        ck[..., :p, :], cv[..., :p, :] = dref["new_cross_key"], dref["new_cross_value"]
+        smask = np.zeros((1, n_tree, dcap + n_tree), bool)
+        smask[0, :, :p] = True
+        smask[0, :, dcap:] = anc
+        cmask = np.zeros((1, n_tree, ccap + n_tree), bool)
+        cmask[0, :, :p] = True
+        cmask[0, :, ccap:] = anc & ~np.eye(n_tree, dtype=bool)  # a node sees its ancestors' predicted features
+        feats = dref["feature"][:, np.resize(np.arange(p), n_tree)].astype(np.float32)
+        self.cases["draft"]["realistic-tree"] = {
+            "embeds": tree_emb, "positions": (p + _depths(TREE_PARENTS))[None], "self_mask": smask,
+            "self_key": sk, "self_value": sv, "cross_key": ck, "cross_value": cv, "new_feats": feats,
+            "cross_mask": cmask, "prev_feat": np.zeros((1, n_tree, d["hidden"]), np.float32)}
+
+
+def _output_names(m: dict, name: str) -> list[str]:
+    return [o["name"] for o in m["graphs"][name]["outputs"]]
+
+
+# ----------------------------------------------------------------------------------------- compare
+
+
+def _compare(out_name: str, ort: np.ndarray, ref: np.ndarray, tol: float, lp: np.ndarray | None,
+             ref_all: dict) -> dict:
+    """Error of one output: max abs, max relative to scale, verdict."""
+    if out_name == "topk_ids" and lp is not None:
+        # judge the chosen ids by their reference log-probs (a swap between tied candidates is no error)
+        chosen = np.take_along_axis(lp, ort.astype(np.int64), -1)
+        kth = ref_all["topk_logprobs"]
+        err = np.abs(chosen - kth)
+        scale = float(np.max(np.abs(kth))) or 1.0
+        res = {"max_abs": float(err.max(initial=0.0)), "scale": scale,
+               "id_agreement": float(np.mean(ort == ref))}
+    else:
+        if ort.shape != ref.shape:
+            return {"ok": False, "message": f"shape {list(ort.shape)} != reference {list(ref.shape)}", "tol": tol}
+        err = np.abs(ort.astype(np.float64) - ref.astype(np.float64))
+        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
+        res = {"max_abs": float(err.max(initial=0.0)), "scale": scale}
+        if not np.all(np.isfinite(ort)):
+            res.update(ok=False, rel=float("inf"), tol=tol, message="non-finite values")
+            return res
+    res["rel"] = res["max_abs"] / max(res["scale"], 1e-12)
+    res["tol"] = tol
+    res["ok"] = bool(res["rel"] <= tol)
+    return res
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def check_bundle(bundle_dir: str | Path, target_dir: str | Path | None = None, draft_dir: str | Path | None = None,
+                 variants: tuple[str, ...] = ("fp32", "fp16"), seeds: tuple[int, ...] = (0, 1),
+                 threads: int = 1, log=print) -> dict:
+    """Run every graph of the bundle (each variant present) against its torch module; write
+    `reports/parity.json`.
+
+    `target_dir`/`draft_dir` default to the source paths the manifest records. Returns the report:
+    `ok`, `failures` (one line per output beyond tolerance, naming graph, variant, case and output),
+    `tolerance`, and per graph → variant → case → output the errors.
+    """
+    import torch
+
+    root = Path(bundle_dir)
+    mpath = root / "manifest.json"
+    if not mpath.exists():
+        raise UsageError(f"{root} is not a bundle (manifest.json missing)")
+    m = json.loads(mpath.read_text())
+    target_dir = Path(target_dir or m["source"]["target"]["path"])
+    draft_dir = Path(draft_dir or m["source"]["draft"]["path"])
+    unknown = [v for v in variants if v not in TOLERANCE]
+    if unknown:
+        raise UsageError(f"unknown precision variants {unknown}; parity knows {sorted(TOLERANCE)}")
+
+    mods = _Modules(m, target_dir, draft_dir)
+    emb_std = float(mods.embed.weight.detach().float().std())
+    realistic = _Realistic(mods, m)
+    report: dict = {"ok": True, "failures": [], "tolerance": {v: TOLERANCE[v] for v in variants},
+                    "seeds": list(seeds), "graphs": {}, "missing_variants": []}
+    for name in GRAPHS:
+        cases = {f"random-seed{s}": _random_feeds(name, m, np.random.default_rng(s), emb_std) for s in seeds}
+        cases.update(realistic.cases[name])
+        entry = m["graphs"][name]
+        files = {"fp32": entry["file"], **{k: v["file"] for k, v in entry.get("variants", {}).items()}}
+        args = _arg_names(name)
+        refs = {}
+        for case, feeds in cases.items():
+            outs = mods.run(name, feeds, args)
+            refs[case] = dict(zip(_output_names(m, name), outs, strict=True))
+        report["graphs"][name] = {}
+        for var in variants:
+            if var not in files or not (root / files[var]).exists():
+                report["missing_variants"].append(f"{name}/{var}")
+                continue
+            sess = _session(root / files[var], threads)
+            have = [i.name for i in sess.get_inputs()]  # ONNX prunes unused inputs (DREAM: prev_feat)
+            out_names = [o.name for o in sess.get_outputs()]
+            res: dict = {"file": files[var], "cases": {}}
+            for case, feeds in cases.items():
+                got = dict(zip(out_names, sess.run(out_names, {k: feeds[k] for k in have}), strict=True))
+                lp = mods.logprobs(name, refs[case])
+                per = {}
+                for o in out_names:
+                    per[o] = _compare(o, got[o], refs[case][o], TOLERANCE[var], lp, refs[case])
+                    if not per[o]["ok"]:
+                        report["ok"] = False
+                        report["failures"].append(
+                            f"{name}/{var}/{case}: output {o!r} error {per[o].get('rel', float('nan')):.3g} of scale "
+                            f"> tolerance {TOLERANCE[var]:g}" + (f" ({per[o]['message']})" if "message" in per[o]
+                                                                else ""))
+                res["cases"][case] = per
+            res["max_rel"] = {o: max(res["cases"][c][o].get("rel", float("inf")) for c in cases) for o in out_names}
+            res["ok"] = all(r["ok"] for c in res["cases"].values() for r in c.values())
+            report["graphs"][name][var] = res
+    report["versions"] = {"torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__}
+    atomic_write_text(root / "reports" / "parity.json", json.dumps(report, indent=2))
+    log("parity OK" if report["ok"] else "parity FAILED:\n  " + "\n  ".join(report["failures"]))
+    return report

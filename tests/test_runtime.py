@@ -1,0 +1,119 @@
+"""The torch-free runtime reproduces the torch reference exactly and behaves well as a library."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from dream_export.demo import scenes
+from dream_export.draft.reference import generate
+from dream_export.errors import IncompatibleArtifactError, UsageError
+from dream_export.runtime.tree import TreeSpec
+
+
+def _heldout(n):
+    data = scenes.heldout(max(1, n // len(scenes.TASKS) + 1))
+    return data[:: max(1, len(data) // n)][:n]
+
+
+@pytest.mark.parametrize("mode", ["tree", "chain", "ar"])
+def test_runtime_tokens_equal_torch_reference(demo_pipeline, demo_target, demo_draft, mode):
+    for scene, s in _heldout(4):
+        img = scenes.render(scene)
+        res = demo_pipeline.generate(img, s.prompt, max_new_tokens=60, mode=mode, tree=TreeSpec(4, 6, 32))
+        emb, _ = demo_target.prompt_embeds(img, s.prompt)
+        ref = generate(demo_target.side, emb, 60, draft=demo_draft, mode=mode, spec=TreeSpec(4, 6, 32),
+                       eos_id=demo_target.eos_id)
+        assert res.tokens == ref.tokens
+        if mode != "ar":
+            assert res.stats["tau"] == pytest.approx(ref.tau)
+
+
+def test_stream_deltas_join_to_the_answer(demo_pipeline):
+    scene, s = _heldout(1)[0]
+    img = scenes.render(scene)
+    deltas = list(demo_pipeline.stream(img, s.prompt, max_new_tokens=40))
+    assert len(deltas) > 1
+    assert "".join(deltas).strip() == demo_pipeline.generate(img, s.prompt, max_new_tokens=40).text
+
+
+def test_finish_reasons_and_stop_strings(demo_pipeline):
+    scene, s = scenes.make_sample(scenes.HELDOUT_SEED_BASE + 5, "describe")
+    img = scenes.render(scene)
+    full = demo_pipeline.generate(img, s.prompt, max_new_tokens=128)
+    assert full.finish_reason == "stop" and full.tokens[-1] == demo_pipeline.eos_id
+    short = demo_pipeline.generate(img, s.prompt, max_new_tokens=5)
+    assert short.finish_reason == "length" and len(short.tokens) == 5
+    cut = demo_pipeline.generate(img, s.prompt, max_new_tokens=128, stop=["background"])
+    assert cut.finish_reason == "stop" and "background" not in cut.text and full.text.startswith(cut.text)
+
+
+def test_sampling_is_seeded(demo_pipeline):
+    scene, s = scenes.make_sample(scenes.HELDOUT_SEED_BASE + 7, "describe")
+    img = scenes.render(scene)
+    kw = dict(max_new_tokens=40, temperature=1.5, top_p=0.95)
+    a = demo_pipeline.generate(img, s.prompt, seed=1, **kw)
+    b = demo_pipeline.generate(img, s.prompt, seed=1, **kw)
+    assert a.tokens == b.tokens
+    assert any(demo_pipeline.generate(img, s.prompt, seed=k, **kw).tokens != a.tokens for k in range(2, 6))
+
+
+def test_failed_request_leaves_pipeline_ready(demo_pipeline):
+    scene, s = _heldout(1)[0]
+    img = scenes.render(scene)
+    before = demo_pipeline.generate(img, s.prompt, max_new_tokens=30).tokens
+    with pytest.raises(UsageError, match="KV capacity"):
+        demo_pipeline.generate(img, "tell me " * 300, max_new_tokens=10)
+    with pytest.raises(UsageError, match="K,DEPTH,TOTAL"):
+        demo_pipeline.generate(img, s.prompt, tree="4x6")
+    assert demo_pipeline.generate(img, s.prompt, max_new_tokens=30).tokens == before
+
+
+def test_bundle_errors_are_clear(demo_bundle, tmp_path):
+    from dream_export.runtime.pipeline import Pipeline
+
+    with pytest.raises(UsageError, match="manifest.json missing"):
+        Pipeline.load(tmp_path)
+    broken = tmp_path / "b"
+    shutil.copytree(demo_bundle, broken)
+    m = json.loads((broken / "manifest.json").read_text())
+    m["format_version"] = 99
+    (broken / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(IncompatibleArtifactError, match="format 99"):
+        Pipeline.load(broken)
+
+
+def _rss_kb() -> int:
+    with open(f"/proc/{os.getpid()}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc to read resident memory")
+def test_memory_is_stable_over_200_generations(demo_pipeline):
+    data = _heldout(10)
+    images = [scenes.render(sc) for sc, _ in data]
+    rss = {}
+    for i in range(200):
+        sc_img, (_, s) = images[i % len(images)], data[i % len(data)]
+        demo_pipeline.generate(sc_img, s.prompt, max_new_tokens=24)
+        if i + 1 in (20, 200):
+            rss[i + 1] = _rss_kb()
+    assert rss[200] <= rss[20] * 1.05, rss
+
+
+def test_verify_step_host_bytes_do_not_grow_with_context(demo_pipeline):
+    eng, be = demo_pipeline.engine, demo_pipeline.backend
+    scene, s = _heldout(1)[0]
+    emb, mask, _ = demo_pipeline.prompt_embeds(scenes.render(scene), s.prompt)
+    per_step = {}
+    for ctx in (64, 200):
+        prompt = np.concatenate([emb, np.repeat(emb[-1:], ctx - len(emb), 0)])
+        be.reset_stats()
+        gen = eng.generate(prompt, np.zeros(ctx, bool), max_new_tokens=8, spec=TreeSpec(4, 4, 16))
+        next(gen)  # prefill
+        be.reset_stats()
+        next(gen)  # one round: context pass, tree steps, one verify
+        per_step[ctx] = be.bytes_in["target"] / be.calls["target"]
+    assert abs(per_step[200] - per_step[64]) / per_step[64] < 0.10, per_step
