@@ -214,9 +214,16 @@ def eval_draft_cmd(target_dir: Path, drafts: tuple, data_path: Path, tree: str, 
 @click.option("--max-tree", default=64, show_default=True, help="Largest tree (nodes) a verify pass may carry.")
 @click.option("--taps", default="", help="Extra target layers to expose, e.g. 3,7 (final is always exported).")
 @click.option("--no-attn-scores", is_flag=True, help="Omit the last-layer attention importance output (VTC).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16 also writes onnx-fp16/ (sensitive ops kept in fp32) beside the fp32 graphs.")
+@click.option("--min-trt", default="8.5", show_default=True, help="Oldest TensorRT the graphs must parse in.")
+@click.option("--skip-check", is_flag=True, help="Do not run parity and the TensorRT lint after exporting.")
 def export_cmd(target_dir: Path, draft_dir: Path, out: Path, kv_capacity: int, max_tree: int, taps: str,
-               no_attn_scores: bool) -> None:
-    """Export TARGET_DIR and its draft to a bundle: vision/target/draft ONNX graphs + manifest."""
+               no_attn_scores: bool, precision: str, min_trt: str, skip_check: bool) -> None:
+    """Export TARGET_DIR and its draft to a bundle: vision/target/draft ONNX graphs + manifest.
+
+    Ends with `dream-export check` (parity against torch, TensorRT-readiness lint) unless --skip-check.
+    """
     _need_torch()
     from dream_export.export.bundle import ExportOptions, export_bundle
 
@@ -227,6 +234,45 @@ def export_cmd(target_dir: Path, draft_dir: Path, out: Path, kv_capacity: int, m
     export_bundle(target_dir, draft_dir, out, ExportOptions(kv_capacity=kv_capacity, max_tree=max_tree,
                                                             taps=tap_layers, attn_scores=not no_attn_scores),
                   log=click.echo)
+    if precision == "fp16":
+        from dream_export.export.fp16 import convert_bundle
+
+        convert_bundle(out, log=click.echo)
+    if not skip_check:
+        _check(out, target_dir, draft_dir, min_trt)
+
+
+def _check(bundle: Path, target_dir: Path | None, draft_dir: Path | None, min_trt: str) -> None:
+    from dream_export.errors import IncompatibleArtifactError
+    from dream_export.export.parity import check_bundle
+    from dream_export.export.trt_lint import lint_bundle
+
+    parity = check_bundle(bundle, target_dir, draft_dir, log=lambda _s: None)
+    lint = lint_bundle(bundle, min_trt)
+    for graph, variants in parity["graphs"].items():
+        for var, res in variants.items():
+            click.echo(f"parity {graph:<7}{var:<5} worst error {max(res['max_rel'].values()):.2e} of scale "
+                       f"(tolerance {parity['tolerance'][var]:.0e}) {'ok' if res['ok'] else 'FAILED'}")
+    for graph, rep in lint["graphs"].items():
+        status = "ok" if rep["ok"] else f"{len(rep['errors'])} error(s)"
+        click.echo(f"TensorRT >= {min_trt} lint {graph:<12} {status}, {len(rep['warnings'])} warning(s)")
+    click.echo(f"wrote {bundle / 'reports' / 'parity.json'} and {bundle / 'reports' / 'trt_lint.json'}")
+    problems = parity["failures"] + [f"{g}: {e['op']}: {e['message']}" for g, r in lint["graphs"].items()
+                                     for e in r["errors"]]
+    if problems:
+        raise IncompatibleArtifactError("bundle check failed:\n  " + "\n  ".join(problems[:20]))
+
+
+@cli.command("check")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--target", "target_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Source VLM (default: the path the manifest records).")
+@click.option("--draft", "draft_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
+@click.option("--min-trt", default="8.5", show_default=True)
+def check_cmd(bundle: Path, target_dir: Path | None, draft_dir: Path | None, min_trt: str) -> None:
+    """Parity of every graph (and precision variant) against torch, and the TensorRT-readiness lint."""
+    _need_torch()
+    _check(bundle, target_dir, draft_dir, min_trt)
 
 
 def _sampling_options(f):

@@ -52,7 +52,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, threads: int = 2, providers: list[str] | None = None,
-                 graph_files: dict[str, Path] | None = None):
+                 precision: str = "fp32", graph_files: dict[str, Path] | None = None):
         super().__init__()
         try:
             import onnxruntime as ort
@@ -70,7 +70,7 @@ class OnnxRuntimeBackend(Backend):
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.sessions = {}
         for name in ("vision", "target", "draft"):
-            path = (graph_files or {}).get(name, bundle.graph_path(name))
+            path = (graph_files or {}).get(name) or bundle.graph_path(name, precision)
             self.sessions[name] = ort.InferenceSession(str(path), so, providers=providers)
         self.providers = providers
         self._ort = ort
@@ -100,12 +100,12 @@ class OnnxRuntimeBackend(Backend):
         return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
 
 
-def make_backend(name: str, bundle: Bundle, threads: int = 2) -> Backend:
+def make_backend(name: str, bundle: Bundle, threads: int = 2, precision: str = "fp32") -> Backend:
     """Backend by name: 'onnxruntime' (CPU), 'onnxruntime-cuda', or 'tensorrt'."""
     if name in ("onnxruntime", "ort", "cpu"):
-        return OnnxRuntimeBackend(bundle, threads)
+        return OnnxRuntimeBackend(bundle, threads, precision=precision)
     if name == "onnxruntime-cuda":
-        return OnnxRuntimeBackend(bundle, threads, ["CUDAExecutionProvider", "CPUExecutionProvider"])
+        return OnnxRuntimeBackend(bundle, threads, ["CUDAExecutionProvider", "CPUExecutionProvider"], precision)
     if name == "tensorrt":
         raise MissingBackendError(
             "the native TensorRT backend needs `tensorrt` and engines built by `dream-export build` on this GPU; "

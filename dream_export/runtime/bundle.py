@@ -47,8 +47,17 @@ class Bundle:
         """Manifest entry of a graph (file, inputs, outputs)."""
         return self.manifest["graphs"][name]
 
-    def graph_path(self, name: str) -> Path:
-        return self.root / self.manifest["graphs"][name]["file"]
+    def graph_path(self, name: str, precision: str = "fp32") -> Path:
+        """File of a graph in the given precision variant (fp32 is the exported graph itself)."""
+        entry = self.manifest["graphs"][name]
+        if precision == "fp32":
+            return self.root / entry["file"]
+        variant = entry.get("variants", {}).get(precision)
+        if variant is None:
+            have = ["fp32", *entry.get("variants", {})]
+            raise IncompatibleArtifactError(f"bundle has no {precision} {name} graph (has {', '.join(have)}); "
+                                            f"create it with `dream-export export --precision {precision}`")
+        return self.root / variant["file"]
 
     def input_names(self, name: str) -> list[str]:
         return [i["name"] for i in self.graph(name)["inputs"]]

@@ -65,10 +65,11 @@ class Pipeline:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "onnxruntime", threads: int = 2) -> Pipeline:
-        """Open a bundle directory with the named backend ('onnxruntime', 'onnxruntime-cuda', 'tensorrt')."""
+    def load(cls, path: str | Path, backend: str = "onnxruntime", threads: int = 2, precision: str = "fp32") -> Pipeline:
+        """Open a bundle directory with the named backend ('onnxruntime', 'onnxruntime-cuda', 'tensorrt')
+        and graph precision ('fp32', or a variant the bundle carries such as 'fp16')."""
         bundle = Bundle.open(path)
-        return cls(bundle, make_backend(backend, bundle, threads))
+        return cls(bundle, make_backend(backend, bundle, threads, precision))
 
     # ---- request preparation -----------------------------------------------------------------
     def prompt_ids(self, prompt: str) -> list[int]:
