@@ -3,3 +3,7 @@
 Nothing under this package may import torch or transformers: a robotics application that only runs
 bundles never installs them.
 """
+
+from dream_export.runtime.pipeline import Pipeline, Result  # noqa: E402
+
+__all__ = ["Pipeline", "Result"]
