@@ -152,10 +152,11 @@ def train_draft(data_dir: str | Path, lm_head_weight: torch.Tensor, cfg: DraftCo
             loss = loss + tcfg.w_mid * _smooth_l1(out["block0"], batch["mid_q"], mask)
         if tcfg.self_feed:
             # Replace answer-position features by the draft's own (detached) predictions, as in tree drafting.
-            pred = torch.zeros_like(feats)
-            idx = batch["q_pos"].clamp(max=feats.shape[1] - 1)
-            pred.scatter_(1, idx[..., None].expand(-1, -1, feats.shape[-1]), out["feature"].detach())
-            feats2 = torch.where(batch["resp"][..., None], pred, feats)
+            b_, tk, h_ = feats.shape
+            pred = feats.new_zeros(b_, tk + 1, h_)  # one spare slot absorbs the padded queries
+            idx = torch.where(batch["q_valid"], batch["q_pos"], torch.full_like(batch["q_pos"], tk))
+            pred.scatter_(1, idx[..., None].expand(-1, -1, h_), out["feature"].detach())
+            feats2 = torch.where(batch["resp"][..., None], pred[:, :tk], feats)
             out2 = _forward(draft, batch, feats2)
             loss = loss + tcfg.w_logits * _soft_ce(logits_of(out2["feature"]), teacher, mask)
         for g in opt.param_groups:
