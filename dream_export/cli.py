@@ -373,6 +373,98 @@ def _print_bench(s: dict) -> None:
     click.echo("  time split (s): " + ", ".join(f"{k} {v:.2f}" for k, v in split.items()))
 
 
+@cli.command("targets")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of targets.")
+def targets_cmd(as_json: bool) -> None:
+    """Hardware targets: compute capability, memory, bandwidth, DLA cores, precisions, TensorRT stack."""
+    from dream_export.targets.registry import all_targets
+
+    rows = [t.to_dict() for t in all_targets()]
+    if as_json:
+        click.echo(json.dumps(rows))
+        return
+    click.echo(f"{'name':<28}{'sm':>5}{'mem GB':>8}{'GB/s':>8}{'DLA':>5}  {'TensorRT':<9}precisions")
+    for r in rows:
+        trt = r.get("tensorrt") or "-"
+        click.echo(f"{r['name']:<28}{r['sm'] or '-':>5}{r['memory_gb']:>8g}{r['bandwidth_gbs']:>8g}"
+                   f"{r['dla_cores']:>5}  {trt:<9}{','.join(r['precisions'])}")
+
+
+def _model_config(path: Path) -> tuple[dict, dict | None]:
+    """(target config.json, draft_config.json or None) from a bundle, a model directory or a config file."""
+    from dream_export.errors import UsageError
+
+    if (path / "manifest.json").exists():
+        m = json.loads((path / "manifest.json").read_text())
+        tgt = Path(m["source"]["target"]["path"]) / "config.json"
+        drf = Path(m["source"]["draft"]["path"]) / "draft_config.json"
+        if not tgt.exists():
+            raise UsageError(f"the bundle's source model {tgt.parent} is not on this machine; pass its config.json")
+        return json.loads(tgt.read_text()), json.loads(drf.read_text()) if drf.exists() else None
+    cfg = path / "config.json" if path.is_dir() else path
+    if not cfg.exists():
+        raise UsageError(f"{path}: expected a bundle, a model directory or a config.json")
+    return json.loads(cfg.read_text()), None
+
+
+@cli.command("plan")
+@click.argument("model", type=click.Path(exists=True, path_type=Path))
+@click.option("--target", "target_name", required=True, help="Target name (see `dream-export targets`).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default="fp16", show_default=True)
+@click.option("--kv-capacity", type=int, default=None, help="Fix the KV capacity instead of searching.")
+@click.option("--tree", "tree_size", type=int, default=None, help="Fix the tree size instead of searching.")
+@click.option("--json", "as_json", is_flag=True)
+def plan_cmd(model: Path, target_name: str, precision: str, kv_capacity: int | None, tree_size: int | None,
+             as_json: bool) -> None:
+    """Memory plan of MODEL (bundle, model directory or config.json) on a target; refuses with numbers."""
+    from dream_export.targets.memory import DraftDesc, describe_model, plan_memory
+    from dream_export.targets.registry import get_target
+
+    cfg, draft_cfg = _model_config(model)
+    desc = describe_model(cfg, name=model.name)
+    draft = DraftDesc.from_config(draft_cfg) if draft_cfg else None
+    plan = plan_memory(desc, get_target(target_name), precision, draft=draft, kv_capacity=kv_capacity,
+                       tree_size=tree_size)
+    if as_json:
+        _emit_json(plan.to_dict())
+    else:
+        click.echo(plan.format())
+
+
+@cli.command("build")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--target", "target_name", required=True)
+@click.option("--precision", type=click.Choice(["fp16", "int8", "fp8"]), default="fp16", show_default=True)
+@click.option("--dla", type=int, default=None, help="Run the vision engine on this DLA core (GPU fallback).")
+@click.option("--workspace", type=int, default=None, help="Workspace pool in MB (default: the target's).")
+@click.option("--timing-cache", default=None, help="Timing cache file, relative to the bundle.")
+@click.option("--opt-level", type=int, default=None, help="TensorRT builder optimization level (0-5).")
+@click.option("--max-prompt", type=int, default=None, help="Longest prompt the prefill profile must take.")
+def build_cmd(bundle: Path, target_name: str, precision: str, dla: int | None, workspace: int | None,
+              timing_cache: str | None, opt_level: int | None, max_prompt: int | None) -> None:
+    """Write engines/<target>/build.sh + build.json: the exact trtexec builds for the device.
+
+    Engines are specific to GPU, TensorRT version and flags, and Jetson engines are built on the
+    Jetson: copy the bundle to the device and run the printed command there.
+    """
+    from dream_export.runtime.bundle import Bundle
+    from dream_export.targets.bundle_builds import bundle_builds
+    from dream_export.targets.registry import get_target
+    from dream_export.targets.trtexec import write_build_bundle
+
+    b = Bundle.open(bundle)
+    tgt = get_target(target_name)
+    builds = bundle_builds(b.manifest, tgt, precision, max_prompt=max_prompt, dla_core=dla, workspace_mb=workspace,
+                           timing_cache=timing_cache, opt_level=opt_level)
+    out = bundle / "engines" / tgt.name
+    json_path, sh_path = write_build_bundle(out, builds, tgt, meta={"bundle_format": b.manifest["format_version"]},
+                                            root="../..")
+    click.echo(f"wrote {sh_path} and {json_path} ({len(builds)} engines, {precision}, TensorRT "
+               f"{'.'.join(map(str, tgt.trt_version))} on {tgt.display_name})")
+    click.echo(f"TensorRT is not available on this host: copy {bundle} to the device and run "
+               f"`bash {bundle.name}/engines/{tgt.name}/build.sh` there")
+
+
 def _text_config(model_dir: Path):
     from transformers import AutoConfig
 

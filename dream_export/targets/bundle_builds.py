@@ -1,0 +1,58 @@
+"""TensorRT build plans for a bundle: optimization profiles derived from its manifest.
+
+The target engine gets two profiles (prefill up to the longest prompt; verification up to the
+bundle's tree limit), the draft engine two (context pass; k-wide tree step), the vision engine one
+static shape. Shapes come from the manifest's graph I/O and capacities, never from constants here.
+"""
+
+from __future__ import annotations
+
+from dream_export.targets.registry import Target
+from dream_export.targets.trtexec import GraphBuild, make_build
+
+
+def _shape(entry: dict, name: str, sym: dict[str, int]) -> tuple[int, ...]:
+    for io in entry["inputs"]:
+        if io["name"] == name:
+            return tuple(sym[d] if isinstance(d, str) else int(d) for d in io["shape"])
+    raise KeyError(name)
+
+
+def _profile(entry: dict, lo: dict, opt: dict, hi: dict) -> dict:
+    return {io["name"]: (_shape(entry, io["name"], lo), _shape(entry, io["name"], opt), _shape(entry, io["name"], hi))
+            for io in entry["inputs"]}
+
+
+def graph_profiles(manifest: dict, max_prompt: int | None = None, tree_k: int = 8) -> dict[str, list[dict]]:
+    """Optimization profiles per component, as {input: (min, opt, max)} dicts."""
+    g = manifest["graphs"]
+    cap, tree = manifest["kv_capacity"], manifest["max_tree"]
+    prompt = min(max_prompt or cap, cap)
+    dcap, ccap = manifest["draft_capacity"], manifest["cross_capacity"]
+    t = g["target"]
+
+    def tsym(tokens, rows):
+        return {"tokens": tokens, "slots": cap + tokens, "rows": rows}
+
+    target = [_profile(t, tsym(1, 1), tsym(prompt // 2, 1), tsym(prompt, 1)),  # prefill
+              _profile(t, tsym(1, 1), tsym(tree // 2, tree // 2), tsym(tree, tree))]  # decode / verify
+    d = g["draft"]
+
+    def dsym(tokens, feats):
+        return {"tokens": tokens, "self_slots": dcap + tokens, "feats": feats, "cross_slots": ccap + feats}
+
+    draft = [_profile(d, dsym(1, 0), dsym(prompt // 2, prompt // 2), dsym(prompt, prompt)),  # context pass
+             _profile(d, dsym(1, 1), dsym(tree_k // 2, tree_k // 2), dsym(tree_k, tree_k))]  # tree step
+    v = g["vision"]
+    vision = [_profile(v, {}, {}, {})]
+    return {"vision": vision, "target": target, "draft": draft}
+
+
+def bundle_builds(manifest: dict, target: Target, precision: str, *, max_prompt: int | None = None,
+                  dla_core: int | None = None, workspace_mb: int | None = None, timing_cache: str | None = None,
+                  opt_level: int | None = None) -> list[GraphBuild]:
+    """One `GraphBuild` per component of the bundle for `target` (DLA only for the vision tower)."""
+    profiles = graph_profiles(manifest, max_prompt)
+    return [make_build(c, precision, target, profiles[c], dla_core=dla_core if c == "vision" else None,
+                       workspace_mb=workspace_mb, timing_cache=timing_cache, builder_optimization_level=opt_level)
+            for c in ("vision", "target", "draft")]
