@@ -386,7 +386,8 @@ def targets_cmd(as_json: bool) -> None:
     click.echo(f"{'name':<28}{'sm':>5}{'mem GB':>8}{'GB/s':>8}{'DLA':>5}  {'TensorRT':<9}precisions")
     for r in rows:
         trt = r.get("tensorrt") or "-"
-        click.echo(f"{r['name']:<28}{r['sm'] or '-':>5}{r['memory_gb']:>8g}{r['bandwidth_gbs']:>8g}"
+        num = lambda v: "-" if v is None else f"{v:g}"  # noqa: E731  (the cpu target has no fixed figures)
+        click.echo(f"{r['name']:<28}{r['sm'] or '-':>5}{num(r['memory_gb']):>8}{num(r['bandwidth_gbs']):>8}"
                    f"{r['dla_cores']:>5}  {trt:<9}{','.join(r['precisions'])}")
 
 
