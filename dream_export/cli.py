@@ -405,7 +405,10 @@ def _model_config(path: Path) -> tuple[dict, dict | None]:
     cfg = path / "config.json" if path.is_dir() else path
     if not cfg.exists():
         raise UsageError(f"{path}: expected a bundle, a model directory or a config.json")
-    return json.loads(cfg.read_text()), None
+    try:
+        return json.loads(cfg.read_text()), None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{cfg} is not a JSON model config ({e})") from e
 
 
 @cli.command("plan")

@@ -1,0 +1,78 @@
+"""`dream-export build` on a CPU host writes build plans whose trtexec lines match build.json exactly;
+`dream-export plan` sizes models for targets and refuses with numbers."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from dream_export.targets.trtexec import GraphBuild, parse_build_script
+
+try:
+    from tests.bundle_fixture import cached_tiny_bundle
+except ImportError:  # pragma: no cover
+    from bundle_fixture import cached_tiny_bundle
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "dream_export.cli", *args], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return cached_tiny_bundle(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.mark.parametrize("target,precision", [("jetson-orin-nano-8gb", "fp16"), ("h100", "fp16"),
+                                              ("jetson-agx-orin-64gb", "int8")])
+def test_build_script_parses_back_to_the_plan(bundle, target, precision):
+    r = run("build", str(bundle), "--target", target, "--precision", precision)
+    assert r.returncode == 0, r.stderr
+    out = bundle / "engines" / target
+    plan = json.loads((out / "build.json").read_text())
+    parsed = parse_build_script((out / "build.sh").read_text())
+    assert [b.component for b in parsed] == ["vision", "target", "draft"]
+    for b, d in zip(parsed, plan["builds"], strict=True):
+        assert b.to_dict()["profiles"] == d["profiles"]
+        assert (b.fp16, b.int8, b.strongly_typed) == (d["fp16"], d["int8"], d["strongly_typed"])
+        assert GraphBuild.from_dict(d).to_dict() == b.to_dict()
+    target_build = next(d for d in plan["builds"] if d["component"] == "target")
+    assert len(target_build["profiles"]) == 2  # prefill and verify
+    m = json.loads((bundle / "manifest.json").read_text())
+    verify = target_build["profiles"][1]["inputs_embeds"]["max"]
+    assert verify[1] == m["max_tree"]
+    assert target_build["profiles"][0]["attention_mask"]["max"][2] == 2 * m["kv_capacity"]
+
+
+def test_build_refuses_cpu_target_with_reason(bundle):
+    r = run("build", str(bundle), "--target", "cpu")
+    assert r.returncode == 2 and "ONNX Runtime" in r.stderr
+
+
+LLAVA_7B = {"model_type": "llava",
+            "text_config": {"model_type": "llama", "hidden_size": 4096, "num_hidden_layers": 32,
+                            "num_attention_heads": 32, "intermediate_size": 11008, "vocab_size": 32064},
+            "vision_config": {"model_type": "clip_vision_model", "hidden_size": 1024, "num_hidden_layers": 24,
+                              "intermediate_size": 4096, "patch_size": 14, "image_size": 336}}
+
+
+def test_plan_prints_numbers_and_refuses_too_small_targets(tmp_path):
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps(LLAVA_7B))
+    ok = run("plan", str(cfg), "--target", "jetson-agx-orin-64gb", "--json")
+    assert ok.returncode == 0, ok.stderr
+    plan = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert plan["device_bytes"] <= plan["usable_bytes"] and plan["kv_capacity"] >= 1024
+    weights = next(i for i in plan["items"] if i["name"] == "target_weights")
+    assert 12.5e9 < weights["bytes"] < 14e9  # 6.7B parameters in fp16
+    assert run("plan", "/dev/null", "--target", "h100").returncode == 2
+    bad = run("plan", str(cfg), "--target", "jetson-orin-nano-4gb")
+    assert bad.returncode == 2 and "GiB" in bad.stderr and "jetson-orin-nano-4gb" in bad.stderr
+
+
+def test_plan_of_the_demo_bundle_fits_everywhere(bundle):
+    r = run("plan", str(bundle), "--target", "jetson-orin-nano-4gb", "--json")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout.strip().splitlines()[-1])
+    assert plan["device_bytes"] <= plan["usable_bytes"]
