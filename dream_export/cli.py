@@ -469,6 +469,72 @@ def build_cmd(bundle: Path, target_name: str, precision: str, dla: int | None, w
                f"`bash {bundle.name}/engines/{tgt.name}/build.sh` there")
 
 
+@cli.command("profile")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Prompts to run (the profile covers real speculative rounds).")
+@click.option("--component", type=click.Choice(["target", "draft", "vision", "all"]), default="all",
+              show_default=True)
+@click.option("--limit", default=5, show_default=True, help="Prompts to run.")
+@click.option("--threads", default=2, show_default=True)
+@click.option("--top", default=15, show_default=True, help="Rows per table.")
+def profile_cmd(bundle: Path, data_path: Path, component: str, limit: int, threads: int, top: int) -> None:
+    """Per-op profile of the bundle's graphs under speculative decoding (ONNX Runtime on this host).
+
+    Writes reports/profile.json and reports/profile.png; prints the per-stage split of the runtime too.
+    For TensorRT on the device, `build` writes the trtexec profiling commands; `dream_export.targets.profiles`
+    parses their JSON into the same table shape.
+    """
+    import tempfile
+
+    from PIL import Image
+
+    from dream_export.io import atomic_write_text
+    from dream_export.runtime.backends import OnnxRuntimeBackend
+    from dream_export.runtime.bench import read_prompts
+    from dream_export.runtime.bundle import Bundle
+    from dream_export.runtime.pipeline import Pipeline
+    from dream_export.targets.profiles import format_table, parse_ort_profile
+
+    b = Bundle.open(bundle)
+    with tempfile.TemporaryDirectory() as tmp:
+        backend = OnnxRuntimeBackend(b, threads, profile_dir=Path(tmp))
+        pipe = Pipeline(b, backend)
+        stages: dict[str, float] = {}
+        for row in read_prompts(data_path)[:limit]:
+            res = pipe.generate(Image.open(row["image"]), row["prompt"])
+            for k, v in res.stats["seconds"].items():
+                stages[k] = stages.get(k, 0.0) + v
+        traces = backend.end_profiling()
+        comps = ["target", "draft", "vision"] if component == "all" else [component]
+        report = {"stages_seconds": stages, "components": {c: parse_ort_profile(traces[c]) for c in comps}}
+    for c in comps:
+        click.echo(f"\n{c} graph (ONNX Runtime, mean per call):\n{format_table(report['components'][c], top)}")
+    click.echo("\nspeculative stages (s): " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
+    out = bundle / "reports"
+    atomic_write_text(out / "profile.json", json.dumps(report, indent=2))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, len(comps), figsize=(6 * len(comps), 4), squeeze=False)
+        for ax, c in zip(axes[0], comps, strict=True):
+            by_op: dict[str, float] = {}
+            for r in report["components"][c]:
+                by_op[r["op_type"] or "?"] = by_op.get(r["op_type"] or "?", 0.0) + r["time_ms"]
+            ops = sorted(by_op.items(), key=lambda kv: kv[1])[-10:]
+            ax.barh([o for o, _ in ops], [t for _, t in ops], color="#4477aa")
+            ax.set_title(f"{c}: time per call by op (ms)")
+        fig.tight_layout()
+        fig.savefig(out / "profile.png", dpi=100)
+        plt.close(fig)
+        click.echo(f"wrote {out / 'profile.json'} and {out / 'profile.png'}")
+    except ImportError:
+        click.echo(f"wrote {out / 'profile.json'} (install matplotlib for the plot)")
+
+
 def _text_config(model_dir: Path):
     from transformers import AutoConfig
 

@@ -52,7 +52,8 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, bundle: Bundle, threads: int = 2, providers: list[str] | None = None,
-                 precision: str = "fp32", graph_files: dict[str, Path] | None = None):
+                 precision: str = "fp32", graph_files: dict[str, Path] | None = None,
+                 profile_dir: Path | None = None):
         super().__init__()
         try:
             import onnxruntime as ort
@@ -71,10 +72,17 @@ class OnnxRuntimeBackend(Backend):
         self.sessions = {}
         for name in ("vision", "target", "draft"):
             path = (graph_files or {}).get(name) or bundle.graph_path(name, precision)
+            if profile_dir is not None:
+                so.enable_profiling = True
+                so.profile_file_prefix = str(Path(profile_dir) / f"ort-{name}")
             self.sessions[name] = ort.InferenceSession(str(path), so, providers=providers)
         self.providers = providers
         self._ort = ort
         self._bound: dict[tuple[str, str], object] = {}
+
+    def end_profiling(self) -> dict[str, Path]:
+        """Stop ONNX Runtime's profiler (when enabled) and return each graph's trace file."""
+        return {name: Path(s.end_profiling()) for name, s in self.sessions.items()}
 
     def register_resident(self, graph: str, name: str, array: np.ndarray) -> None:
         super().register_resident(graph, name, array)
