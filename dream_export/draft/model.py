@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dream_export.draft.config import DraftConfig
+from dream_export.export.attention import segmented_attention
 
 
 class RMSNorm(nn.Module):
@@ -66,20 +67,19 @@ class MLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half convention) of x [B,heads,T,D] at integer positions [B,T]."""
-    d = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d))
+def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables [B,1,T,D] for integer positions [B,T] (computed once per forward, shared by blocks)."""
+    inv = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=positions.device) / dim))
     ang = positions.to(torch.float32)[:, None, :, None] * inv  # [B,1,T,D/2]
-    cos, sin = torch.cat([ang.cos(), ang.cos()], -1), torch.cat([ang.sin(), ang.sin()], -1)
+    ang = torch.cat([ang, ang], -1)
+    return ang.cos(), ang.sin()
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding (rotate-half convention) of x [B,heads,T,D]."""
+    d = x.shape[-1]
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
     return (x * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
-
-
-def _attend(q, k, v, mask, n_rep: int) -> torch.Tensor:
-    if n_rep > 1:
-        k, v = k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
 
 
 class SelfAttention(nn.Module):
@@ -94,15 +94,17 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
 
-    def forward(self, x, positions, mask, cache):
+    def forward(self, x, rot, mask, cache):
         b, t, _ = x.shape
         c = self.cfg
         q = self.q_proj(x).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
-        kk, vv = (torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)) if cache is not None else (k, v)
-        o = _attend(q, kk, vv, mask, c.num_heads // c.num_kv_heads)
+        q, k = rope(q, *rot), rope(k, *rot)
+        segments = [(k, v, mask[..., mask.shape[-1] - t:])]
+        if cache is not None:
+            segments.insert(0, (cache[0], cache[1], mask[..., : mask.shape[-1] - t]))
+        o = segmented_attention(q, segments)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, -1)), (k, v)
 
 
@@ -116,9 +118,9 @@ class SelfAttnBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_flavour)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, positions, mask, cache):
+    def forward(self, x, rot, mask, cache):
         h = self.input_layernorm(x) if self.input_layernorm is not None else x
-        a, kv = self.self_attn(h, positions, mask, cache)
+        a, kv = self.self_attn(h, rot, mask, cache)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -158,14 +160,20 @@ class CrossAttnBlock(nn.Module):
         return k, v
 
     def forward(self, x, cross_k, cross_v, cross_mask):
+        """`cross_k`/`cross_v`: one tensor, or a tuple of segments (cache, new rows) read without copying."""
         b, t, _ = x.shape
         c = self.cfg
         q = self.q_norm(self.q_proj(self.input_layernorm(x)).view(b, t, c.num_heads, c.head_dim)).transpose(1, 2)
-        k = torch.cat([self.null_k.expand(b, -1, -1, -1).to(q.dtype), cross_k], 2)
-        v = torch.cat([self.null_v.expand(b, -1, -1, -1).to(q.dtype), cross_v], 2)
+        ks = cross_k if isinstance(cross_k, (tuple, list)) else (cross_k,)
+        vs = cross_v if isinstance(cross_v, (tuple, list)) else (cross_v,)
         null_visible = torch.ones_like(cross_mask[..., :1]) if c.null_key else ~cross_mask.any(-1, keepdim=True)
-        mask = torch.cat([null_visible, cross_mask], -1)
-        o = _attend(q, k, v, mask, c.num_heads // c.num_kv_heads)
+        segments = [(self.null_k.expand(b, -1, -1, -1).to(q.dtype), self.null_v.expand(b, -1, -1, -1).to(q.dtype),
+                     null_visible)]
+        start = 0
+        for k, v in zip(ks, vs, strict=True):
+            segments.append((k, v, cross_mask[..., start:start + k.shape[2]]))
+            start += k.shape[2]
+        o = segmented_attention(q, segments)
         x = x + torch.tanh(self.attn_gate) * self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
         return x + torch.tanh(self.mlp_gate) * self.mlp(self.post_attention_layernorm(x))
 
@@ -212,12 +220,13 @@ class Draft(nn.Module):
         if self.config.arch != "dream":
             x = self.fc(torch.cat([embeds, prev_feat.to(embeds.dtype)], -1))
         caches = self_cache or [None] * len(self.blocks)
-        x, kv0 = self.blocks[0](x, positions, self_mask, caches[0])
+        rot = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        x, kv0 = self.blocks[0](x, rot, self_mask, caches[0])
         block0, new_kv = x, [kv0]
         if self.cross is not None:
             x = self.cross(x, cross_k, cross_v, cross_mask)
         for blk, cache in zip(self.blocks[1:], caches[1:], strict=True):
-            x, kv = blk(x, positions, self_mask, cache)
+            x, kv = blk(x, rot, self_mask, cache)
             new_kv.append(kv)
         return {"feature": self.norm(x), "block0": block0, "self_kv": new_kv}
 

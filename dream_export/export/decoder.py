@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from dream_export.export.attention import segmented_attention
+
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     h = x.shape[-1] // 2
@@ -48,10 +50,9 @@ class TargetDecoder(nn.Module):
         x = inputs_embeds
         cos, sin = self.lm.rotary_emb(x, position_ids)
         cos, sin = cos[:, None], sin[:, None]
-        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill(~mask, torch.finfo(x.dtype).min)
-        bias = bias[:, None]
+        past = past_k.shape[3]
+        m_past, m_new = mask[..., :past], mask[..., past:]
         new_k, new_v, attns, hidden_states, taps = [], [], [], [x], []
-        rep = self.n_heads // self.n_kv
         for i, layer in enumerate(self.lm.layers[: self.n_layers]):
             at = layer.self_attn
             h = layer.input_layernorm(x)
@@ -62,14 +63,11 @@ class TargetDecoder(nn.Module):
             k = k * cos + _rotate_half(k) * sin
             new_k.append(k)
             new_v.append(v)
-            kk = torch.cat([past_k[i], k], 2)
-            vv = torch.cat([past_v[i], v], 2)
-            if rep > 1:
-                kk, vv = kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1)
-            probs = torch.softmax((q @ kk.transpose(-1, -2)) * self.scale + bias, -1)
+            o, probs = segmented_attention(q, [(past_k[i], past_v[i], m_past), (k, v, m_new)], self.scale,
+                                           return_probs=True)
             if output_attentions:
                 attns.append(probs)
-            o = (probs @ vv).transpose(1, 2).reshape(b, t, -1)
+            o = o.transpose(1, 2).reshape(b, t, -1)
             x = x + at.o_proj(o)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             hidden_states.append(x)

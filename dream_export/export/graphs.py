@@ -47,9 +47,8 @@ class DraftGraph(nn.Module):
     def forward(self, embeds, positions, self_mask, self_key, self_value, cross_key, cross_value, new_feats,
                 cross_mask, prev_feat):
         nk, nv = self.draft.cross_kv(new_feats)
-        ck, cv = torch.cat([cross_key, nk], 2), torch.cat([cross_value, nv], 2)
         caches = [(self_key[i], self_value[i]) for i in range(len(self.draft.blocks))]
-        o = self.draft(embeds, positions, self_mask, caches, ck, cv, cross_mask, prev_feat)
+        o = self.draft(embeds, positions, self_mask, caches, (cross_key, nk), (cross_value, nv), cross_mask, prev_feat)
         ids, lps = _topk_logprobs(soft_cap(self.lm_head(o["feature"][0]), self.softcap), self.topk)
         return (o["feature"], ids, lps, torch.stack([kv[0] for kv in o["self_kv"]]),
                 torch.stack([kv[1] for kv in o["self_kv"]]), nk, nv)
