@@ -284,6 +284,8 @@ def _sampling_options(f):
         click.option("--max-new-tokens", default=128, show_default=True),
         click.option("--vtc-keep", type=float, default=None, help="Visual-token keep ratio for the draft."),
         click.option("--threads", default=2, show_default=True),
+        click.option("--precision", default="fp32", show_default=True,
+                     help="Graph variant: fp32, fp16 (export --precision fp16) or cpu (build --target cpu)."),
     ]):
         f = opt(f)
     return f
@@ -300,14 +302,14 @@ def _sampling_options(f):
 @click.option("--seed", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (last line).")
 def run_cmd(bundle: Path, image: Path, prompt: str, backend: str, mode: str, tree_spec: str, max_new_tokens: int,
-            vtc_keep: float | None, threads: int, temperature: float, top_p: float, top_k: int, seed: int | None,
-            as_json: bool) -> None:
+            vtc_keep: float | None, threads: int, precision: str, temperature: float, top_p: float, top_k: int,
+            seed: int | None, as_json: bool) -> None:
     """Answer one (image, prompt) with the bundle, streaming text as rounds are accepted."""
     from PIL import Image
 
     from dream_export.runtime.pipeline import Pipeline, Result
 
-    pipe = Pipeline.load(bundle, backend=backend, threads=threads)
+    pipe = Pipeline.load(bundle, backend=backend, threads=threads, precision=precision)
     res = Result("", [], "")
     for delta in pipe.stream(Image.open(image), prompt, max_new_tokens=max_new_tokens, mode=mode, tree=tree_spec,
                              temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, vtc_keep=vtc_keep,
@@ -331,8 +333,8 @@ def run_cmd(bundle: Path, image: Path, prompt: str, backend: str, mode: str, tre
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--sweep", is_flag=True, help="Also try several tree shapes and report the fastest.")
 def bench_cmd(bundle: Path, data_path: Path, backend: str, mode: str, tree_spec: str, max_new_tokens: int,
-              vtc_keep: float | None, threads: int, limit: int | None, json_out: Path | None, plot_out: Path | None,
-              sweep: bool) -> None:
+              vtc_keep: float | None, threads: int, precision: str, limit: int | None, json_out: Path | None,
+              plot_out: Path | None, sweep: bool) -> None:
     """Speculative vs autoregressive decoding on the same backend: speedup, tau, time split."""
     from dream_export.io import atomic_write_text
     from dream_export.runtime.bench import bench, plot, read_prompts
@@ -344,7 +346,7 @@ def bench_cmd(bundle: Path, data_path: Path, backend: str, mode: str, tree_spec:
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
     rows = read_prompts(data_path)[:limit]
-    pipe = Pipeline.load(bundle, backend=backend, threads=threads)
+    pipe = Pipeline.load(bundle, backend=backend, threads=threads, precision=precision)
     summary = bench(pipe, rows, max_new_tokens, spec, mode, vtc_keep)
     if sweep:
         shapes = [TreeSpec(1, 5, 6), TreeSpec(2, 5, 12), TreeSpec(4, 5, 16), TreeSpec(4, 6, 24), TreeSpec(4, 6, 32),
@@ -438,7 +440,8 @@ def plan_cmd(model: Path, target_name: str, precision: str, kv_capacity: int | N
 @cli.command("build")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--target", "target_name", required=True)
-@click.option("--precision", type=click.Choice(["fp16", "int8", "fp8"]), default="fp16", show_default=True)
+@click.option("--precision", type=click.Choice(["fp16", "int8", "fp8"]), default="fp16", show_default=True,
+              help="Engine precision (TensorRT targets); --target cpu optimizes the fp32 graphs.")
 @click.option("--dla", type=int, default=None, help="Run the vision engine on this DLA core (GPU fallback).")
 @click.option("--workspace", type=int, default=None, help="Workspace pool in MB (default: the target's).")
 @click.option("--timing-cache", default=None, help="Timing cache file, relative to the bundle.")
@@ -458,6 +461,13 @@ def build_cmd(bundle: Path, target_name: str, precision: str, dla: int | None, w
 
     b = Bundle.open(bundle)
     tgt = get_target(target_name)
+    if tgt.kind == "cpu":
+        from dream_export.targets.cpu_build import build_cpu
+
+        build_cpu(bundle, log=click.echo)
+        click.echo(f"wrote {bundle / 'engines' / 'cpu'} (ONNX Runtime-optimized graphs, build.json); "
+                   "use them with `--precision cpu` in run / bench")
+        return
     builds = bundle_builds(b.manifest, tgt, precision, max_prompt=max_prompt, dla_core=dla, workspace_mb=workspace,
                            timing_cache=timing_cache, opt_level=opt_level)
     out = bundle / "engines" / tgt.name

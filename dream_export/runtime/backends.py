@@ -77,6 +77,7 @@ class OnnxRuntimeBackend(Backend):
                 so.profile_file_prefix = str(Path(profile_dir) / f"ort-{name}")
             self.sessions[name] = ort.InferenceSession(str(path), so, providers=providers)
         self.providers = providers
+        self.threads = threads
         self._ort = ort
         self._bound: dict[tuple[str, str], object] = {}
 

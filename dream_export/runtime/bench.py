@@ -87,7 +87,7 @@ def bench(pipe: Pipeline, rows: list[dict], max_new_tokens: int = 128, tree: Tre
         "spec_tokens_per_s": toks / sp_t, "ar_tokens_per_s": sum(p["ar_tokens"] for p in per) / ar_t,
         "backend": pipe.backend.name, "time_split_seconds": split,
         "accept_histogram": np.bincount(accepted, minlength=tree.depth + 2).tolist() if accepted else [],
-        "settings": {"mode": mode, "tree": [tree.k, tree.depth, tree.total], "max_new_tokens": max_new_tokens,
+        "settings": {"precision": pipe.precision, "threads": getattr(pipe.backend, "threads", None), "mode": mode, "tree": [tree.k, tree.depth, tree.total], "max_new_tokens": max_new_tokens,
                      "vtc_keep": vtc_keep, "prompts": len(per)},
         "per_prompt": per,
     }

@@ -63,13 +63,16 @@ class Pipeline:
         self.n_image_tokens = tok["image_tokens_per_image"]
         self.engine = SpecEngine(bundle, backend, self.embed_table)
         self._lock = threading.Lock()
+        self.precision = "fp32"
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "onnxruntime", threads: int = 2, precision: str = "fp32") -> Pipeline:
         """Open a bundle directory with the named backend ('onnxruntime', 'onnxruntime-cuda', 'tensorrt')
         and graph precision ('fp32', or a variant the bundle carries such as 'fp16')."""
         bundle = Bundle.open(path)
-        return cls(bundle, make_backend(backend, bundle, threads, precision))
+        pipe = cls(bundle, make_backend(backend, bundle, threads, precision))
+        pipe.precision = precision
+        return pipe
 
     # ---- request preparation -----------------------------------------------------------------
     def prompt_ids(self, prompt: str) -> list[int]:
