@@ -47,3 +47,24 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def file_digest(path: str | Path) -> str:
+    """Short SHA-256 (16 hex digits) of a file: the identity artifacts record for their inputs."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def warmup_cosine(step: int, lr: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Learning rate: linear warm-up, then cosine decay to `min_ratio · lr` at `total` steps."""
+    import math
+
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    p = (step - warmup) / max(1, total - warmup)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))

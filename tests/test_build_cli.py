@@ -76,3 +76,22 @@ def test_plan_of_the_demo_bundle_fits_everywhere(bundle):
     assert r.returncode == 0, r.stderr
     plan = json.loads(r.stdout.strip().splitlines()[-1])
     assert plan["device_bytes"] <= plan["usable_bytes"]
+
+
+def test_cpu_target_writes_optimized_graphs_the_runtime_loads(tmp_path, bundle):
+    import shutil
+
+    import numpy as np
+
+    from dream_export.runtime.pipeline import Pipeline
+
+    b = tmp_path / "b"
+    shutil.copytree(bundle, b)
+    r = run("build", str(b), "--target", "cpu")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((b / "engines" / "cpu" / "build.json").read_text())
+    assert plan["session"]["intra_op_num_threads"] == 2 and set(plan["graphs"]) == {"vision", "target", "draft"}
+    image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    plain = Pipeline.load(b).generate(image, "hello", max_new_tokens=12)
+    opt = Pipeline.load(b, precision="cpu").generate(image, "hello", max_new_tokens=12)
+    assert opt.tokens == plain.tokens

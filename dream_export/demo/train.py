@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 import shutil
 import time
@@ -15,7 +14,7 @@ from dream_export.demo.evaluate import evaluate
 from dream_export.demo.model import build_model, build_processor, train_tokenizer
 from dream_export.demo.prompts import PromptEncoder
 from dream_export.errors import UsageError
-from dream_export.io import atomic_dir
+from dream_export.io import atomic_dir, warmup_cosine
 
 
 @dataclass
@@ -76,10 +75,7 @@ def count_targets(scene: scenes.Scene) -> list[int]:
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    p = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+    return warmup_cosine(step, cfg.lr, cfg.warmup, cfg.steps, cfg.min_lr_ratio)
 
 
 def train_demo_vlm(out_dir: str | Path, cfg: TrainConfig, log=print) -> dict:

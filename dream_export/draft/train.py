@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -17,7 +16,7 @@ from dream_export.draft.config import DraftConfig
 from dream_export.draft.data import FeatureDataset
 from dream_export.draft.model import Draft, init_weights, soft_cap
 from dream_export.errors import IncompatibleArtifactError
-from dream_export.io import atomic_dir
+from dream_export.io import atomic_dir, warmup_cosine
 from dream_export.runtime.vtc import vtc_keep_indices
 
 
@@ -43,10 +42,7 @@ class DraftTrainConfig:
 
 
 def _lr(step: int, c: DraftTrainConfig) -> float:
-    if step < c.warmup:
-        return c.lr * (step + 1) / c.warmup
-    p = (step - c.warmup) / max(1, c.steps - c.warmup)
-    return c.lr * (c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+    return warmup_cosine(step, c.lr, c.warmup, c.steps, c.min_lr_ratio)
 
 
 def collate(samples: list[dict], draft: Draft, vtc_keep: float | None, noise: float, use_taps: bool) -> dict:

@@ -6,7 +6,6 @@ never leaves a directory that looks like a bundle.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from dream_export import __version__
 from dream_export.export import names
-from dream_export.io import atomic_dir
+from dream_export.io import atomic_dir, file_digest
 
 FORMAT_VERSION = 1
 # Opset 16: LayerNormalization (opset 17) has no importer in TensorRT 8.5, so it is exported as basic ops.
@@ -33,14 +32,6 @@ class ExportOptions:
     taps: tuple[int, ...] = ()
     attn_scores: bool = True
     precision: str = "fp32"
-
-
-def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def _io(session_like) -> dict:
@@ -105,7 +96,7 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
         "source": {"target": {"path": str(Path(target_dir).resolve()), "identity": target_identity(target_dir),
                               "model_type": cfg.model_type},
                    "draft": {"path": str(Path(draft_dir).resolve()), "arch": dcfg.arch,
-                             "identity": _sha(Path(draft_dir) / "model.safetensors")}},
+                             "identity": file_digest(Path(draft_dir) / "model.safetensors")}},
         "dims": {"hidden": hidden, "layers": n_layers, "heads": dec.n_heads, "kv_heads": kvh, "head_dim": hd,
                  "vocab": text.vocab_size, "draft_blocks": nb, "draft_kv_heads": dcfg.num_kv_heads,
                  "draft_head_dim": dcfg.head_dim},
@@ -163,7 +154,7 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
             io = _io(p)
             roles = [v["name"] for v in io["inputs"] + io["outputs"]]
             # role -> tensor name: the runtime binds by role through this table only
-            manifest["graphs"][name] = {"file": f"onnx/{name}.onnx", "sha256": _sha(p), **io,
+            manifest["graphs"][name] = {"file": f"onnx/{name}.onnx", "sha256": file_digest(p), **io,
                                         "bindings": {r: r for r in roles}}
         # runtime assets: embedding table, tokenizer, template, image preprocessing
         save_file({"embed_tokens": target.side.embed_tokens.weight.detach().float().contiguous()},

@@ -17,13 +17,12 @@ graph it came from. Nodes kept in FP32, and why:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
 
 from dream_export.errors import UsageError
-from dream_export.io import atomic_dir, atomic_write_text
+from dream_export.io import atomic_dir, atomic_write_text, file_digest
 
 GRAPHS = ("vision", "target", "draft")
 VARIANT = "fp16"
@@ -35,15 +34,6 @@ ALWAYS_FP32 = ("Softmax", "LogSoftmax", "TopK", "LayerNormalization", "ReduceMea
                "ReduceSumSquare", "ReduceL2")
 _NORM_TAIL = ("Add", "Sqrt", "Reciprocal", "Div")  # what follows ReduceMean(Pow(x, 2)) in an RMS/LayerNorm
 _SHAPE_OPS = ("Shape", "Size")  # their outputs do not depend on values: stop walking back there
-
-
-def _sha(path: Path) -> str:
-    # The same 16-hex-digit SHA-256 prefix the bundle exporter writes for its graphs.
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
 
 
 def fp32_nodes(model) -> dict[str, str]:
@@ -146,7 +136,7 @@ def convert_bundle(bundle_dir: str | Path, log=print) -> dict:
     for name in GRAPHS:
         path = root / OUT_DIR / f"{name}.onnx"
         manifest["graphs"][name].setdefault("variants", {})[VARIANT] = {
-            "file": f"{OUT_DIR}/{name}.onnx", "sha256": _sha(path)}
+            "file": f"{OUT_DIR}/{name}.onnx", "sha256": file_digest(path)}
     atomic_write_text(mpath, json.dumps(manifest, indent=2))
     log(f"wrote FP16 graphs to {root / OUT_DIR} (kept FP32: {summary})")
     return summary

@@ -8,19 +8,14 @@ precision="cpu")`, `--precision cpu`), with the session settings in `engines/cpu
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
 from pathlib import Path
 
-from dream_export.io import atomic_dir, atomic_write_text
+from dream_export.io import atomic_dir, atomic_write_text, file_digest
 
 GRAPHS = ("vision", "target", "draft")
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
 def build_cpu(bundle_dir: str | Path, threads: int = 2, source_precision: str = "fp32", log=print) -> dict:
@@ -45,7 +40,7 @@ def build_cpu(bundle_dir: str | Path, threads: int = 2, source_precision: str = 
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             so.optimized_model_filepath = str(tmp / f"{name}.onnx")
             ort.InferenceSession(str(b.graph_path(name, source_precision)), so, providers=["CPUExecutionProvider"])
-            plan["graphs"][name] = {"file": str(out_rel / f"{name}.onnx"), "sha256": _sha(tmp / f"{name}.onnx")}
+            plan["graphs"][name] = {"file": str(out_rel / f"{name}.onnx"), "sha256": file_digest(tmp / f"{name}.onnx")}
             log(f"optimized {name} graph for this CPU")
         (tmp / "build.json").write_text(json.dumps(plan, indent=2))
     manifest = json.loads((root / "manifest.json").read_text())
