@@ -349,8 +349,9 @@ def bench_cmd(bundle: Path, data_path: Path, backend: str, mode: str, tree_spec:
     pipe = Pipeline.load(bundle, backend=backend, threads=threads, precision=precision)
     summary = bench(pipe, rows, max_new_tokens, spec, mode, vtc_keep)
     if sweep:
-        shapes = [TreeSpec(1, 5, 6), TreeSpec(2, 5, 12), TreeSpec(4, 5, 16), TreeSpec(4, 6, 24), TreeSpec(4, 6, 32),
-                  TreeSpec(4, 8, 32)]
+        # From chains (cheapest to verify: CPUs pay per verified token) to the paper's wide trees.
+        shapes = [TreeSpec(1, 6, 7), TreeSpec(1, 8, 9), TreeSpec(1, 10, 11), TreeSpec(2, 8, 12), TreeSpec(2, 10, 16),
+                  TreeSpec(4, 6, 16), TreeSpec(4, 6, 32), TreeSpec(4, 8, 32)]
         results = []
         for sh in shapes:
             s = bench(pipe, rows, max_new_tokens, sh, "tree", vtc_keep, warmup=0)
