@@ -27,6 +27,8 @@ def test_colour_and_count_questions_are_answered_from_the_image(demo_vlm):
         images = [scenes.render(sc) for sc, _ in data]
         acc = _accuracy(model, processor, data, images)
         assert acc >= floor, (task, acc)
-        # the same questions about other scenes' images lose their answers: the image is what matters
-        shuffled = _accuracy(model, processor, data, images[1:] + images[:1])
-        assert shuffled < acc - 0.25, (task, acc, shuffled)
+        if task == "color":
+            # the same questions about other scenes' images lose their answers: the image is what matters
+            # (count answers are often "no circles", right by chance on many images, so they are no test)
+            shuffled = _accuracy(model, processor, data, images[1:] + images[:1])
+            assert shuffled < acc - 0.4, (task, acc, shuffled)
