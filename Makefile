@@ -50,8 +50,8 @@ draft-compare: setup
 	$(BIN)/dream-export train-draft $(DEMO)/vlm --data $(DATA)/train.jsonl -o out/drafts/dream-nocross \
 		--features $(DATA)/features --arch dream --no-cross
 	$(BIN)/dream-export eval-draft $(DEMO)/vlm --draft $(DEMO)/draft --draft out/drafts/eagle2 \
-		--draft out/drafts/eagle3 --draft out/drafts/dream-nocross --data $(DATA)/heldout.jsonl --chain \
-		--json out/drafts/compare.json
+		--draft out/drafts/eagle3 --draft out/drafts/dream-nocross --data $(DATA)/heldout.jsonl --limit 40 \
+		--chain --json out/drafts/compare.json
 
 clean:
 	rm -rf out .pytest_cache .ruff_cache

@@ -30,8 +30,11 @@ def write_split(out_dir: str | Path, name: str, samples: list[tuple[scenes.Scene
 
 
 def heldout_split(n_per_task: int) -> list[tuple[scenes.Scene, scenes.Sample]]:
-    """The fixed held-out prompts (never trained on by the VLM or the draft)."""
-    return scenes.heldout(n_per_task)
+    """The fixed held-out prompts (never trained on by the VLM or the draft), tasks interleaved so
+    that any prefix of the file covers every task evenly."""
+    data = scenes.heldout(n_per_task)
+    k = len(scenes.TASKS)
+    return [data[t * n_per_task + i] for i in range(n_per_task) for t in range(k)]
 
 
 def train_split(n: int, base: int = DRAFT_SEED_BASE) -> list[tuple[scenes.Scene, scenes.Sample]]:
