@@ -45,9 +45,11 @@ def test_build_script_parses_back_to_the_plan(bundle, target, precision):
     assert target_build["profiles"][0]["attention_mask"]["max"][2] == 2 * m["kv_capacity"]
 
 
-def test_build_refuses_cpu_target_with_reason(bundle):
-    r = run("build", str(bundle), "--target", "cpu")
-    assert r.returncode == 2 and "ONNX Runtime" in r.stderr
+def test_build_refuses_impossible_requests_with_reason(bundle):
+    r = run("build", str(bundle), "--target", "jetson-orin-nano-8gb", "--dla", "0")
+    assert r.returncode == 2 and "DLA" in r.stderr and "Traceback" not in r.stderr
+    r = run("build", str(bundle), "--target", "jetson-orin-nano-8gb", "--precision", "fp8")
+    assert r.returncode == 2 and "fp8" in r.stderr
 
 
 LLAVA_7B = {"model_type": "llava",
@@ -92,6 +94,6 @@ def test_cpu_target_writes_optimized_graphs_the_runtime_loads(tmp_path, bundle):
     plan = json.loads((b / "engines" / "cpu" / "build.json").read_text())
     assert plan["session"]["intra_op_num_threads"] == 2 and set(plan["graphs"]) == {"vision", "target", "draft"}
     image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
-    plain = Pipeline.load(b).generate(image, "hello", max_new_tokens=12)
-    opt = Pipeline.load(b, precision="cpu").generate(image, "hello", max_new_tokens=12)
+    plain = Pipeline.load(b).generate(image, "hello", max_new_tokens=12, tree="2,4,8")
+    opt = Pipeline.load(b, precision="cpu").generate(image, "hello", max_new_tokens=12, tree="2,4,8")
     assert opt.tokens == plain.tokens

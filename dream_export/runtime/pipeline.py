@@ -24,6 +24,11 @@ from dream_export.runtime.engine import EngineStats, SpecEngine
 from dream_export.runtime.tree import TreeSpec
 
 MODES = ("tree", "chain", "ar")
+# For checkpoints saved without a chat template: the image placeholder, then the text, as a base model
+# would be prompted.
+DEFAULT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% for p in m['content'] %}"
+                    "{% if p['type'] == 'image' %}{{ image_token }}\n{% else %}{{ p['text'] }}{% endif %}"
+                    "{% endfor %}{% endfor %}")
 
 
 @dataclass
@@ -53,7 +58,7 @@ class Pipeline:
         self.embed_table = table * np.float32(emb.get("scale", 1.0))
         self.tokenizer = Tokenizer.from_file(str(bundle.root / "tokenizer.json"))
         env = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
-        self.template = env.from_string(m["chat_template"])
+        self.template = env.from_string(m.get("chat_template") or DEFAULT_TEMPLATE)
         self.preprocess = ImagePreprocessor.from_dict(m["preprocess"])
         tok = m["tokens"]
         self.image_token_id, self.eos_id = tok["image_token_id"], tok["eos_id"]
@@ -79,7 +84,7 @@ class Pipeline:
         """Chat-templated prompt with the image placeholder expanded to the image's token count."""
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         text = self.template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
-                                    eos_token=self.eos_token)
+                                    eos_token=self.eos_token, image_token=self.image_token)
         text = text.replace(self.image_token, self.image_token * self.n_image_tokens)
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
