@@ -408,7 +408,8 @@ def lint_bundle(bundle_dir: str | Path, min_trt: str = "8.5") -> dict:
     graphs: dict[str, dict] = {}
     for name, entry in manifest.get("graphs", {}).items():
         files = {name: entry["file"]}
-        files.update({f"{name}@{var}": v["file"] for var, v in entry.get("variants", {}).items()})
+        # the `cpu` variant is ONNX Runtime's own optimized graph (contrib ops), never fed to TensorRT
+        files.update({f"{name}@{var}": v["file"] for var, v in entry.get("variants", {}).items() if var != "cpu"})
         for key, rel in files.items():
             graphs[key] = lint_graph(root / rel, min_trt, name=rel).to_dict()
     _, versions = resolve_version(min_trt)
