@@ -135,9 +135,10 @@ def demo_data(out: Path, heldout_per_task: int, n_calib: int, n_train: int) -> N
 @click.option("--no-self-feed", is_flag=True, help="Skip the second pass on the draft's own predictions.")
 @click.option("--weights", default="1.0,0.2,0.2", show_default=True, help="Loss weights logits,feature,mid.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint beside OUT.")
 def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, steps: int, batch_size: int, lr: float,
                     features: Path | None, mid_select: str, vtc_keep: float | None, no_cross: bool,
-                    no_self_feed: bool, weights: str, seed: int) -> None:
+                    no_self_feed: bool, weights: str, seed: int, resume: bool) -> None:
     """Train a DREAM (or EAGLE-2/3 style) draft for TARGET_DIR by distillation on its own answers."""
     _need_torch()
     from dream_export.draft.config import DraftConfig
@@ -161,7 +162,8 @@ def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, ste
     generate_features(target.model, target.processor, rows, feat_dir, dcfg, target_identity(target_dir))
     tcfg = DraftTrainConfig(steps=steps, batch_size=batch_size, lr=lr, vtc_keep=vtc_keep, self_feed=not no_self_feed,
                             w_logits=w[0], w_feature=w[1], w_mid=w[2], seed=seed)
-    _, record = train_draft(feat_dir, target.model.lm_head.weight, cfg, tcfg, out_dir=out, log=click.echo)
+    _, record = train_draft(feat_dir, target.model.lm_head.weight, cfg, tcfg, out_dir=out, log=click.echo,
+                            resume=resume)
     click.echo(f"saved {arch} draft to {out} ({record['train_minutes']} min)")
 
 

@@ -62,3 +62,36 @@ def test_training_improves_agreement_and_round_trips(features, demo_target, tmp_
     assert json.loads((tmp_path / "d" / "training.json").read_text())["draft_config"]["arch"] == arch
     for k, v in draft.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
+
+
+def test_interrupted_training_resumes_to_the_same_weights(features, demo_target, tmp_path):
+    from dream_export.draft import train as train_mod
+
+    root, _, _ = features
+    cfg = DraftConfig.from_target(demo_target.model.config.text_config)
+    tcfg = DraftTrainConfig(steps=12, batch_size=2, warmup=2, threads=2)
+    head = demo_target.model.lm_head.weight
+    full, _ = train_draft(root / "feat", head, cfg, tcfg, out_dir=tmp_path / "a", log=lambda _s: None,
+                          progress=False, holdout=4, ckpt_every=6)
+
+    class Interrupt(Exception):
+        pass
+
+    real_save = train_mod.save_draft
+
+    def crash(*_a, **_k):
+        raise Interrupt
+
+    train_mod.save_draft = crash  # the run dies after its last checkpoint (step 6) was written
+    try:
+        with pytest.raises(Interrupt):
+            train_draft(root / "feat", head, cfg, tcfg, out_dir=tmp_path / "b", log=lambda _s: None,
+                        progress=False, holdout=4, ckpt_every=6)
+    finally:
+        train_mod.save_draft = real_save
+    assert (tmp_path / ".b.resume.pt").exists() and not (tmp_path / "b").exists()
+    resumed, _ = train_draft(root / "feat", head, cfg, tcfg, out_dir=tmp_path / "b", log=lambda _s: None,
+                             progress=False, holdout=4, ckpt_every=6, resume=True)
+    for k, v in full.state_dict().items():
+        assert torch.allclose(v, resumed.state_dict()[k], atol=1e-6), k
+    assert not (tmp_path / ".b.resume.pt").exists()

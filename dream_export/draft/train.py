@@ -106,12 +106,20 @@ def _smooth_l1(a, b, mask):
     return (F.smooth_l1_loss(a, b, reduction="none").mean(-1) * mask).sum() / mask.sum().clamp_min(1)
 
 
+def _ckpt_path(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    return out.with_name(f".{out.name}.resume.pt")
+
+
 def train_draft(data_dir: str | Path, lm_head_weight: torch.Tensor, cfg: DraftConfig, tcfg: DraftTrainConfig,
                 out_dir: str | Path | None = None, log=print, progress: bool = True,
-                holdout: int = 64) -> tuple[Draft, dict]:
+                holdout: int = 64, resume: bool = False, ckpt_every: int = 500) -> tuple[Draft, dict]:
     """Train a draft on a feature directory; save (atomically) to `out_dir` when given.
 
     The last `holdout` samples are kept out of training and report top-1 agreement with the target.
+    With `out_dir`, a resume checkpoint (weights, optimiser, RNG, history) is written beside it every
+    `ckpt_every` steps; `resume=True` continues an interrupted run from it and reproduces the run an
+    uninterrupted one would have made.
     """
     torch.set_num_threads(tcfg.threads)
     torch.manual_seed(tcfg.seed)
@@ -129,9 +137,25 @@ def train_draft(data_dir: str | Path, lm_head_weight: torch.Tensor, cfg: DraftCo
     opt = torch.optim.AdamW(params, lr=tcfg.lr, betas=tcfg.betas, weight_decay=0.0)
     t0 = time.time()
     history = []
+    start = 0
+    ckpt = _ckpt_path(out_dir) if out_dir is not None else None
+    identity = {"draft_config": asdict(cfg), "train_config": asdict(tcfg), "data": ds.meta}
+    if resume and ckpt is not None and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if json.dumps(state["identity"], sort_keys=True, default=str) != json.dumps(identity, sort_keys=True,
+                                                                                   default=str):
+            raise IncompatibleArtifactError(f"{ckpt} belongs to a different draft, recipe or data; "
+                                            "remove it or train without --resume")
+        draft.load_state_dict(state["draft"])
+        opt.load_state_dict(state["opt"])
+        rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+        start, history = state["step"], state["history"]
+        log(f"resuming from step {start}")
     from tqdm import tqdm
 
-    bar = tqdm(range(tcfg.steps), desc=f"train {cfg.arch} draft", disable=not progress, mininterval=5)
+    bar = tqdm(range(start, tcfg.steps), desc=f"train {cfg.arch} draft", disable=not progress, mininterval=5,
+               initial=start, total=tcfg.steps)
     for step in bar:
         draft.train()
         batch = collate([ds[rng.randrange(n_train)] for _ in range(tcfg.batch_size)], draft, tcfg.vtc_keep,
@@ -168,11 +192,18 @@ def train_draft(data_dir: str | Path, lm_head_weight: torch.Tensor, cfg: DraftCo
             history.append({"step": step + 1, "loss": round(loss.item(), 4), "top1": round(acc, 4),
                             "minutes": round((time.time() - t0) / 60, 2)})
             log(json.dumps(history[-1]))
+        if ckpt is not None and (step + 1) % ckpt_every == 0 and step + 1 < tcfg.steps:
+            tmp = ckpt.with_suffix(".tmp")
+            torch.save({"identity": identity, "step": step + 1, "draft": draft.state_dict(), "opt": opt.state_dict(),
+                        "rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "history": history}, tmp)
+            tmp.replace(ckpt)
     draft.eval()
     record = {"draft_config": asdict(cfg), "train_config": asdict(tcfg), "data": ds.meta, "history": history,
               "train_minutes": round((time.time() - t0) / 60, 2), "samples": len(ds)}
     if out_dir is not None:
         save_draft(draft, out_dir, record)
+        if ckpt is not None and ckpt.exists():
+            ckpt.unlink()
     return draft, record
 
 
