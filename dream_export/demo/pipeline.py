@@ -104,6 +104,7 @@ def _speculative_steps(model_dir: Path, draft_dir: Path, out: Path, bench_prompt
     from dream_export.export.bundle import ExportOptions, export_bundle
     from dream_export.runtime.bench import bench, plot, read_prompts
     from dream_export.runtime.pipeline import Pipeline
+    from dream_export.runtime.tree import TreeSpec
 
     out.mkdir(parents=True, exist_ok=True)
     per_task = max(1, -(-bench_prompts // len(scenes.TASKS)))
@@ -115,11 +116,14 @@ def _speculative_steps(model_dir: Path, draft_dir: Path, out: Path, bench_prompt
     rows = read_prompts(heldout)[:bench_prompts]
     from PIL import Image
 
-    r = pipe.generate(Image.open(rows[0]["image"]), rows[0]["prompt"])
+    # On a CPU the verify pass pays per tree token: `bench --sweep` finds a depth-6 chain fastest there
+    # (docs/RESULTS.md); GPU backends favour the paper's 32-node tree (the Pipeline default).
+    tree = TreeSpec.chain(6)
+    r = pipe.generate(Image.open(rows[0]["image"]), rows[0]["prompt"], mode="chain", tree=tree)
     say(f"\nspeculative answer (dream-export run, no torch):\n  Q: {rows[0]['prompt']}\n  A: {r.text}\n"
         f"  (tau {r.stats['tau']:.2f}, {r.stats['tokens_per_s']:.0f} tok/s)")
     say(f"\nbenchmarking on {len(rows)} held-out prompts (dream-export bench)...")
-    s = bench(pipe, rows)
+    s = bench(pipe, rows, tree=tree, mode="chain")
     atomic_write_text(out / "bench.json", json.dumps(s, indent=2))
     plot(s, out / "bench.png")
     say(f"\n{'':<28}{'speculative':>12}{'autoregressive':>16}")
