@@ -111,7 +111,10 @@ def _speculative_steps(model_dir: Path, draft_dir: Path, out: Path, bench_prompt
     heldout = data.write_split(out, "heldout", data.heldout_split(per_task))
     data.write_split(out, "calib", data.train_split(64, base=scenes.CALIB_SEED_BASE))
     say("\nexporting the bundle (dream-export export)...")
-    manifest = export_bundle(model_dir, draft_dir, out / "bundle", ExportOptions(), log=say)
+    # Demo prompts are ~30 tokens and answers at most 128: a 192-slot cache holds every request, and on a
+    # CPU attention over unused slots is paid on every call (192 vs 512 slots: 1.52x vs 1.40x speedup).
+    manifest = export_bundle(model_dir, draft_dir, out / "bundle", ExportOptions(kv_capacity=192, max_tree=32),
+                             log=say)
     pipe = Pipeline.load(out / "bundle")
     rows = read_prompts(heldout)[:bench_prompts]
     from PIL import Image
