@@ -39,10 +39,10 @@ def _emit_json(obj: dict) -> None:
 @click.option("--debug", is_flag=True, help="Show full tracebacks for unexpected errors.")
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
-    """Export, calibrate, build and run DREAM speculative decoding of vision-language models.
+    """Export, build and run DREAM speculative decoding of vision-language models.
 
-    Every command works on the embedded demo VLM out of the box; `dream-export demo` runs the main
-    job end to end.
+    `dream-export demo --out DIR` runs the main job end to end on the embedded demo VLM (answer,
+    export, run, benchmark); the other commands are its steps, for your own models and drafts.
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
