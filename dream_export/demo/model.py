@@ -8,7 +8,6 @@ pays on an edge GPU as well. A 12 × 256 decoder has a worse verify/decode ratio
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 CHAT_TEMPLATE = (
@@ -109,9 +108,3 @@ def load_demo(path: str | Path, dtype=None):
     model.eval()
     processor = AutoProcessor.from_pretrained(str(path))
     return model, processor
-
-
-def read_training_record(path: str | Path) -> dict:
-    """The training record written next to the demo weights (seed, steps, time, accuracy)."""
-    p = Path(path) / "training.json"
-    return json.loads(p.read_text()) if p.exists() else {}

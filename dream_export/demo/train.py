@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,7 +12,6 @@ from dream_export.demo import scenes
 from dream_export.demo.evaluate import evaluate
 from dream_export.demo.model import build_model, build_processor, train_tokenizer
 from dream_export.demo.prompts import PromptEncoder
-from dream_export.errors import UsageError
 from dream_export.io import atomic_dir, warmup_cosine
 
 
@@ -178,17 +176,3 @@ def train_demo_vlm(out_dir: str | Path, cfg: TrainConfig, log=print) -> dict:
         (Path(tmp) / "training.json").write_text(json.dumps(record, indent=2))
     log(f"saved demo VLM to {out_dir} after {minutes:.1f} min; held-out accuracy {final['accuracy']}")
     return record
-
-
-def ensure_empty_or_missing(path: Path) -> None:
-    """Refuse to overwrite a file that is not a directory (a common typo in -o)."""
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{path} exists and is not a directory")
-    if path.exists() and any(path.iterdir()) and not (path / "config.json").exists():
-        raise UsageError(f"{path} is not empty and holds no model; choose another output directory")
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a directory tree if present."""
-    if path.exists():
-        shutil.rmtree(path)

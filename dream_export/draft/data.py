@@ -31,11 +31,11 @@ class DataConfig:
     shard_size: int = 256
 
 
-def select_intermediate(attns: list, hidden_states: list, cfg: DataConfig) -> np.ndarray:
+def select_intermediate(attns: list, cfg: DataConfig) -> np.ndarray:
     """Per token, the hidden state of the layer whose attention entropy is lowest (DREAM / DREAM-S).
 
-    attns[l]: [heads, T, T] probabilities of layer l+1; hidden_states[l]: output of layer l (0 = embeddings).
-    Returns the chosen layer index (1-based, into hidden_states) per token.
+    attns[l]: [heads, T, T] probabilities of layer l+1. Returns the chosen layer per token, 1-based, i.e.
+    an index into the decoder's hidden_states (0 = embeddings, l = output of layer l).
     """
     import torch
 
@@ -147,7 +147,7 @@ def generate_features(model, processor, rows: list[dict], out_dir: str | Path, c
                             output_hidden_states=True)
                 n = len(prompt_ids)
                 attns = [a[0] for a in o["attn"]]
-                choice = select_intermediate(attns, o["hidden_states"], cfg)
+                choice = select_intermediate(attns, cfg)
                 hs = torch.stack(o["hidden_states"])[:, 0]  # [L+1, T, H]
                 mid = hs[torch.from_numpy(choice), torch.arange(t)]
                 last = attns[-1][:, :n, :n].mean((0, 1))  # attention each prompt position receives

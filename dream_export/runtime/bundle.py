@@ -43,7 +43,7 @@ class Bundle:
                 raise IncompatibleArtifactError(f"{b.graph_path(name)} is missing from the bundle")
         return b
 
-    def graph(self, name: str, precision: str | None = None) -> dict:
+    def graph(self, name: str) -> dict:
         """Manifest entry of a graph (file, inputs, outputs)."""
         return self.manifest["graphs"][name]
 

@@ -63,7 +63,6 @@ class SpecEngine:
         self.eagle3 = m["draft"]["eagle3_taps"]
         self.tb = bundle.graph("target")["bindings"]
         self.db = bundle.graph("draft")["bindings"]
-        self.target_outputs = bundle.output_names("target")
         f32 = np.float32
         self.kv_k = np.zeros((d["layers"], 1, d["kv_heads"], self.cap, d["head_dim"]), f32)
         self.kv_v = np.zeros_like(self.kv_k)
@@ -156,11 +155,14 @@ class SpecEngine:
                     return
             return
         # draft state: committed rows D (self) / C (cross), pending (orig position, embedding)
-        feats_in = out["taps"][0] if self.eagle3 else out[self.tb["hidden"]][0]
+        feats_in = out[self.tb["taps"]][0] if self.eagle3 else out[self.tb["hidden"]][0]
         self.feats[:n] = feats_in
         keep = np.arange(n)
         if vtc_keep is not None:
-            keep = vtc_keep_indices(image_mask, out["attn_importance"][:n], vtc_keep)
+            if "attn_importance" not in self.tb:
+                raise UsageError("visual-token compression needs the attention importance output: re-export "
+                                 "without --no-attn-scores")
+            keep = vtc_keep_indices(image_mask, out[self.tb["attn_importance"]][:n], vtc_keep)
         pending_pos = list(keep) + [n]
         pending_emb = [prompt_embeds[i] for i in keep] + [self.embed([root])[0]]
         d_rows, c_rows, next_pos = 0, 0, 0
@@ -203,7 +205,7 @@ class SpecEngine:
                 path, bonus = accept_sampling(vt, probs_from_logits(o[self.tb["row_logits"]], sampling), rng)
             idx = np.array(path)
             self._commit_target(o, idx, m)
-            src = o["taps"][0] if self.eagle3 else o[self.tb["hidden"]][0]
+            src = o[self.tb["taps"]][0] if self.eagle3 else o[self.tb["hidden"]][0]
             self.feats[m:m + len(idx)] = src[idx]
             new = [int(vt.tokens[i]) for i in path[1:]] + [bonus]
             if eos_id in new:
