@@ -29,7 +29,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from dream_export.draft.config import DraftConfig
-from dream_export.export.attention import segmented_attention
+from dream_export.export.attention import (
+    fused_qkv,
+    graph_batch,
+    group_mask,
+    merge_heads,
+    segmented_attention,
+    split_heads,
+    static_len,
+)
 
 
 class RMSNorm(nn.Module):
@@ -75,13 +83,6 @@ def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch
     return ang.cos(), ang.sin()
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding (rotate-half convention) of x [B,heads,T,D]."""
-    d = x.shape[-1]
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    return (x * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
-
-
 class SelfAttention(nn.Module):
     """GQA self-attention with RoPE at the draft's own positions."""
 
@@ -94,18 +95,15 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
 
-    def forward(self, x, rot, mask, cache):
-        b, t, _ = x.shape
+    def forward(self, x, rot, hidden, cache):
+        """`hidden`: (cache part, new part) of the grouped mask from `group_mask`."""
         c = self.cfg
-        q = self.q_proj(x).view(b, t, c.num_heads, c.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, c.num_kv_heads, c.head_dim).transpose(1, 2)
-        q, k = rope(q, *rot), rope(k, *rot)
-        segments = [(k, v, mask[..., mask.shape[-1] - t:])]
+        q, k, v = fused_qkv((self.q_proj, self.k_proj, self.v_proj), x, c.num_heads, c.num_kv_heads, c.head_dim, *rot)
+        segments = [(k, v, hidden[1])]
         if cache is not None:
-            segments.insert(0, (cache[0], cache[1], mask[..., : mask.shape[-1] - t]))
-        o = segmented_attention(q, segments)
-        return self.o_proj(o.transpose(1, 2).reshape(b, t, -1)), (k, v)
+            segments.insert(0, (cache[0], cache[1], hidden[0]))
+        o = segmented_attention(q, segments, c.num_kv_heads, c.head_dim ** -0.5)
+        return self.o_proj(merge_heads(o, c.num_heads, c.head_dim)), (k, v)
 
 
 class SelfAttnBlock(nn.Module):
@@ -118,9 +116,9 @@ class SelfAttnBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_flavour)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rot, mask, cache):
+    def forward(self, x, rot, hidden, cache):
         h = self.input_layernorm(x) if self.input_layernorm is not None else x
-        a, kv = self.self_attn(h, rot, mask, cache)
+        a, kv = self.self_attn(h, rot, hidden, cache)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -153,28 +151,28 @@ class CrossAttnBlock(nn.Module):
 
     def kv(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Project features [B,S,H] to cacheable (normed K, V), each [B,kv_heads,S,head_dim]."""
-        b, s, _ = feats.shape
         c = self.cfg
-        k = self.k_norm(self.k_proj(feats).view(b, s, c.num_kv_heads, c.head_dim)).transpose(1, 2)
-        v = self.v_proj(feats).view(b, s, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        k = self.k_norm(split_heads(self.k_proj(feats), c.num_kv_heads, c.head_dim))
+        v = split_heads(self.v_proj(feats), c.num_kv_heads, c.head_dim)
         return k, v
 
     def forward(self, x, cross_k, cross_v, cross_mask):
         """`cross_k`/`cross_v`: one tensor, or a tuple of segments (cache, new rows) read without copying."""
-        b, t, _ = x.shape
         c = self.cfg
-        q = self.q_norm(self.q_proj(self.input_layernorm(x)).view(b, t, c.num_heads, c.head_dim)).transpose(1, 2)
+        b, rep = graph_batch(x), c.num_heads // c.num_kv_heads
+        q = self.q_norm(split_heads(self.q_proj(self.input_layernorm(x)), c.num_heads, c.head_dim))
         ks = cross_k if isinstance(cross_k, (tuple, list)) else (cross_k,)
         vs = cross_v if isinstance(cross_v, (tuple, list)) else (cross_v,)
         null_visible = torch.ones_like(cross_mask[..., :1]) if c.null_key else ~cross_mask.any(-1, keepdim=True)
         segments = [(self.null_k.expand(b, -1, -1, -1).to(q.dtype), self.null_v.expand(b, -1, -1, -1).to(q.dtype),
-                     null_visible)]
+                     group_mask(null_visible, rep))]
         start = 0
-        for k, v in zip(ks, vs, strict=True):
-            segments.append((k, v, cross_mask[..., start:start + k.shape[2]]))
-            start += k.shape[2]
-        o = segmented_attention(q, segments)
-        x = x + torch.tanh(self.attn_gate) * self.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+        for i, (k, v) in enumerate(zip(ks, vs, strict=True)):
+            part = cross_mask[..., start:] if i + 1 == len(ks) else cross_mask[..., start:start + static_len(k, 2)]
+            segments.append((k, v, group_mask(part, rep)))
+            start += static_len(k, 2) if i + 1 < len(ks) else 0
+        o = segmented_attention(q, segments, c.num_kv_heads, c.head_dim ** -0.5)
+        x = x + torch.tanh(self.attn_gate) * self.o_proj(merge_heads(o, c.num_heads, c.head_dim))
         return x + torch.tanh(self.mlp_gate) * self.mlp(self.post_attention_layernorm(x))
 
 
@@ -221,12 +219,16 @@ class Draft(nn.Module):
             x = self.fc(torch.cat([embeds, prev_feat.to(embeds.dtype)], -1))
         caches = self_cache or [None] * len(self.blocks)
         rot = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        x, kv0 = self.blocks[0](x, rot, self_mask, caches[0])
+        # masks inverted and tiled for grouped queries once, shared by the blocks
+        rep = self.config.num_heads // self.config.num_kv_heads
+        past = static_len(caches[0][0], 2) if caches[0] is not None else 0
+        hidden = (group_mask(self_mask[..., :past], rep), group_mask(self_mask[..., past:], rep))
+        x, kv0 = self.blocks[0](x, rot, hidden, caches[0])
         block0, new_kv = x, [kv0]
         if self.cross is not None:
             x = self.cross(x, cross_k, cross_v, cross_mask)
         for blk, cache in zip(self.blocks[1:], caches[1:], strict=True):
-            x, kv = blk(x, rot, self_mask, cache)
+            x, kv = blk(x, rot, hidden, cache)
             new_kv.append(kv)
         return {"feature": self.norm(x), "block0": block0, "self_kv": new_kv}
 

@@ -4,37 +4,92 @@ A runtime-owned cache enters a graph as its own input; concatenating it with the
 the whole cache on every call. Scoring each segment separately and joining only the (small) score
 matrices keeps per-call work proportional to the new rows plus one read of the cache. GQA is handled
 by grouping query heads under their KV head instead of repeating K/V.
+
+Shapes are written so that the exported graphs carry no shape arithmetic: every reshape names its
+sizes as constants and at most one `-1` (the token count), and the batch is the graphs' fixed 1 while
+exporting. On ONNX Runtime CPU each Shape/Gather/Concat node costs about as much as a small MatMul,
+so a graph full of them is bound by per-node overhead, not by arithmetic.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
+from torch import nn
+
+
+def graph_batch(x: torch.Tensor) -> int:
+    """The batch size to write into reshapes: the exported graphs' fixed 1, else the tensor's own."""
+    return 1 if torch.onnx.is_in_onnx_export() else x.shape[0]
+
+
+def split_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """[B,T,heads·head_dim] → [B,heads,T,head_dim]."""
+    return x.reshape(graph_batch(x), -1, heads, head_dim).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    """[B,heads,T,head_dim] → [B,T,heads·head_dim]."""
+    return x.transpose(1, 2).reshape(graph_batch(x), -1, heads * head_dim)
+
+
+def group_mask(mask: torch.Tensor, rep: int) -> torch.Tensor:
+    """Visibility [B,T,S] bool → hidden-key mask [B,1,rep·T,S] for grouped queries (True = masked).
+
+    Computed once per forward and shared by every layer, so the graphs invert and tile it once.
+    """
+    return (~mask).repeat(1, rep, 1)[:, None]
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """RoPE's rotate-half: [x1, x2] → [-x2, x1] over the last dim (one Split node in the graph)."""
+    x1, x2 = x.split(int(x.shape[-1]) // 2, -1)
+    return torch.cat([-x2, x1], -1)
+
+
+def fused_qkv(projs: tuple[nn.Linear, nn.Linear, nn.Linear], h: torch.Tensor, heads: int, kv_heads: int,
+              head_dim: int, cos: torch.Tensor, sin: torch.Tensor):
+    """Q, K (rotary applied) and V [B,heads,T,D] from one joined projection.
+
+    One MatMul, one head split and one rotary pass over Q and K together instead of three of each: on
+    CPU a graph's cost is mostly per-node overhead. The weights are joined at trace time, so the exported
+    graph stores the concatenation once (constant-folded) and no weight is duplicated.
+    """
+    w = torch.cat([p.weight for p in projs])
+    bias = torch.cat([p.bias for p in projs]) if projs[0].bias is not None else None
+    y = split_heads(nn.functional.linear(h, w, bias), heads + 2 * kv_heads, head_dim)
+    qk, v = y.split([heads + kv_heads, kv_heads], 1)
+    qk = (qk * cos + rotate_half(qk) * sin).to(qk.dtype)
+    q, k = qk.split([heads, kv_heads], 1)
+    return q, k, v
+
+
+def static_len(x: torch.Tensor, dim: int) -> int:
+    """A size that is fixed in the exported graph (a cache capacity), as a constant rather than a Shape op."""
+    return int(x.shape[dim])
 
 
 def segmented_attention(q: torch.Tensor, segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                        scale: float | None = None, return_probs: bool = False):
+                        kv_heads: int, scale: float, return_probs: bool = False):
     """softmax(q·Kᵀ·scale + mask) · V over concatenated segments, computed per segment.
 
-    q [B,H,T,D]; each segment (k [B,KV,S,D], v [B,KV,S,D], mask [B,T,S] bool, True = visible).
-    Returns out [B,H,T,D] (and the probabilities [B,H,T,ΣS] when asked).
+    q [B,H,T,D]; each segment (k [B,KV,S,D], v [B,KV,S,D], hidden [B,1,rep·T,S] bool from `group_mask`).
+    Every segment but the last must have a size fixed in the graph (a cache). Returns out [B,H,T,D] (and
+    the probabilities in grouped layout [B,KV,rep·T,ΣS] when asked; row r·T + t is query t of head kv·rep + r).
     """
-    b, h, t, d = q.shape
-    kv = segments[0][0].shape[1]
-    rep = h // kv
-    scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    qg = (q * scale).reshape(b, kv, rep * t, d)  # head h = kv_head * rep + r, as repeat_interleave
+    b, h, d = graph_batch(q), int(q.shape[1]), int(q.shape[-1])
+    qg = (q * scale).reshape(b, kv_heads, -1, d)  # head h = kv_head * rep + r, as repeat_interleave
     neg = torch.finfo(q.dtype).min
-    scores, sizes = [], []
-    for k, _v, m in segments:
-        s = (qg @ k.transpose(-1, -2)).reshape(b, h, t, k.shape[2])
-        scores.append(s.masked_fill(~m[:, None], neg))
-        sizes.append(k.shape[2])
-    probs = torch.softmax(torch.cat(scores, -1), -1)
-    out = None
-    for p, (_k, v, _m) in zip(torch.split(probs, sizes, -1), segments, strict=True):
-        o = p.reshape(b, kv, rep * t, p.shape[-1]) @ v
+    scores = [(qg @ k.transpose(-1, -2)).masked_fill(m, neg) for k, _v, m in segments]
+    probs = torch.softmax(torch.cat(scores, -1) if len(scores) > 1 else scores[0], -1)
+    out, start = None, 0
+    for i, (k, v, _m) in enumerate(segments):
+        if i + 1 < len(segments):
+            size = static_len(k, 2)
+            p = probs[..., start:start + size]
+            start += size
+        else:
+            p = probs[..., start:]
+        o = p @ v
         out = o if out is None else out + o
-    out = out.reshape(b, h, t, d)
+    out = out.reshape(b, h, -1, d)
     return (out, probs) if return_probs else out

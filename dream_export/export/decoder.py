@@ -14,12 +14,7 @@ import math
 import torch
 from torch import nn
 
-from dream_export.export.attention import segmented_attention
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat([-x[..., h:], x[..., :h]], -1)
+from dream_export.export.attention import fused_qkv, group_mask, merge_heads, segmented_attention, static_len
 
 
 class TargetDecoder(nn.Module):
@@ -31,6 +26,8 @@ class TargetDecoder(nn.Module):
       new_k/v  [L,B,kv_heads,T,head_dim]  this call's KV rows (the runtime places them)
       taps     list of [B,T,H] hidden states after the requested layers (hidden_states[i] numbering)
       attn     (when requested) list of per-layer attention probabilities [B,heads,T,P+T]
+      attn_grouped  (when requested) the last layer's probabilities in grouped layout [B,KV,rep·T,P+T],
+               which export without shape arithmetic
     """
 
     def __init__(self, language_model: nn.Module, taps: tuple[int, ...] = ()):
@@ -46,36 +43,33 @@ class TargetDecoder(nn.Module):
 
     def forward(self, inputs_embeds, position_ids, mask, past_k, past_v, output_attentions: bool = False,
                 output_hidden_states: bool = False) -> dict:
-        b, t, _ = inputs_embeds.shape
         x = inputs_embeds
         cos, sin = self.lm.rotary_emb(x, position_ids)
         cos, sin = cos[:, None], sin[:, None]
-        past = past_k.shape[3]
-        m_past, m_new = mask[..., :past], mask[..., past:]
+        past = static_len(past_k, 3)
+        rep = self.n_heads // self.n_kv
+        # the masks are inverted and tiled for grouped queries once, not in every layer
+        hidden_past, hidden_new = group_mask(mask[..., :past], rep), group_mask(mask[..., past:], rep)
         new_k, new_v, attns, hidden_states, taps = [], [], [], [x], []
         for i, layer in enumerate(self.lm.layers[: self.n_layers]):
             at = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = at.q_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
-            k = at.k_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
-            v = at.v_proj(h).view(b, t, -1, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k, v = fused_qkv((at.q_proj, at.k_proj, at.v_proj), layer.input_layernorm(x), self.n_heads, self.n_kv,
+                                self.head_dim, cos, sin)
             new_k.append(k)
             new_v.append(v)
-            o, probs = segmented_attention(q, [(past_k[i], past_v[i], m_past), (k, v, m_new)], self.scale,
-                                           return_probs=True)
+            o, probs = segmented_attention(q, [(past_k[i], past_v[i], hidden_past), (k, v, hidden_new)],
+                                           self.n_kv, self.scale, return_probs=True)
             if output_attentions:
                 attns.append(probs)
-            o = o.transpose(1, 2).reshape(b, t, -1)
-            x = x + at.o_proj(o)
+            x = x + at.o_proj(merge_heads(o, self.n_heads, self.head_dim))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
             hidden_states.append(x)
             if i + 1 in self.taps:
                 taps.append(x)
         out = {"hidden": self.lm.norm(x), "new_k": torch.stack(new_k), "new_v": torch.stack(new_v), "taps": taps}
         if output_attentions:
-            out["attn"] = attns
+            out["attn"] = [per_head(p, self.n_heads) for p in attns]
+            out["attn_grouped"] = attns[-1]
         if output_hidden_states:
             out["hidden_states"] = hidden_states
         return out
@@ -84,6 +78,12 @@ class TargetDecoder(nn.Module):
         """Zero-length past K/V for a first (prefill) call."""
         z = torch.zeros(self.n_layers, batch, self.n_kv, 0, self.head_dim, dtype=dtype)
         return z, z.clone()
+
+
+def per_head(probs: torch.Tensor, heads: int) -> torch.Tensor:
+    """Grouped-layout probabilities [B,KV,rep·T,S] → [B,heads,T,S]."""
+    b, kv, rows, s = probs.shape
+    return probs.reshape(b, kv, heads // kv, rows * kv // heads, s).flatten(1, 2)
 
 
 def causal_mask(t: int, past: int = 0, device=None) -> torch.Tensor:

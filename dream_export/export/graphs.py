@@ -31,7 +31,9 @@ class TargetGraph(nn.Module):
         ids, lps = _topk_logprobs(logits, self.topk)
         outs = [o["hidden"], o["new_k"], o["new_v"], ids, lps, logits]
         if self.importance:
-            outs.append(o["attn"][-1][0].mean((0, 1)))  # attention each slot receives in the last layer
+            # attention each slot receives in the last layer (mean over heads and queries, taken in the
+            # grouped layout: the same numbers without a reshape of dynamic size)
+            outs.append(o["attn_grouped"][0].mean((0, 1)))
         if o["taps"]:
             outs.append(torch.cat(o["taps"], -1))
         return tuple(outs)
