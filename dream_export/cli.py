@@ -554,6 +554,11 @@ def _text_config(model_dir: Path):
     return AutoConfig.from_pretrained(str(model_dir)).get_text_config()
 
 
+from dream_export.calib.command import COMMANDS as _CALIB_COMMANDS  # noqa: E402
+
+for _cmd in _CALIB_COMMANDS: cli.add_command(_cmd)  # noqa: E701
+
+
 def main() -> None:
     """Console-script entry point with the project's error policy."""
     debug = "--debug" in sys.argv
