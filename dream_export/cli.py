@@ -285,7 +285,8 @@ def _sampling_options(f):
         click.option("--tree", "tree_spec", default="4,6,32", show_default=True, help="K,DEPTH,TOTAL"),
         click.option("--max-new-tokens", default=128, show_default=True),
         click.option("--vtc-keep", type=float, default=None, help="Visual-token keep ratio for the draft."),
-        click.option("--threads", default=2, show_default=True),
+        click.option("--threads", default="2", show_default=True,
+                     help="ONNX Runtime intra-op threads: a number, or per graph, e.g. target=2,draft=1."),
         click.option("--precision", default="fp32", show_default=True,
                      help="Graph variant: fp32, fp16 (export --precision fp16) or cpu (build --target cpu)."),
     ]):
@@ -304,7 +305,7 @@ def _sampling_options(f):
 @click.option("--seed", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (last line).")
 def run_cmd(bundle: Path, image: Path, prompt: str, backend: str, mode: str, tree_spec: str, max_new_tokens: int,
-            vtc_keep: float | None, threads: int, precision: str, temperature: float, top_p: float, top_k: int,
+            vtc_keep: float | None, threads: str, precision: str, temperature: float, top_p: float, top_k: int,
             seed: int | None, as_json: bool) -> None:
     """Answer one (image, prompt) with the bundle, streaming text as rounds are accepted."""
     from PIL import Image
@@ -335,7 +336,7 @@ def run_cmd(bundle: Path, image: Path, prompt: str, backend: str, mode: str, tre
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--sweep", is_flag=True, help="Also try several tree shapes and report the fastest.")
 def bench_cmd(bundle: Path, data_path: Path, backend: str, mode: str, tree_spec: str, max_new_tokens: int,
-              vtc_keep: float | None, threads: int, precision: str, limit: int | None, json_out: Path | None,
+              vtc_keep: float | None, threads: str, precision: str, limit: int | None, json_out: Path | None,
               plot_out: Path | None, sweep: bool) -> None:
     """Speculative vs autoregressive decoding on the same backend: speedup, tau, time split."""
     from dream_export.io import atomic_write_text

@@ -125,3 +125,21 @@ def test_verify_step_host_bytes_do_not_grow_with_context(tmp_path_factory):
     # the KV cache is bound in place; what crosses per verify is the tree's embeddings, positions and mask
     print("host bytes per target call", per_step)
     assert abs(per_step[1024] - per_step[64]) / per_step[64] < 0.10, per_step
+
+
+def test_per_graph_threads_give_the_same_tokens(demo_bundle, demo_pipeline):
+    from dream_export.runtime.backends import graph_threads
+    from dream_export.runtime.pipeline import Pipeline
+
+    assert graph_threads("target=2,draft=1") == {"vision": 2, "target": 2, "draft": 1}
+    assert graph_threads(3) == {"vision": 3, "target": 3, "draft": 3}
+    for bad in ("draft=0", "decoder=2", "two"):
+        with pytest.raises(UsageError, match="--threads"):
+            graph_threads(bad)
+    pipe = Pipeline.load(demo_bundle, threads="target=2,draft=1,vision=1")
+    assert pipe.backend.threads == {"vision": 1, "target": 2, "draft": 1}
+    scene, s = _heldout(1)[0]
+    img = scenes.render(scene)
+    a = pipe.generate(img, s.prompt, max_new_tokens=40, mode="chain", tree=TreeSpec(1, 6, 7))
+    b = demo_pipeline.generate(img, s.prompt, max_new_tokens=40, mode="chain", tree=TreeSpec(1, 6, 7))
+    assert a.tokens == b.tokens

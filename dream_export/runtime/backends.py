@@ -51,7 +51,7 @@ class OnnxRuntimeBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, threads: int = 2, providers: list[str] | None = None,
+    def __init__(self, bundle: Bundle, threads: int | str | dict[str, int] = 2, providers: list[str] | None = None,
                  precision: str = "fp32", graph_files: dict[str, Path] | None = None,
                  profile_dir: Path | None = None):
         super().__init__()
@@ -65,19 +65,20 @@ class OnnxRuntimeBackend(Backend):
         if missing:
             raise MissingBackendError(f"ONNX Runtime providers {missing} are not available here (have {available}); "
                                       "install onnxruntime-gpu for CUDA/TensorRT")
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        per_graph = graph_threads(threads)
         self.sessions = {}
         for name in ("vision", "target", "draft"):
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = per_graph[name]
+            so.inter_op_num_threads = 1
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             path = (graph_files or {}).get(name) or bundle.graph_path(name, precision)
             if profile_dir is not None:
                 so.enable_profiling = True
                 so.profile_file_prefix = str(Path(profile_dir) / f"ort-{name}")
             self.sessions[name] = ort.InferenceSession(str(path), so, providers=providers)
         self.providers = providers
-        self.threads = threads
+        self.threads = per_graph
         self._ort = ort
         self._bound: dict[tuple[str, str], object] = {}
 
@@ -109,14 +110,42 @@ class OnnxRuntimeBackend(Backend):
         return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
 
 
-def make_backend(name: str, bundle: Bundle, threads: int = 2, precision: str = "fp32") -> Backend:
+GRAPHS = ("vision", "target", "draft")
+
+
+def graph_threads(spec: int | str | dict[str, int]) -> dict[str, int]:
+    """Intra-op threads per graph from `2`, `"2"`, `"target=2,draft=1"` or a dict (unnamed graphs: 2).
+
+    Graphs differ: the draft's small per-node work does not amortise a second thread's wake-up,
+    while the target's wider verify passes do, so a CPU deployment may want different counts.
+    """
+    if isinstance(spec, dict):
+        out = dict(spec)
+    elif isinstance(spec, int) or str(spec).strip().isdigit():
+        out = {g: int(spec) for g in GRAPHS}
+    else:
+        out = {}
+        for part in str(spec).split(","):
+            name, _, n = part.partition("=")
+            if name.strip() not in GRAPHS or not n.strip().isdigit():
+                raise UsageError(f"bad --threads {spec!r}: a number, or GRAPH=N pairs such as target=2,draft=1 "
+                                 f"(graphs: {', '.join(GRAPHS)})")
+            out[name.strip()] = int(n)
+    if any(n < 1 for n in out.values()):
+        raise UsageError(f"bad --threads {spec!r}: thread counts start at 1")
+    return {g: out.get(g, 2) for g in GRAPHS}
+
+
+def make_backend(name: str, bundle: Bundle, threads: int | str | dict[str, int] = 2,
+                 precision: str = "fp32") -> Backend:
     """Backend by name: 'onnxruntime' (CPU), 'onnxruntime-cuda', or 'tensorrt'."""
     if name in ("onnxruntime", "ort", "cpu"):
         return OnnxRuntimeBackend(bundle, threads, precision=precision)
     if name == "onnxruntime-cuda":
         return OnnxRuntimeBackend(bundle, threads, ["CUDAExecutionProvider", "CPUExecutionProvider"], precision)
     if name == "tensorrt":
-        raise MissingBackendError(
-            "the native TensorRT backend needs `tensorrt` and engines built by `dream-export build` on this GPU; "
-            "neither is available here (use --backend onnxruntime)")
+        # imported here: the module is only usable where tensorrt and cuda-python are installed
+        from dream_export.runtime.trt_backend import TensorRTBackend
+
+        return TensorRTBackend(bundle)
     raise UsageError(f"unknown backend {name!r}: onnxruntime, onnxruntime-cuda or tensorrt")

@@ -71,9 +71,11 @@ class Pipeline:
         self.precision = "fp32"
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "onnxruntime", threads: int = 2, precision: str = "fp32") -> Pipeline:
-        """Open a bundle directory with the named backend ('onnxruntime', 'onnxruntime-cuda', 'tensorrt')
-        and graph precision ('fp32', or a variant the bundle carries such as 'fp16')."""
+    def load(cls, path: str | Path, backend: str = "onnxruntime", threads: int | str | dict[str, int] = 2,
+             precision: str = "fp32") -> Pipeline:
+        """Open a bundle directory with the named backend ('onnxruntime', 'onnxruntime-cuda', 'tensorrt'),
+        CPU threads (a number, or per graph: "target=2,draft=1") and graph precision ('fp32', or a variant
+        the bundle carries such as 'fp16')."""
         bundle = Bundle.open(path)
         pipe = cls(bundle, make_backend(backend, bundle, threads, precision))
         pipe.precision = precision
