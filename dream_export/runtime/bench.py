@@ -40,10 +40,7 @@ def _tie_explained(pipe: Pipeline, image, prompt: str, a: list[int], b: list[int
     i = next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
     emb, mask, _ = pipe.prompt_embeds(image, prompt)
     ctx = np.concatenate([emb, pipe.embed_table[np.array(a[:i], dtype=np.int64)]]) if i else emb
-    n = ctx.shape[0]
-    eng = pipe.engine
-    out = eng._target(ctx, np.arange(n), np.tril(np.ones((n, n), bool)), [n - 1], past=0)
-    logits = out[eng.tb["row_logits"]][0]
+    logits = pipe.engine.next_logits(ctx)
     if i >= min(len(a), len(b)):
         return False
     return abs(float(logits[a[i]]) - float(logits[b[i]])) <= tol

@@ -106,6 +106,12 @@ class SpecEngine:
         # the exporter drops inputs a draft does not read (DREAM: prev_feat; EAGLE: the cross cache)
         return self.backend.run("draft", {self.db[r]: v for r, v in roles.items() if r in self.db})
 
+    def next_logits(self, embeds: np.ndarray) -> np.ndarray:
+        """The target's logits for the token after `embeds` [n,H], from a fresh prefill (diagnostics)."""
+        n = embeds.shape[0]
+        out = self._target(embeds, np.arange(n), np.tril(np.ones((n, n), bool)), [n - 1], past=0)
+        return out[self.tb["row_logits"]][0]
+
     def embed(self, ids) -> np.ndarray:
         return self.embed_table[np.asarray(ids, dtype=np.int64)]
 
