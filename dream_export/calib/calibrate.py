@@ -71,6 +71,10 @@ def calibrate_bundle(bundle_dir: str | Path, data: str | Path, precision: str = 
         raise UsageError(f"--samples must be at least 1, got {samples}")
     if smooth_alpha is not None and not 0.0 <= smooth_alpha <= 1.0:
         raise UsageError(f"--smoothquant ALPHA must lie in [0, 1], got {smooth_alpha}")
+    if precision == "int8":
+        from dream_export.calib.trt_cache import version_number
+
+        version_number(trt_version)  # refuse a bad --trt-version before minutes of calibration
     src = Bundle.open(bundle_dir)
     not_fp32 = {g: p for g, p in src.manifest.get("precision", {}).items() if p != "fp32"}
     if not_fp32:

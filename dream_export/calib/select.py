@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from dream_export.errors import UsageError
 
 LINEAR_OPS = ("MatMul", "Gemm", "Conv")
-_LAYER_INDEX = re.compile(r"(?:(?<=layers\.)|(?<=blocks\.)|(?<=layer\.))\d+|_\d+(?=/)")
+_LAYER_INDEX = re.compile(r"(?:(?<=layers\.)|(?<=blocks\.)|(?<=layer\.))\d+|_\d+(?=/|$)")
 
 
 @dataclass
@@ -56,10 +56,15 @@ def parse_exclude(text: str | None) -> list[str]:
     return items
 
 
-def layer_of(names: list[str]) -> dict[str, tuple[int, int]]:
-    """node → (occurrence index, occurrences) of its role among the linears (role = name minus layer numbers)."""
-    # TorchScript names a module's k-th reuse `name_k` and its first use `name`: both map to `name`
+def layer_of(names: list[str], shapes: list[tuple[int, ...]] | None = None) -> dict[str, tuple[int, int]]:
+    """node → (occurrence index, occurrences) of its role among the linears, in graph order.
+
+    Role = node name without layer numbers, plus the weight shape. TorchScript names a module's k-th
+    reuse `name_k` (and an unnamed op `MatMul_k`) and its first use `name`: all map to `name`.
+    """
     stems = [_LAYER_INDEX.sub(lambda m: "" if m.group().startswith("_") else "#", n) for n in names]
+    if shapes is not None:
+        stems = [f"{s}{list(sh)}" for s, sh in zip(stems, shapes, strict=True)]
     total = Counter(stems)
     seen: Counter = Counter()
     out = {}
@@ -97,7 +102,7 @@ def select_nodes(model, vocab: int, exclude: list[str] | None = None, raw_inputs
             sel.kept[n.name] = "un-normalized input stream"
         else:
             linears.append(n)
-    layers = layer_of([n.name for n in linears])
+    layers = layer_of([n.name for n in linears], [tuple(inits[n.input[1]].dims) for n in linears])
     for n in linears:
         reason = _excluded(n, layers[n.name], exclude or [])
         if reason:
