@@ -18,9 +18,26 @@ def _shape(entry: dict, name: str, sym: dict[str, int]) -> tuple[int, ...]:
     raise KeyError(name)
 
 
+def input_shapes(entry: dict, sym: dict[str, int]) -> dict[str, tuple[int, ...]]:
+    """Concrete shape of every input of a manifest graph entry, with its symbolic dims set from `sym`."""
+    return {io["name"]: _shape(entry, io["name"], sym) for io in entry["inputs"]}
+
+
 def _profile(entry: dict, lo: dict, opt: dict, hi: dict) -> dict:
     return {io["name"]: (_shape(entry, io["name"], lo), _shape(entry, io["name"], opt), _shape(entry, io["name"], hi))
             for io in entry["inputs"]}
+
+
+def target_symbols(manifest: dict, tokens: int, rows: int) -> dict[str, int]:
+    """The target graph's symbolic dims for a call over `tokens` new tokens gathering `rows` logit rows:
+    the mask spans the whole cache plus the new tokens."""
+    return {"tokens": tokens, "slots": manifest["kv_capacity"] + tokens, "rows": rows}
+
+
+def draft_symbols(manifest: dict, tokens: int, feats: int) -> dict[str, int]:
+    """The draft graph's symbolic dims for `tokens` positions appending `feats` target features."""
+    return {"tokens": tokens, "self_slots": manifest["draft_capacity"] + tokens, "feats": feats,
+            "cross_slots": manifest["cross_capacity"] + feats}
 
 
 def graph_profiles(manifest: dict, max_prompt: int | None = None, tree_k: int = 8) -> dict[str, list[dict]]:
@@ -28,18 +45,17 @@ def graph_profiles(manifest: dict, max_prompt: int | None = None, tree_k: int = 
     g = manifest["graphs"]
     cap, tree = manifest["kv_capacity"], manifest["max_tree"]
     prompt = min(max_prompt or cap, cap)
-    dcap, ccap = manifest["draft_capacity"], manifest["cross_capacity"]
     t = g["target"]
 
     def tsym(tokens, rows):
-        return {"tokens": tokens, "slots": cap + tokens, "rows": rows}
+        return target_symbols(manifest, tokens, rows)
 
     target = [_profile(t, tsym(1, 1), tsym(prompt // 2, 1), tsym(prompt, 1)),  # prefill
               _profile(t, tsym(1, 1), tsym(tree // 2, tree // 2), tsym(tree, tree))]  # decode / verify
     d = g["draft"]
 
     def dsym(tokens, feats):
-        return {"tokens": tokens, "self_slots": dcap + tokens, "feats": feats, "cross_slots": ccap + feats}
+        return draft_symbols(manifest, tokens, feats)
 
     draft = [_profile(d, dsym(1, 0), dsym(prompt // 2, prompt // 2), dsym(prompt, prompt)),  # context pass
              _profile(d, dsym(1, 1), dsym(tree_k // 2, tree_k // 2), dsym(tree_k, tree_k))]  # tree step

@@ -1,0 +1,178 @@
+"""Engine identity: the metadata JSON beside every TensorRT engine, and the check that refuses a mismatch.
+
+A serialized TensorRT engine runs only under the TensorRT release that built it and on GPUs of the
+compute capability it was built for; loading it anywhere else fails deep inside TensorRT with a
+message that names neither. Both build paths (the bundle's `build.sh` through trtexec, and the
+TensorRT Python API in `dream_export.targets.trt_build`) write `<engine stem>.json` as their last
+step, with the engine's sha256, the TensorRT version, the GPU and its SM; the runtime compares that
+record with the running device before it deserializes anything.
+
+Pure Python: no TensorRT and no CUDA import here except in `probe_device`, so the check is testable
+(and usable in reports) on any host.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from dream_export.errors import IncompatibleArtifactError, MissingBackendError
+from dream_export.targets.trtexec import ENGINE_META_FORMAT
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What an engine must match: the TensorRT release and the GPU's compute capability."""
+
+    tensorrt_version: str  # e.g. "10.3.0.30" (tensorrt.__version__)
+    sm: str  # "major.minor", e.g. "8.7"
+    gpu: str = ""
+
+
+def meta_path(engine: str | Path) -> Path:
+    """`<engine stem>.json` beside `engine` (engines/jetson-orin/target.engine -> target.json)."""
+    p = Path(engine)
+    return p.with_suffix(".json") if p.suffix == ".engine" else p.with_name(p.name + ".json")
+
+
+def read_metadata(engine: str | Path) -> dict:
+    """The metadata of `engine`; refuses an engine without one (a build that did not finish)."""
+    path = meta_path(engine)
+    if not path.exists():
+        raise IncompatibleArtifactError(
+            f"{engine} has no metadata ({path.name}): the build did not finish or the engine was not built by "
+            "dream-export; rebuild it with `dream-export build` or the bundle's build.sh")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise IncompatibleArtifactError(f"{path} is not valid JSON ({e.msg}); rebuild the engine") from e
+    if not isinstance(meta, dict):
+        raise IncompatibleArtifactError(f"{path} is not an engine metadata object; rebuild the engine")
+    return meta
+
+
+def _version_parts(version: str) -> list[int] | None:
+    try:
+        return [int(p) for p in str(version).split(".") if p != ""]
+    except ValueError:
+        return None
+
+
+def _recorded_sm(meta: dict) -> str:
+    """The SM the engine was built for; build.sh on a Jetson may not read it (no compute_cap in
+    nvidia-smi there), and then the target's registry SM stands in."""
+    sm = str(meta.get("compute_cap") or meta.get("sm") or "").strip()
+    if sm:
+        return sm
+    from dream_export.targets.registry import get_target  # pure data, no heavy imports
+
+    try:
+        return get_target(str(meta.get("target", ""))).sm or ""
+    except Exception:  # unknown target name: nothing to fall back on
+        return ""
+
+
+def mismatch_reasons(meta: dict, device: DeviceInfo, component: str | None = None,
+                     engine_sha256: str | None = None) -> list[str]:
+    """Every reason the engine described by `meta` cannot run on `device` (empty: it can).
+
+    TensorRT versions are compared on the components the metadata records: engines from the API path
+    record the full version (10.3.0.30) and must match it exactly; build.sh records major.minor (what
+    trtexec's banner gives) and is compared on those. `engine_sha256`, when given, must equal the
+    recorded digest (a truncated or replaced engine file).
+    """
+    reasons: list[str] = []
+    if meta.get("format") != ENGINE_META_FORMAT:
+        reasons.append(f"metadata format is {meta.get('format')!r}, expected {ENGINE_META_FORMAT!r}")
+    if component is not None and meta.get("component") not in (None, component):
+        reasons.append(f"engine is the {meta.get('component')} graph, not the {component} graph")
+    built = str(meta.get("tensorrt_version") or "")
+    want, have = _version_parts(built), _version_parts(device.tensorrt_version)
+    if not built or want is None or len(want) < 2:
+        reasons.append(f"metadata does not record the TensorRT version that built the engine ({built or 'missing'})")
+    elif have is None or have[: len(want)] != want:
+        reasons.append(f"engine was built with TensorRT {built}, this host runs TensorRT {device.tensorrt_version} "
+                       "(engines are not portable across TensorRT releases)")
+    sm = _recorded_sm(meta)
+    if not sm:
+        reasons.append("metadata records no compute capability (SM) and names no known target")
+    elif sm != device.sm:
+        where = f" ({meta['gpu']})" if meta.get("gpu") else ""
+        reasons.append(f"engine was built for SM {sm}{where}, this GPU is SM {device.sm}"
+                       f"{' (' + device.gpu + ')' if device.gpu else ''}")
+    if engine_sha256 is not None and meta.get("sha256") and meta["sha256"] != engine_sha256:
+        reasons.append("engine file does not match the sha256 in its metadata (edited, truncated or replaced)")
+    return reasons
+
+
+def check_engine(engine: str | Path, device: DeviceInfo, component: str | None = None,
+                 verify_digest: bool = True) -> dict:
+    """Refuse (`IncompatibleArtifactError`, all reasons in one line) or return the engine's metadata."""
+    meta = read_metadata(engine)
+    digest = sha256_file(engine) if verify_digest else None
+    reasons = mismatch_reasons(meta, device, component, digest)
+    if reasons:
+        raise IncompatibleArtifactError(f"refusing {engine}: {'; '.join(reasons)}. Rebuild the engines on this "
+                                        "device with `dream-export build` (or the bundle's build.sh)")
+    return meta
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in chunks (engines and ONNX graphs run to gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def probe_gpu() -> tuple[str, str] | None:
+    """(GPU name, SM) of device 0 without torch: cuda-python when installed, else `nvidia-smi`; None
+    when neither finds a GPU. On a Jetson without compute_cap in nvidia-smi, cuda-python is needed."""
+    try:
+        cudart = load_cudart()
+        err, prop = cudart.cudaGetDeviceProperties(0)
+        if err == cudart.cudaError_t.cudaSuccess:
+            name = prop.name.decode(errors="replace").rstrip("\0") if isinstance(prop.name, bytes) else str(prop.name)
+            return name, f"{prop.major}.{prop.minor}"
+    except MissingBackendError:
+        pass
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    line = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
+    name, _, sm = line.rpartition(",")
+    return (name.strip(), sm.strip()) if name and sm.strip()[:1].isdigit() else None
+
+
+def probe_device() -> DeviceInfo:
+    """The running TensorRT and GPU; `MissingBackendError` when either is absent."""
+    try:
+        import tensorrt as trt
+    except ImportError as e:
+        raise MissingBackendError("tensorrt is not installed: on a Jetson it comes with JetPack "
+                                  "(python3-libnvinfer); elsewhere pip install 'dream-export[trt]'") from e
+    gpu = probe_gpu()
+    if gpu is None:
+        raise MissingBackendError("no NVIDIA GPU found (cuda-python and nvidia-smi see none)")
+    return DeviceInfo(str(trt.__version__), gpu[1], gpu[0])
+
+
+def load_cudart():
+    """The CUDA runtime binding of cuda-python (`cuda.bindings.runtime`, or `cuda.cudart` before 12.6)."""
+    try:
+        from cuda.bindings import runtime as cudart
+    except ImportError:
+        try:
+            from cuda import cudart  # type: ignore[no-redef]  # cuda-python < 12.6
+        except ImportError as e:
+            raise MissingBackendError("the TensorRT backend needs cuda-python: pip install 'dream-export[trt]'") from e
+    return cudart
