@@ -419,26 +419,70 @@ def _model_config(path: Path) -> tuple[dict, dict | None]:
 
 @cli.command("plan")
 @click.argument("model", type=click.Path(exists=True, path_type=Path))
-@click.option("--target", "target_name", required=True, help="Target name (see `dream-export targets`).")
+@click.option("--target", "target_name", required=True,
+              help="Target name (see `dream-export targets`), or 'all' for predicted tokens/s on every GPU target.")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "int8", "fp8"]), default="fp16", show_default=True)
 @click.option("--kv-capacity", type=int, default=None, help="Fix the KV capacity instead of searching.")
 @click.option("--tree", "tree_size", type=int, default=None, help="Fix the tree size instead of searching.")
+@click.option("--tau", type=float, default=None,
+              help="Acceptance length for the predicted tokens/s (default: the DREAM paper's LLaVA-1.6-7B 5.51; "
+                   "use your draft's from `dream-export bench`).")
+@click.option("--draft-tree", "draft_tree", default="4,6,32", show_default=True,
+              help="K,DEPTH,TOTAL of the drafted tree for the predicted tokens/s.")
 @click.option("--json", "as_json", is_flag=True)
 def plan_cmd(model: Path, target_name: str, precision: str, kv_capacity: int | None, tree_size: int | None,
-             as_json: bool) -> None:
-    """Memory plan of MODEL (bundle, model directory or config.json) on a target; refuses with numbers."""
+             tau: float | None, draft_tree: str, as_json: bool) -> None:
+    """Memory plan of MODEL (bundle, model directory or config.json) on a target, with the latency model's
+    predicted per-call times and tokens/s; refuses with numbers when the model does not fit."""
+    from dream_export.targets.latency import Capacities, format_prediction, predict_target, target_peaks
+    from dream_export.targets.latency_report import (
+        DEFAULT_TAU,
+        fit_tree,
+        format_all_targets,
+        predict_all_targets,
+    )
     from dream_export.targets.memory import DraftDesc, describe_model, plan_memory
     from dream_export.targets.registry import get_target
 
     cfg, draft_cfg = _model_config(model)
     desc = describe_model(cfg, name=model.name)
     draft = DraftDesc.from_config(draft_cfg) if draft_cfg else None
-    plan = plan_memory(desc, get_target(target_name), precision, draft=draft, kv_capacity=kv_capacity,
-                       tree_size=tree_size)
+    tree, tau = _tree_option(draft_tree), tau if tau is not None else DEFAULT_TAU
+    # a bundle's graphs are exported with fixed buffers: predict for those, not for a re-plan
+    caps = (Capacities.from_manifest(json.loads((model / "manifest.json").read_text()))
+            if (model / "manifest.json").exists() else None)
+    if target_name == "all":
+        rows = predict_all_targets(desc, precision, tree, tau, draft, caps)
+        if as_json:
+            _emit_json({"model": desc.name, "tau": tau, "targets": rows})
+        else:
+            click.echo(format_all_targets(rows, desc.name, tau))
+        return
+    tgt = get_target(target_name)
+    plan = plan_memory(desc, tgt, precision, draft=draft, kv_capacity=kv_capacity, tree_size=tree_size)
+    caps = caps or Capacities.from_plan(plan.kv_capacity, plan.tree_size)
+    if tgt.kind == "cpu":
+        from dream_export.targets.measure import host_peaks
+
+        peaks = host_peaks()
+    else:
+        peaks = target_peaks(tgt, precision)
+    pred = predict_target(desc, caps, tgt, precision, fit_tree(tree, caps.max_tree), tau, draft, peaks)
     if as_json:
-        _emit_json(plan.to_dict())
+        _emit_json({**plan.to_dict(), "latency": pred})
     else:
         click.echo(plan.format())
+        click.echo(format_prediction(pred))
+
+
+def _tree_option(text: str):
+    from dream_export.errors import UsageError
+    from dream_export.runtime.tree import TreeSpec
+
+    try:
+        return TreeSpec.parse(text)
+    except ValueError as e:
+        raise UsageError(str(e)) from e
 
 
 @cli.command("build")
@@ -453,14 +497,17 @@ def plan_cmd(model: Path, target_name: str, precision: str, kv_capacity: int | N
 @click.option("--max-prompt", type=int, default=None, help="Longest prompt the prefill profile must take.")
 def build_cmd(bundle: Path, target_name: str, precision: str, dla: int | None, workspace: int | None,
               timing_cache: str | None, opt_level: int | None, max_prompt: int | None) -> None:
-    """Write engines/<target>/build.sh + build.json: the exact trtexec builds for the device.
+    """Build the TensorRT engines here, or write engines/<target>/build.sh + build.json for the device.
 
-    Engines are specific to GPU, TensorRT version and flags, and Jetson engines are built on the
-    Jetson: copy the bundle to the device and run the printed command there.
+    Engines are specific to GPU, TensorRT version and flags: when `tensorrt` imports and the local GPU
+    has the target's SM, they are built here with the TensorRT Python API; otherwise the exact trtexec
+    builds are written for the device (copy the bundle there and run the printed command).
     """
     from dream_export.runtime.bundle import Bundle
+    from dream_export.runtime.engine_meta import DeviceInfo
     from dream_export.targets.bundle_builds import bundle_builds
     from dream_export.targets.registry import get_target
+    from dream_export.targets.trt_build import build_engines, detect_build_path, local_target
     from dream_export.targets.trtexec import write_build_bundle
 
     b = Bundle.open(bundle)
@@ -472,15 +519,27 @@ def build_cmd(bundle: Path, target_name: str, precision: str, dla: int | None, w
         click.echo(f"wrote {bundle / 'engines' / 'cpu'} (ONNX Runtime-optimized graphs, build.json); "
                    "use them with `--precision cpu` in run / bench")
         return
-    builds = bundle_builds(b.manifest, tgt, precision, max_prompt=max_prompt, dla_core=dla, workspace_mb=workspace,
-                           timing_cache=timing_cache, opt_level=opt_level)
+    options = dict(max_prompt=max_prompt, dla_core=dla, workspace_mb=workspace, timing_cache=timing_cache,
+                   opt_level=opt_level)
+    builds = bundle_builds(b.manifest, tgt, precision, **options)  # validates the request on every host
     out = bundle / "engines" / tgt.name
+    path = detect_build_path(tgt)
+    click.echo(f"build path: {'TensorRT Python API on this host' if path.api else 'build.sh for the device'} "
+               f"({path.reason})")
+    if path.api:
+        assert path.tensorrt is not None and path.gpu is not None
+        here = local_target(tgt, path.tensorrt)
+        device = DeviceInfo(path.tensorrt, path.gpu[1], path.gpu[0])
+        record = build_engines(bundle_builds(b.manifest, here, precision, **options), bundle, here, device, out,
+                               log=click.echo)
+        click.echo(f"built {len(builds)} engines ({precision}) into {out}, recorded in {record}; run them with "
+                   "`--backend tensorrt`")
+        return
     json_path, sh_path = write_build_bundle(out, builds, tgt, meta={"bundle_format": b.manifest["format_version"]},
                                             root="../..")
     click.echo(f"wrote {sh_path} and {json_path} ({len(builds)} engines, {precision}, TensorRT "
                f"{'.'.join(map(str, tgt.trt_version))} on {tgt.display_name})")
-    click.echo(f"TensorRT is not available on this host: copy {bundle} to the device and run "
-               f"`bash {bundle.name}/engines/{tgt.name}/build.sh` there")
+    click.echo(f"copy {bundle} to the device and run `bash {bundle.name}/engines/{tgt.name}/build.sh` there")
 
 
 @cli.command("profile")
@@ -492,8 +551,13 @@ def build_cmd(bundle: Path, target_name: str, precision: str, dla: int | None, w
 @click.option("--limit", default=5, show_default=True, help="Prompts to run.")
 @click.option("--threads", default=2, show_default=True)
 @click.option("--top", default=15, show_default=True, help="Rows per table.")
-def profile_cmd(bundle: Path, data_path: Path, component: str, limit: int, threads: int, top: int) -> None:
-    """Per-op profile of the bundle's graphs under speculative decoding (ONNX Runtime on this host).
+@click.option("--tree", "tree_spec", default="4,6,32", show_default=True, help="K,DEPTH,TOTAL of the drafted tree.")
+@click.option("--reps", default=5, show_default=True, help="Timed repetitions per call for predicted vs measured.")
+@click.option("--json", "as_json", is_flag=True, help="Print the predicted-vs-measured summary as JSON (last line).")
+def profile_cmd(bundle: Path, data_path: Path, component: str, limit: int, threads: int, top: int, tree_spec: str,
+                reps: int, as_json: bool) -> None:
+    """Per-op profile of the bundle's graphs under speculative decoding (ONNX Runtime on this host), and the
+    latency model's prediction for each graph call against its measured time.
 
     Writes reports/profile.json and reports/profile.png; prints the per-stage split of the runtime too.
     For TensorRT on the device, `build` writes the trtexec profiling commands; `dream_export.targets.profiles`
@@ -511,12 +575,16 @@ def profile_cmd(bundle: Path, data_path: Path, component: str, limit: int, threa
     from dream_export.targets.profiles import format_table, parse_ort_profile
 
     b = Bundle.open(bundle)
+    tree = _tree_option(tree_spec)
+    rows = read_prompts(data_path)[:limit]
     with tempfile.TemporaryDirectory() as tmp:
         backend = OnnxRuntimeBackend(b, threads, profile_dir=Path(tmp))
         pipe = Pipeline(b, backend)
         stages: dict[str, float] = {}
-        for row in read_prompts(data_path)[:limit]:
-            res = pipe.generate(Image.open(row["image"]), row["prompt"])
+        rounds: list[int] = []
+        for row in rows:
+            res = pipe.generate(Image.open(row["image"]), row["prompt"], tree=tree)
+            rounds += res.stats["rounds"]
             for k, v in res.stats["seconds"].items():
                 stages[k] = stages.get(k, 0.0) + v
         traces = backend.end_profiling()
@@ -525,6 +593,14 @@ def profile_cmd(bundle: Path, data_path: Path, component: str, limit: int, threa
     for c in comps:
         click.echo(f"\n{c} graph (ONNX Runtime, mean per call):\n{format_table(report['components'][c], top)}")
     click.echo("\nspeculative stages (s): " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
+    prompt_tokens = max(1, round(sum(len(pipe.prompt_ids(r["prompt"])) for r in rows) / len(rows)))
+    tau = sum(rounds) / len(rounds) if rounds else 1.0
+    cmp = _predicted_vs_measured(b, bundle, tree, min(max(tau, 1.0), tree.depth + 1), prompt_tokens, threads, reps)
+    if cmp is not None:
+        report["latency"] = cmp
+        from dream_export.targets.latency_report import format_compare
+
+        click.echo("\n" + format_compare(cmp))
     out = bundle / "reports"
     atomic_write_text(out / "profile.json", json.dumps(report, indent=2))
     try:
@@ -533,20 +609,54 @@ def profile_cmd(bundle: Path, data_path: Path, component: str, limit: int, threa
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, len(comps), figsize=(6 * len(comps), 4), squeeze=False)
-        for ax, c in zip(axes[0], comps, strict=True):
+        panels = len(comps) + (cmp is not None)
+        fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+        for ax, c in zip(axes[0], comps, strict=False):
             by_op: dict[str, float] = {}
             for r in report["components"][c]:
                 by_op[r["op_type"] or "?"] = by_op.get(r["op_type"] or "?", 0.0) + r["time_ms"]
             ops = sorted(by_op.items(), key=lambda kv: kv[1])[-10:]
             ax.barh([o for o, _ in ops], [t for _, t in ops], color="#4477aa")
             ax.set_title(f"{c}: time per call by op (ms)")
+        if cmp is not None:
+            from dream_export.targets.latency_report import plot_compare
+
+            plot_compare(axes[0][-1], cmp)
         fig.tight_layout()
         fig.savefig(out / "profile.png", dpi=100)
         plt.close(fig)
         click.echo(f"wrote {out / 'profile.json'} and {out / 'profile.png'}")
     except ImportError:
         click.echo(f"wrote {out / 'profile.json'} (install matplotlib for the plot)")
+    if as_json:
+        _emit_json({"latency": cmp, "stages_seconds": stages, "tau": tau})
+
+
+def _predicted_vs_measured(b, bundle: Path, tree, tau: float, prompt_tokens: int, threads: int, reps: int):
+    """The latency model on this host's measured peaks vs the same calls timed with ONNX Runtime (None when
+    the bundle's source config is not on this machine)."""
+    from dream_export.errors import UsageError
+    from dream_export.runtime.backends import OnnxRuntimeBackend
+    from dream_export.targets.latency import Capacities, decode_calls, predict_target
+    from dream_export.targets.latency_report import compare, fit_tree
+    from dream_export.targets.measure import host_peaks, measure_calls
+    from dream_export.targets.memory import DraftDesc, describe_model
+    from dream_export.targets.registry import get_target
+
+    try:
+        cfg, draft_cfg = _model_config(bundle)
+    except UsageError as e:
+        click.echo(f"\nno latency model: {e}")
+        return None
+    caps = Capacities.from_manifest(b.manifest)
+    tree = fit_tree(tree, caps.max_tree)
+    desc = describe_model(cfg, name=bundle.name)
+    draft = DraftDesc.from_config(draft_cfg) if draft_cfg else None
+    peaks = host_peaks(threads)
+    pred = predict_target(desc, caps, get_target("cpu"), "fp32", tree, tau, draft, peaks, prompt_tokens)
+    plain = OnnxRuntimeBackend(b, threads)  # a second set of sessions: the profiler's overhead stays out
+    measured = measure_calls(plain, b.manifest, decode_calls(tree, tau, prompt_tokens), reps)
+    return compare(pred, measured)
 
 
 def _text_config(model_dir: Path):
