@@ -13,6 +13,9 @@ graph it came from. Nodes kept in FP32, and why:
   already 2 at position 2048, so angles would be wrong by whole radians);
 * tanh gates of the draft's gated cross-attention (Tanh of a parameter): small gate values are the
   signal, FP16 keeps ~3 significant digits of them.
+
+What an FP16 graph must satisfy (realistic-feed tolerance, random-feed stress tolerance, greedy
+agreement with fp32) is the parity policy in `export/parity.py`.
 """
 
 from __future__ import annotations
