@@ -141,3 +141,13 @@ def test_smoothquant_int8_target_matches_fp32(demo_bundle, tmp_path_factory):
                      method="percentile")
     info = json.loads((out / "manifest.json").read_text())["calibration"]["components"]["target"]
     assert info["smoothquant"]["groups"] > 50 and info["trt_lint_ok"]
+
+
+@pytest.mark.slow
+def test_check_on_a_calibrated_bundle(int8):
+    from dream_export.export.parity import check_bundle
+
+    rep = check_bundle(int8, seeds=(0,), log=lambda *_: None)
+    # the kept fp32 graphs are checked against torch; INT8 graphs are left to calib-report
+    assert rep["ok"], rep["failures"]
+    assert set(rep["not_checked"]) == {"target", "draft"} and "fp32" in rep["graphs"]["target"]
