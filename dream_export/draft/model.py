@@ -36,7 +36,6 @@ from dream_export.export.attention import (
     merge_heads,
     segmented_attention,
     split_heads,
-    static_len,
 )
 
 
@@ -96,13 +95,12 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
 
     def forward(self, x, rot, hidden, cache):
-        """`hidden`: (cache part, new part) of the grouped mask from `group_mask`."""
+        """`hidden`: the grouped mask over (cache, new rows) from `group_mask`."""
         c = self.cfg
-        q, k, v = fused_qkv((self.q_proj, self.k_proj, self.v_proj), x, c.num_heads, c.num_kv_heads, c.head_dim, *rot)
-        segments = [(k, v, hidden[1])]
-        if cache is not None:
-            segments.insert(0, (cache[0], cache[1], hidden[0]))
-        o = segmented_attention(q, segments, c.num_kv_heads, c.head_dim ** -0.5)
+        q, k, v = fused_qkv((self.q_proj, self.k_proj, self.v_proj), x, c.num_heads, c.num_kv_heads, c.head_dim, *rot,
+                            q_scale=c.head_dim ** -0.5)
+        segments = [(k, v)] if cache is None else [cache, (k, v)]
+        o = segmented_attention(q, segments, hidden, c.num_kv_heads)
         return self.o_proj(merge_heads(o, c.num_heads, c.head_dim)), (k, v)
 
 
@@ -164,14 +162,10 @@ class CrossAttnBlock(nn.Module):
         ks = cross_k if isinstance(cross_k, (tuple, list)) else (cross_k,)
         vs = cross_v if isinstance(cross_v, (tuple, list)) else (cross_v,)
         null_visible = torch.ones_like(cross_mask[..., :1]) if c.null_key else ~cross_mask.any(-1, keepdim=True)
-        segments = [(self.null_k.expand(b, -1, -1, -1).to(q.dtype), self.null_v.expand(b, -1, -1, -1).to(q.dtype),
-                     group_mask(null_visible, rep))]
-        start = 0
-        for i, (k, v) in enumerate(zip(ks, vs, strict=True)):
-            part = cross_mask[..., start:] if i + 1 == len(ks) else cross_mask[..., start:start + static_len(k, 2)]
-            segments.append((k, v, group_mask(part, rep)))
-            start += static_len(k, 2) if i + 1 < len(ks) else 0
-        o = segmented_attention(q, segments, c.num_kv_heads, c.head_dim ** -0.5)
+        segments = [(self.null_k.expand(b, -1, -1, -1).to(q.dtype), self.null_v.expand(b, -1, -1, -1).to(q.dtype)),
+                    *zip(ks, vs, strict=True)]
+        hidden = group_mask(torch.cat([null_visible, cross_mask], -1), rep)
+        o = segmented_attention(q, segments, hidden, c.num_kv_heads, c.head_dim ** -0.5)
         x = x + torch.tanh(self.attn_gate) * self.o_proj(merge_heads(o, c.num_heads, c.head_dim))
         return x + torch.tanh(self.mlp_gate) * self.mlp(self.post_attention_layernorm(x))
 
@@ -220,9 +214,7 @@ class Draft(nn.Module):
         caches = self_cache or [None] * len(self.blocks)
         rot = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         # masks inverted and tiled for grouped queries once, shared by the blocks
-        rep = self.config.num_heads // self.config.num_kv_heads
-        past = static_len(caches[0][0], 2) if caches[0] is not None else 0
-        hidden = (group_mask(self_mask[..., :past], rep), group_mask(self_mask[..., past:], rep))
+        hidden = group_mask(self_mask, self.config.num_heads // self.config.num_kv_heads)
         x, kv0 = self.blocks[0](x, rot, hidden, caches[0])
         block0, new_kv = x, [kv0]
         if self.cross is not None:

@@ -47,15 +47,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_qkv(projs: tuple[nn.Linear, nn.Linear, nn.Linear], h: torch.Tensor, heads: int, kv_heads: int,
-              head_dim: int, cos: torch.Tensor, sin: torch.Tensor):
-    """Q, K (rotary applied) and V [B,heads,T,D] from one joined projection.
+              head_dim: int, cos: torch.Tensor, sin: torch.Tensor, q_scale: float = 1.0):
+    """Q (times `q_scale`), K (rotary applied to both) and V [B,heads,T,D] from one joined projection.
 
     One MatMul, one head split and one rotary pass over Q and K together instead of three of each: on
-    CPU a graph's cost is mostly per-node overhead. The weights are joined at trace time, so the exported
-    graph stores the concatenation once (constant-folded) and no weight is duplicated.
+    CPU a graph's cost is mostly per-node overhead. The weights are joined (and Q's attention scale
+    folded in: RoPE is linear) at trace time, so the exported graph stores the result once, constant-folded.
     """
-    w = torch.cat([p.weight for p in projs])
-    bias = torch.cat([p.bias for p in projs]) if projs[0].bias is not None else None
+    w = torch.cat([projs[0].weight * q_scale, projs[1].weight, projs[2].weight])
+    bias = (torch.cat([projs[0].bias * q_scale, projs[1].bias, projs[2].bias])
+            if projs[0].bias is not None else None)
     y = split_heads(nn.functional.linear(h, w, bias), heads + 2 * kv_heads, head_dim)
     qk, v = y.split([heads + kv_heads, kv_heads], 1)
     qk = (qk * cos + rotate_half(qk) * sin).to(qk.dtype)
@@ -68,21 +69,22 @@ def static_len(x: torch.Tensor, dim: int) -> int:
     return int(x.shape[dim])
 
 
-def segmented_attention(q: torch.Tensor, segments: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-                        kv_heads: int, scale: float, return_probs: bool = False):
-    """softmax(q·Kᵀ·scale + mask) · V over concatenated segments, computed per segment.
+def segmented_attention(q: torch.Tensor, segments: list[tuple[torch.Tensor, torch.Tensor]], hidden: torch.Tensor,
+                        kv_heads: int, scale: float = 1.0, return_probs: bool = False):
+    """softmax(q·Kᵀ·scale + mask) · V over concatenated key/value segments, computed per segment.
 
-    q [B,H,T,D]; each segment (k [B,KV,S,D], v [B,KV,S,D], hidden [B,1,rep·T,S] bool from `group_mask`).
-    Every segment but the last must have a size fixed in the graph (a cache). Returns out [B,H,T,D] (and
-    the probabilities in grouped layout [B,KV,rep·T,ΣS] when asked; row r·T + t is query t of head kv·rep + r).
+    q [B,H,T,D]; segments (k [B,KV,S,D], v [B,KV,S,D]); `hidden` [B,1,rep·T,ΣS] bool from `group_mask`
+    over all segments' keys. Every segment but the last must have a size fixed in the graph (a cache).
+    Returns out [B,H,T,D] (and the probabilities in grouped layout [B,KV,rep·T,ΣS] when asked; row
+    r·T + t is query t of head kv·rep + r).
     """
     b, h, d = graph_batch(q), int(q.shape[1]), int(q.shape[-1])
-    qg = (q * scale).reshape(b, kv_heads, -1, d)  # head h = kv_head * rep + r, as repeat_interleave
-    neg = torch.finfo(q.dtype).min
-    scores = [(qg @ k.transpose(-1, -2)).masked_fill(m, neg) for k, _v, m in segments]
-    probs = torch.softmax(torch.cat(scores, -1) if len(scores) > 1 else scores[0], -1)
+    qg = (q if scale == 1.0 else q * scale).reshape(b, kv_heads, -1, d)  # head h = kv_head·rep + r
+    scores = [qg @ k.transpose(-1, -2) for k, _v in segments]
+    scores = torch.cat(scores, -1) if len(scores) > 1 else scores[0]
+    probs = torch.softmax(scores.masked_fill(hidden, torch.finfo(q.dtype).min), -1)
     out, start = None, 0
-    for i, (k, v, _m) in enumerate(segments):
+    for i, (k, v) in enumerate(segments):
         if i + 1 < len(segments):
             size = static_len(k, 2)
             p = probs[..., start:start + size]

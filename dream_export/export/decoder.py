@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from dream_export.export.attention import fused_qkv, group_mask, merge_heads, segmented_attention, static_len
+from dream_export.export.attention import fused_qkv, group_mask, merge_heads, segmented_attention
 
 
 class TargetDecoder(nn.Module):
@@ -46,19 +46,17 @@ class TargetDecoder(nn.Module):
         x = inputs_embeds
         cos, sin = self.lm.rotary_emb(x, position_ids)
         cos, sin = cos[:, None], sin[:, None]
-        past = static_len(past_k, 3)
-        rep = self.n_heads // self.n_kv
-        # the masks are inverted and tiled for grouped queries once, not in every layer
-        hidden_past, hidden_new = group_mask(mask[..., :past], rep), group_mask(mask[..., past:], rep)
+        # the mask is inverted and tiled for grouped queries once, not in every layer
+        hidden = group_mask(mask, self.n_heads // self.n_kv)
         new_k, new_v, attns, hidden_states, taps = [], [], [], [x], []
         for i, layer in enumerate(self.lm.layers[: self.n_layers]):
             at = layer.self_attn
             q, k, v = fused_qkv((at.q_proj, at.k_proj, at.v_proj), layer.input_layernorm(x), self.n_heads, self.n_kv,
-                                self.head_dim, cos, sin)
+                                self.head_dim, cos, sin, q_scale=self.scale)
             new_k.append(k)
             new_v.append(v)
-            o, probs = segmented_attention(q, [(past_k[i], past_v[i], hidden_past), (k, v, hidden_new)],
-                                           self.n_kv, self.scale, return_probs=True)
+            o, probs = segmented_attention(q, [(past_k[i], past_v[i]), (k, v)], hidden, self.n_kv,
+                                           return_probs=True)
             if output_attentions:
                 attns.append(probs)
             x = x + at.o_proj(merge_heads(o, self.n_heads, self.head_dim))
