@@ -61,6 +61,7 @@ class SpecEngine:
         self.hidden = d["hidden"]
         self.uses_cross = m["draft"]["uses_cross"]
         self.eagle3 = m["draft"]["eagle3_taps"]
+        self.uses_prev = "prev_feat" in bundle.graph("draft")["bindings"]  # EAGLE-style drafts only
         self.tb = bundle.graph("target")["bindings"]
         self.db = bundle.graph("draft")["bindings"]
         f32 = np.float32
@@ -102,7 +103,7 @@ class SpecEngine:
                  "self_mask": self_mask[None], "self_key": self.self_k, "self_value": self.self_v,
                  "cross_key": self.cross_k, "cross_value": self.cross_v,
                  "new_feats": new_feats[None].astype(np.float32, copy=False), "cross_mask": cross_mask[None],
-                 "prev_feat": prev_feat[None].astype(np.float32, copy=False)}
+                 "prev_feat": None if prev_feat is None else prev_feat[None].astype(np.float32, copy=False)}
         # the exporter drops inputs a draft does not read (DREAM: prev_feat; EAGLE: the cross cache)
         return self.backend.run("draft", {self.db[r]: v for r, v in roles.items() if r in self.db})
 
@@ -189,7 +190,8 @@ class SpecEngine:
             cross_mask = np.zeros((t, self.ccap + f), bool)
             cross_mask[:, :c_rows] = True  # committed features all precede the pending tokens
             cross_mask[:, self.ccap:] = (np.arange(new_feat_from, new_feat_from + f)[None] < pos[:, None])
-            prev = np.stack([self.feats[p - 1] if p > 0 else np.zeros(self.hidden, np.float32) for p in pos])
+            prev = (np.stack([self.feats[p - 1] if p > 0 else np.zeros(self.hidden, np.float32) for p in pos])
+                    if self.uses_prev else None)
             o = self._draft(np.stack(pending_emb), np.arange(next_pos, next_pos + t), self_mask, nf, cross_mask, prev)
             self.self_k[:, :, :, d_rows:d_rows + t] = o[self.db["new_self_key"]]
             self.self_v[:, :, :, d_rows:d_rows + t] = o[self.db["new_self_value"]]
@@ -251,7 +253,8 @@ class SpecEngine:
             cross_mask[:, c_rows:c_rows + n_cross] = cm[:, :n_cross]
             cross_mask[:, self.ccap:] = cm[:, n_cross:n_cross + len(nf)]
             # every parent is in the previous frontier (or the root): its feature is among those appended now
-            prev = np.stack([pending_feats[feat_slot[tree.parents[n]] - n_cross] for n in frontier])
+            prev = (np.stack([pending_feats[feat_slot[tree.parents[n]] - n_cross] for n in frontier])
+                    if self.uses_prev else None)
             o = self._draft(self.embed([tree.tokens[n] for n in frontier]),
                             np.array([root_pos + tree.depths[n] for n in frontier]), self_mask, nf, cross_mask, prev)
             a = d_rows + n_self
