@@ -334,7 +334,7 @@ def run_cmd(bundle: Path, image: Path, prompt: str, backend: str, mode: str, tre
 @click.option("--limit", type=int, default=None, help="Use only the first N prompts.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--sweep", is_flag=True, help="Also try several tree shapes and report the fastest.")
+@click.option("--sweep", is_flag=True, help="Also try several tree shapes, then thread counts for the fastest shape.")
 def bench_cmd(bundle: Path, data_path: Path, backend: str, mode: str, tree_spec: str, max_new_tokens: int,
               vtc_keep: float | None, threads: str, precision: str, limit: int | None, json_out: Path | None,
               plot_out: Path | None, sweep: bool) -> None:
@@ -362,6 +362,18 @@ def bench_cmd(bundle: Path, data_path: Path, backend: str, mode: str, tree_spec:
                             "match_rate": s["match_rate"]})
             click.echo(f"tree {sh.k},{sh.depth},{sh.total}: speedup {s['speedup']:.2f}x tau {s['tau']:.2f}")
         summary["sweep"] = sorted(results, key=lambda r: -r["speedup"])
+        # Thread counts too: small graphs on few cores can run faster on one thread than on two.
+        best = TreeSpec(*summary["sweep"][0]["tree"])
+        thread_results = []
+        for th in ("1", "target=2,draft=1", "2"):
+            p = Pipeline.load(bundle, backend=backend, threads=th, precision=precision)
+            s = bench(p, rows, max_new_tokens, best, "tree", vtc_keep, warmup=1)
+            thread_results.append({"threads": th, "tree": [best.k, best.depth, best.total], "speedup": s["speedup"],
+                                   "spec_tokens_per_s": s["spec_tokens_per_s"],
+                                   "ar_tokens_per_s": s["ar_tokens_per_s"], "host_fraction": s["host_fraction"]})
+            click.echo(f"threads {th} (tree {best.k},{best.depth},{best.total}): speedup {s['speedup']:.2f}x, "
+                       f"{s['spec_tokens_per_s']:.0f} vs {s['ar_tokens_per_s']:.0f} tok/s")
+        summary["thread_sweep"] = sorted(thread_results, key=lambda r: -r["spec_tokens_per_s"])
     _print_bench(summary)
     if json_out:
         atomic_write_text(json_out, json.dumps(summary, indent=2))

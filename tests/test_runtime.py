@@ -143,3 +143,20 @@ def test_per_graph_threads_give_the_same_tokens(demo_bundle, demo_pipeline):
     a = pipe.generate(img, s.prompt, max_new_tokens=40, mode="chain", tree=TreeSpec(1, 6, 7))
     b = demo_pipeline.generate(img, s.prompt, max_new_tokens=40, mode="chain", tree=TreeSpec(1, 6, 7))
     assert a.tokens == b.tokens
+
+
+def test_bench_sweep_reports_tree_shapes_and_thread_counts(demo_bundle, tmp_path):
+    import subprocess
+    import sys
+
+    scene, s = _heldout(1)[0]
+    scenes.render(scene).save(tmp_path / "a.png")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"image": "a.png", "prompt": s.prompt}) + "\n")
+    r = subprocess.run([sys.executable, "-m", "dream_export.cli", "bench", str(demo_bundle), "--data",
+                        str(tmp_path / "d.jsonl"), "--max-new-tokens", "16", "--sweep", "--json",
+                        str(tmp_path / "b.json")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads((tmp_path / "b.json").read_text())
+    assert out["match_rate"] == 1.0 and len(out["sweep"]) == 8
+    assert {t["threads"] for t in out["thread_sweep"]} == {"1", "target=2,draft=1", "2"}
+    assert all(t["tree"] == out["sweep"][0]["tree"] for t in out["thread_sweep"])

@@ -115,7 +115,9 @@ def _speculative_steps(model_dir: Path, draft_dir: Path, out: Path, bench_prompt
     # CPU attention over unused slots is paid on every call (192 vs 512 slots: 1.52x vs 1.40x speedup).
     manifest = export_bundle(model_dir, draft_dir, out / "bundle", ExportOptions(kv_capacity=192, max_tree=32),
                              log=say)
-    pipe = Pipeline.load(out / "bundle")
+    # One intra-op thread: on two cores these small graphs run faster single-threaded, for the plain
+    # decoder as much as for speculation (`bench --sweep`'s thread sweep; docs/RESULTS.md).
+    pipe = Pipeline.load(out / "bundle", threads=1)
     rows = read_prompts(heldout)[:bench_prompts]
     from PIL import Image
 
