@@ -109,6 +109,13 @@ class VerifyTree:
     parents: np.ndarray
     depths: np.ndarray
 
+    @classmethod
+    def chain(cls, tokens: list[int]) -> VerifyTree:
+        """A single path: root then one draft token per depth."""
+        n = len(tokens)
+        return cls(tokens=np.array(tokens, dtype=np.int64), parents=np.arange(-1, n - 1, dtype=np.int64),
+                   depths=np.arange(n, dtype=np.int64))
+
     def __len__(self) -> int:
         return len(self.tokens)
 
