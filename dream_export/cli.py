@@ -218,10 +218,13 @@ def eval_draft_cmd(target_dir: Path, drafts: tuple, data_path: Path, tree: str, 
 @click.option("--no-attn-scores", is_flag=True, help="Omit the last-layer attention importance output (VTC).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16 also writes onnx-fp16/ (sensitive ops kept in fp32) beside the fp32 graphs.")
+@click.option("--chain-steps", default=5, show_default=True,
+              help="Greedy chain steps unrolled into one draft_chain graph (DREAM drafts; 0 = none). The ONNX "
+                   "Runtime backend uses it for chains of depth STEPS+1 instead of one draft call per token.")
 @click.option("--min-trt", default="8.5", show_default=True, help="Oldest TensorRT the graphs must parse in.")
 @click.option("--skip-check", is_flag=True, help="Do not run parity and the TensorRT lint after exporting.")
 def export_cmd(target_dir: Path, draft_dir: Path, out: Path, kv_capacity: int, max_tree: int, taps: str,
-               no_attn_scores: bool, precision: str, min_trt: str, skip_check: bool) -> None:
+               no_attn_scores: bool, precision: str, chain_steps: int, min_trt: str, skip_check: bool) -> None:
     """Export TARGET_DIR and its draft to a bundle: vision/target/draft ONNX graphs + manifest.
 
     Ends with `dream-export check` (parity against torch, TensorRT-readiness lint) unless --skip-check.
@@ -234,7 +237,8 @@ def export_cmd(target_dir: Path, draft_dir: Path, out: Path, kv_capacity: int, m
     except ValueError as e:
         raise click.BadParameter("--taps takes layer numbers, e.g. final,L3,L7") from e
     export_bundle(target_dir, draft_dir, out, ExportOptions(kv_capacity=kv_capacity, max_tree=max_tree,
-                                                            taps=tap_layers, attn_scores=not no_attn_scores),
+                                                            taps=tap_layers, attn_scores=not no_attn_scores,
+                                                            chain_steps=chain_steps),
                   log=click.echo)
     if precision == "fp16":
         from dream_export.export.fp16 import convert_bundle

@@ -160,3 +160,23 @@ def test_bench_sweep_reports_tree_shapes_and_thread_counts(demo_bundle, tmp_path
     assert out["match_rate"] == 1.0 and len(out["sweep"]) == 8
     assert {t["threads"] for t in out["thread_sweep"]} == {"1", "target=2,draft=1", "2"}
     assert all(t["tree"] == out["sweep"][0]["tree"] for t in out["thread_sweep"])
+
+
+def test_chain_graph_and_per_step_chain_draft_the_same_tokens(demo_pipeline, monkeypatch):
+    """One draft_chain call per round drafts exactly what per-step calls and the k=1 tree draft."""
+    eng = demo_pipeline.engine
+    assert "draft_chain" in demo_pipeline.backend.graphs and eng.chain_steps == 5
+    for sc, s in _heldout(3):
+        img = scenes.render(sc)
+        ar = demo_pipeline.generate(img, s.prompt, max_new_tokens=60, mode="ar").tokens
+        graph = demo_pipeline.generate(img, s.prompt, max_new_tokens=60, mode="chain", tree=TreeSpec(1, 6, 7))
+        calls = demo_pipeline.backend.calls
+        assert calls["draft_chain"] == len(graph.stats["rounds"]) and calls["draft"] == calls["draft_chain"]
+        with monkeypatch.context() as mp:
+            mp.setattr(eng, "chain_steps", 0)
+            steps = demo_pipeline.generate(img, s.prompt, max_new_tokens=60, mode="chain", tree=TreeSpec(1, 6, 7))
+            assert demo_pipeline.backend.calls["draft_chain"] == 0
+            mp.setattr(eng, "_draft_chain", eng._draft_tree)  # the general tree bookkeeping with k = 1
+            tree = demo_pipeline.generate(img, s.prompt, max_new_tokens=60, mode="tree", tree=TreeSpec(1, 6, 7))
+        assert graph.tokens == steps.tokens == tree.tokens == ar
+        assert graph.stats["rounds"] == steps.stats["rounds"] == tree.stats["rounds"]

@@ -15,9 +15,8 @@ from pathlib import Path
 
 from dream_export.errors import UsageError
 from dream_export.io import file_digest
-from dream_export.runtime.bundle import Bundle
+from dream_export.runtime.bundle import GRAPHS, Bundle
 
-GRAPHS = ("vision", "target", "draft")
 _SKIP = ("engines", "reports", "calib")  # plus every onnx-* variant directory
 
 

@@ -99,7 +99,8 @@ class SelfAttention(nn.Module):
         c = self.cfg
         q, k, v = fused_qkv((self.q_proj, self.k_proj, self.v_proj), x, c.num_heads, c.num_kv_heads, c.head_dim, *rot,
                             q_scale=c.head_dim ** -0.5)
-        segments = [(k, v)] if cache is None else [cache, (k, v)]
+        # `cache`: one (k, v) segment, or a list of them (cache + in-graph scratch of a chain graph)
+        segments = [(k, v)] if cache is None else [*cache, (k, v)] if isinstance(cache, list) else [cache, (k, v)]
         o = segmented_attention(q, segments, hidden, c.num_kv_heads)
         return self.o_proj(merge_heads(o, c.num_heads, c.head_dim)), (k, v)
 

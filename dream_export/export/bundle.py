@@ -32,6 +32,8 @@ class ExportOptions:
     taps: tuple[int, ...] = ()
     attn_scores: bool = True
     precision: str = "fp32"
+    # greedy chain steps unrolled in the draft_chain graph (0: none); 5 = the CPU's best chain (1,6,7)
+    chain_steps: int = 5
 
 
 def _io(session_like) -> dict:
@@ -48,6 +50,10 @@ def _io(session_like) -> dict:
             out[kind].append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name,
                               "shape": dims})
     return out
+
+
+def _io_names(path: Path) -> set[str]:
+    return {v["name"] for kind in _io(path).values() for v in kind}
 
 
 def _export(module, args, path: Path, input_names, output_names, dynamic_axes) -> None:
@@ -71,7 +77,7 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
     from dream_export.draft.data import target_identity
     from dream_export.draft.target import load_target
     from dream_export.draft.train import load_draft
-    from dream_export.export.graphs import DraftGraph, TargetGraph, VisionGraph
+    from dream_export.export.graphs import DraftChainGraph, DraftGraph, TargetGraph, VisionGraph
     from dream_export.families import params_from_hf
 
     t0 = time.time()
@@ -149,13 +155,28 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
                  "prev_feat": {1: "tokens"}, "feature": {1: "tokens"}, "topk_ids": {0: "tokens"},
                  "topk_logprobs": {0: "tokens"}, "new_self_key": {3: "tokens"}, "new_self_value": {3: "tokens"},
                  "new_cross_key": {2: "feats"}, "new_cross_value": {2: "feats"}})
-        for name in ("vision", "target", "draft"):
+        graphs = ["vision", "target", "draft"]
+        # chain graph: DREAM drafts only (the EAGLE baselines also read the predecessor's feature)
+        if opts.chain_steps > 0 and draft.uses_cross and "prev_feat" not in _io_names(onnx_dir / "draft.onnx"):
+            cg = DraftChainGraph(draft, model.lm_head, opts.chain_steps, dcfg.final_logit_softcapping).eval()
+            c_args = (torch.zeros(1, 1, hidden), torch.zeros(1, 1, dtype=torch.long),
+                      torch.ones(1, 1, draft_cap, dtype=torch.bool), d_args[3], d_args[4], d_args[5], d_args[6],
+                      torch.zeros(1, 1, hidden), torch.ones(1, 1, cross_cap, dtype=torch.bool),
+                      target.side.embed_tokens.weight.detach().float())
+            _export(cg, c_args, onnx_dir / "draft_chain.onnx", names.DRAFT_CHAIN["inputs"],
+                    names.DRAFT_CHAIN["outputs"], {})
+            graphs.append("draft_chain")
+        for name in graphs:
             p = onnx_dir / f"{name}.onnx"
             io = _io(p)
             roles = [v["name"] for v in io["inputs"] + io["outputs"]]
             # role -> tensor name: the runtime binds by role through this table only
             manifest["graphs"][name] = {"file": f"onnx/{name}.onnx", "sha256": file_digest(p), **io,
                                         "bindings": {r: r for r in roles}}
+        if "draft_chain" in graphs:
+            # the chain graph repeats the draft's weights: it is valid only beside this very draft graph
+            manifest["graphs"]["draft_chain"].update(steps=opts.chain_steps,
+                                                     pairs_with=manifest["graphs"]["draft"]["sha256"])
         # runtime assets: embedding table, tokenizer, template, image preprocessing
         save_file({"embed_tokens": target.side.embed_tokens.weight.detach().float().contiguous()},
                   str(tmp / "embeddings.safetensors"))

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from dream_export.errors import UsageError
 from dream_export.io import atomic_dir, atomic_write_text, file_digest
+from dream_export.runtime.bundle import GRAPHS
 
-GRAPHS = ("vision", "target", "draft")
 VARIANT = "fp16"
 OUT_DIR = "onnx-fp16"
 

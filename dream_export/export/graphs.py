@@ -56,6 +56,43 @@ class DraftGraph(nn.Module):
                 torch.stack([kv[1] for kv in o["self_kv"]]), nk, nv)
 
 
+class DraftChainGraph(nn.Module):
+    """`steps` greedy chain steps of the draft, unrolled: one call instead of one per drafted token.
+
+    Step j sees the committed rows (masks), the scratch rows of steps before it and its own; the
+    parent's draft feature joins the cross-attention scratch first, exactly as in the per-step path.
+    """
+
+    def __init__(self, draft: Draft, lm_head: nn.Module, steps: int, softcap: float | None = None):
+        super().__init__()
+        self.draft, self.lm_head, self.steps, self.softcap = draft, lm_head, steps, softcap
+
+    def forward(self, embeds, positions, self_mask, self_key, self_value, cross_key, cross_value, feature,
+                cross_mask, embed_table):
+        nb = len(self.draft.blocks)
+        scratch: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(nb)]
+        ck, cv, ids = [], [], []
+        x = embeds
+        for j in range(self.steps):
+            nk, nv = self.draft.cross_kv(feature)
+            ck.append(nk)
+            cv.append(nv)
+            seen = torch.ones_like(self_mask[..., :1]).expand(-1, -1, j + 1)
+            caches = [[(self_key[i], self_value[i]), *([(torch.cat([k for k, _ in scratch[i]], 2),
+                                                         torch.cat([v for _, v in scratch[i]], 2))] if j else [])]
+                      for i in range(nb)]
+            o = self.draft(x, positions + j, torch.cat([self_mask, seen], -1), caches,
+                           (cross_key, torch.cat(ck, 2)), (cross_value, torch.cat(cv, 2)),
+                           torch.cat([cross_mask, seen], -1), None)
+            for i, kv in enumerate(o["self_kv"]):
+                scratch[i].append(kv)
+            feature = o["feature"]
+            tok, _ = _topk_logprobs(soft_cap(self.lm_head(feature[0]), self.softcap), 1)  # [1, 1]
+            ids.append(tok[0])
+            x = embed_table.index_select(0, tok[0])[None]
+        return torch.cat(ids)
+
+
 class VisionGraph(nn.Module):
     """Pixels → projected image embeddings ready to splice into the prompt (tower + projector)."""
 

@@ -22,3 +22,12 @@ DRAFT = {
     "outputs": ("feature", "topk_ids", "topk_logprobs", "new_self_key", "new_self_value", "new_cross_key",
                 "new_cross_value"),
 }
+
+DRAFT_CHAIN = {
+    # Several greedy chain steps of the draft in one call (CPU backends pay per call, not per node):
+    # embeds/positions: the first chain token; feature: its parent's draft feature; embed_table: the
+    # runtime's (scaled) token embeddings, read by each step's argmax. Scratch rows stay inside the graph.
+    "inputs": ("embeds", "positions", "self_mask", "self_key", "self_value", "cross_key", "cross_value",
+               "feature", "cross_mask", "embed_table"),
+    "outputs": ("chain_ids",),
+}

@@ -37,6 +37,7 @@ import numpy as np
 
 from dream_export.errors import UsageError
 from dream_export.io import atomic_write_text
+from dream_export.runtime.bundle import GRAPHS
 
 # Max error relative to the output's scale. FP32: ONNX Runtime and torch differ only in summation order
 # and fused kernels (~1e-6 relative); 1e-3 leaves room for deep models. FP16 keeps ~3 significant
@@ -49,7 +50,6 @@ GREEDY_PROMPTS = 8
 GREEDY_MIN = 0.95
 GREEDY_TIE = 0.05  # fp32 logit gap under which a divergence is a tie (FP16 logit error ~0.03 on the demo)
 GREEDY_TOKENS = 48
-GRAPHS = ("vision", "target", "draft")
 TREE_PARENTS = (-1, 0, 0, 1, 1, 2, 3, 5)  # a small EAGLE-style tree: root, two children, grandchildren …
 
 

@@ -9,13 +9,15 @@ from pathlib import Path
 import numpy as np
 
 from dream_export.errors import MissingBackendError, UsageError
-from dream_export.runtime.bundle import Bundle
+from dream_export.runtime.bundle import GRAPHS, Bundle
 
 
 class Backend:
     """Runs named graphs on numpy feeds; records time per graph for the stats."""
 
     name = "abstract"
+    # graphs this backend can run; optional ones (draft_chain) are used only when listed here
+    graphs: frozenset[str] = frozenset({"vision", "target", "draft"})
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
@@ -67,9 +69,10 @@ class OnnxRuntimeBackend(Backend):
                                       "install onnxruntime-gpu for CUDA/TensorRT")
         per_graph = graph_threads(threads)
         self.sessions = {}
-        for name in ("vision", "target", "draft"):
+        chain = ["draft_chain"] if bundle.chain_graph_usable(precision) and "draft" not in (graph_files or {}) else []
+        for name in ("vision", "target", "draft", *chain):
             so = ort.SessionOptions()
-            so.intra_op_num_threads = per_graph[name]
+            so.intra_op_num_threads = per_graph.get(name, per_graph["draft"])
             so.inter_op_num_threads = 1
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             path = (graph_files or {}).get(name) or bundle.graph_path(name, precision)
@@ -78,6 +81,7 @@ class OnnxRuntimeBackend(Backend):
                 so.profile_file_prefix = str(Path(profile_dir) / f"ort-{name}")
             self.sessions[name] = ort.InferenceSession(str(path), so, providers=providers)
         self.providers = providers
+        self.graphs = frozenset(self.sessions)
         self._cpu_only = providers == ["CPUExecutionProvider"]
         self._outputs: dict[str, list[str]] = {}
         self.threads = per_graph
@@ -114,7 +118,6 @@ class OnnxRuntimeBackend(Backend):
         return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
 
 
-GRAPHS = ("vision", "target", "draft")
 
 
 def graph_threads(spec: int | str | dict[str, int]) -> dict[str, int]:

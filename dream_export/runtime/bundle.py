@@ -8,6 +8,9 @@ from pathlib import Path
 
 from dream_export.errors import IncompatibleArtifactError, UsageError
 
+# The graphs every bundle has (the manifest names their I/O); `draft_chain` is optional.
+GRAPHS = ("vision", "target", "draft")
+
 SUPPORTED_FORMAT_VERSIONS = (1,)
 
 
@@ -36,7 +39,7 @@ class Bundle:
                 f"bundle format {manifest.get('format_version')} is not supported by this runtime "
                 f"(supports {SUPPORTED_FORMAT_VERSIONS}); re-export with this version of dream-export")
         b = cls(root, manifest)
-        for name in ("vision", "target", "draft"):
+        for name in GRAPHS:
             if name not in manifest.get("graphs", {}):
                 raise IncompatibleArtifactError(f"manifest lists no {name} graph")
             if not b.graph_path(name).exists():
@@ -58,6 +61,16 @@ class Bundle:
             raise IncompatibleArtifactError(f"bundle has no {precision} {name} graph (has {', '.join(have)}); "
                                             f"create it with `dream-export export --precision {precision}`")
         return self.root / variant["file"]
+
+    def chain_graph_usable(self, precision: str = "fp32") -> bool:
+        """Whether the optional draft_chain graph exists in `precision` and was made from this draft graph."""
+        entry = self.manifest["graphs"].get("draft_chain")
+        if not entry or entry.get("pairs_with") != self.graph("draft").get("sha256"):
+            return False  # absent, or the draft was replaced (calibrated) after the chain graph was exported
+        try:
+            return self.graph_path("draft_chain", precision).exists()
+        except IncompatibleArtifactError:
+            return False
 
     def input_names(self, name: str) -> list[str]:
         return [i["name"] for i in self.graph(name)["inputs"]]

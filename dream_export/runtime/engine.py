@@ -81,6 +81,14 @@ class SpecEngine:
                           ("cross_value", self.cross_v)):
             if role in self.db:
                 backend.register_resident("draft", self.db[role], buf)
+        # several chain steps per draft call, when the bundle has the graph and the backend runs it
+        self.chain_steps = 0
+        if "draft_chain" in backend.graphs:
+            self.cb = bundle.graph("draft_chain")["bindings"]
+            self.chain_steps = bundle.graph("draft_chain")["steps"]
+            for role, buf in (("self_key", self.self_k), ("self_value", self.self_v), ("cross_key", self.cross_k),
+                              ("cross_value", self.cross_v), ("embed_table", embed_table)):
+                backend.register_resident("draft_chain", self.cb[role], buf)
 
     # ---- graph calls -------------------------------------------------------------------------
     def _target(self, embeds, positions, new_mask, rows, past: int) -> dict:
@@ -242,12 +250,15 @@ class SpecEngine:
         db, dcap, ccap = self.db, self.dcap, self.ccap
         tokens = [root, int(ctx_out[db["topk_ids"]][-1, 0])]
         feat = ctx_out[db["feature"]][0, -1:]  # the parent's draft feature, appended at the next call
+        steps = min(spec.depth, spec.total - 1) - 1
+        if steps > 0 and steps == self.chain_steps:
+            return self._draft_chain_graph(tokens, feat, d_rows, c_rows, root_pos)
         self_mask, cross_mask = self._chain_masks
         self_mask[:, dcap] = True
         cross_mask[:, ccap] = True
         empty = np.zeros((0, self.hidden), np.float32)
         # a chain verifies its first total - 1 draft tokens; deeper steps would be thrown away
-        for j in range(min(spec.depth, spec.total - 1) - 1):
+        for j in range(steps):
             a, b = d_rows + j, c_rows + j
             self_mask[:, :a] = True
             self_mask[:, a:dcap] = False
@@ -264,6 +275,21 @@ class SpecEngine:
             feat = o[db["feature"]][0]
             tokens.append(int(o[db["topk_ids"]][0, 0]))
         return VerifyTree.chain(tokens[: spec.total])
+
+    def _draft_chain_graph(self, tokens: list[int], feat: np.ndarray, d_rows: int, c_rows: int,
+                           root_pos: int) -> VerifyTree:
+        """All chain steps in one call of the draft_chain graph (its scratch rows never leave it)."""
+        cb, (self_mask, cross_mask) = self.cb, self._chain_masks
+        self_mask[:, :d_rows] = True
+        self_mask[:, d_rows:] = False
+        cross_mask[:, :c_rows] = True
+        cross_mask[:, c_rows:] = False
+        feeds = {cb["embeds"]: self.embed(tokens[-1:])[None], cb["positions"]: np.array([[root_pos + 1]]),
+                 cb["self_mask"]: self_mask[None, :, :self.dcap], cb["cross_mask"]: cross_mask[None, :, :self.ccap],
+                 cb["self_key"]: self.self_k, cb["self_value"]: self.self_v, cb["cross_key"]: self.cross_k,
+                 cb["cross_value"]: self.cross_v, cb["feature"]: feat[None], cb["embed_table"]: self.embed_table}
+        ids = self.backend.run("draft_chain", feeds)[cb["chain_ids"]]
+        return VerifyTree.chain(tokens + [int(i) for i in ids])
 
     def _draft_tree(self, spec: TreeSpec, root: int, ctx_out: dict, d_rows: int, c_rows: int,
                     root_pos: int) -> VerifyTree:

@@ -153,8 +153,7 @@ class Pipeline:
             secs["vision"] = vision_s
             decode_s = end - t_dec - secs["prefill"]
             # orchestration = decode wall time outside target/draft calls (tree building, masks, copies)
-            decode_backend = self.backend.seconds.get("target", 0.0) + self.backend.seconds.get("draft", 0.0) \
-                - secs["prefill"]
+            decode_backend = sum(v for g, v in self.backend.seconds.items() if g != "vision") - secs["prefill"]
             n = len(tokens)
             result = Result(text.strip(), tokens, finish, {
                 "tau": stats.tau, "rounds": stats.rounds, "seconds": secs, "total_seconds": end - t0,

@@ -24,7 +24,7 @@ import numpy as np
 
 from dream_export.errors import IncompatibleArtifactError, MissingBackendError, UsageError
 from dream_export.runtime.backends import Backend
-from dream_export.runtime.bundle import Bundle
+from dream_export.runtime.bundle import GRAPHS, Bundle
 from dream_export.runtime.engine_meta import (
     DeviceInfo,
     check_engine,
@@ -34,7 +34,6 @@ from dream_export.runtime.engine_meta import (
     read_metadata,
 )
 
-GRAPHS = ("vision", "target", "draft")
 Range = dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # input -> (min shape, max shape)
 
 

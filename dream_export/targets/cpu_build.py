@@ -15,14 +15,12 @@ from pathlib import Path
 
 from dream_export.io import atomic_dir, atomic_write_text, file_digest
 
-GRAPHS = ("vision", "target", "draft")
-
 
 def build_cpu(bundle_dir: str | Path, threads: int = 2, source_precision: str = "fp32", log=print) -> dict:
     """Optimize every graph for this CPU with ONNX Runtime and register them as the `cpu` variant."""
     import onnxruntime as ort
 
-    from dream_export.runtime.bundle import Bundle
+    from dream_export.runtime.bundle import GRAPHS, Bundle
 
     b = Bundle.open(bundle_dir)
     root = Path(bundle_dir)
@@ -34,7 +32,9 @@ def build_cpu(bundle_dir: str | Path, threads: int = 2, source_precision: str = 
                         "enable_cpu_mem_arena": True},
             "source_precision": source_precision, "graphs": {}}
     with atomic_dir(root / out_rel) as tmp:
-        for name in GRAPHS:
+        # the optional chain graph too, so that a CPU build keeps one draft call per chain round
+        names = [*GRAPHS, *(["draft_chain"] if b.chain_graph_usable(source_precision) else [])]
+        for name in names:
             so = ort.SessionOptions()
             so.intra_op_num_threads = threads
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -44,7 +44,7 @@ def build_cpu(bundle_dir: str | Path, threads: int = 2, source_precision: str = 
             log(f"optimized {name} graph for this CPU")
         (tmp / "build.json").write_text(json.dumps(plan, indent=2))
     manifest = json.loads((root / "manifest.json").read_text())
-    for name in GRAPHS:
+    for name in names:
         manifest["graphs"][name].setdefault("variants", {})["cpu"] = plan["graphs"][name]
     atomic_write_text(root / "manifest.json", json.dumps(manifest, indent=2))
     return plan
