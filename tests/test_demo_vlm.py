@@ -16,19 +16,18 @@ def test_processor_expands_image_to_patch_tokens(demo_vlm):
 
 
 def _accuracy(model, processor, data, images):
-    answers = generate_answers(model, processor, images, [s.prompt for _, s in data], max_new_tokens=16)
-    return sum(scenes.first_clause(a) == s.key for a, (_, s) in zip(answers, data, strict=True)) / len(data)
+    limit = 128 if data[0][1].task == "count" else 16  # counting answers state their verdict last
+    answers = generate_answers(model, processor, images, [s.prompt for _, s in data], max_new_tokens=limit)
+    return sum(scenes.answer_key(s.task, a) == s.key for a, (_, s) in zip(answers, data, strict=True)) / len(data)
 
 
 def test_colour_and_count_questions_are_answered_from_the_image(demo_vlm):
     model, processor = demo_vlm
-    for task, floor in (("color", 0.8), ("count", 0.5)):  # held-out (100/task): colour 0.90, count 0.59
+    for task in ("color", "count"):
         data = [(sc, s) for sc, s in scenes.heldout(16) if s.task == task]
         images = [scenes.render(sc) for sc, _ in data]
         acc = _accuracy(model, processor, data, images)
-        assert acc >= floor, (task, acc)
-        if task == "color":
-            # the same questions about other scenes' images lose their answers: the image is what matters
-            # (count answers are often "no circles", right by chance on many images, so they are no test)
-            shuffled = _accuracy(model, processor, data, images[1:] + images[:1])
-            assert shuffled < acc - 0.4, (task, acc, shuffled)
+        assert acc >= 0.8, (task, acc)  # measured on 100 held-out prompts per task: see the asset README
+        # the same questions about other scenes' images lose their answers: the image is what matters
+        shuffled = _accuracy(model, processor, data, images[1:] + images[:1])
+        assert shuffled < acc - 0.3, (task, acc, shuffled)

@@ -32,6 +32,31 @@ def test_answers_mention_the_true_count_and_colour():
         assert any(c in s.key for c in scenes.COLORS)
 
 
+def test_count_answers_check_each_object_then_state_the_count():
+    seen = 0
+    for seed in range(300):
+        scene, s = scenes.make_sample(seed, "count")
+        if not s.answer.startswith("Checking each object:"):
+            continue
+        seen += 1
+        checks = s.answer[len("Checking each object: "):s.answer.rindex(". There ")].split("; ")
+        assert [c.split(":")[0] for c in checks] == [scenes.POSITIONS[o.cell] for o in scene.objects]
+        yes = [c for c in checks if " yes, " in c]
+        # the tally counts up one by one and the verdict states where it ended
+        assert all(c.endswith(f"that makes {scenes.NUMBER_WORDS[i]}") for i, c in enumerate(yes, start=1))
+        assert s.key.startswith("There ") and f" {scenes.NUMBER_WORDS[len(yes)]} " in s.key
+        assert s.answer.endswith(s.key)
+    assert seen > 100
+
+
+def test_answer_key():
+    tally = "Checking each object: top left: red no. There are no green shapes in the image."
+    assert scenes.answer_key("count", tally) == "There are no green shapes in the image."
+    assert scenes.answer_key("count", "There are two objects in the image: a red one.") == (
+        "There are two objects in the image:")
+    assert scenes.answer_key("color", "The circle is red. It is large.") == "The circle is red."
+
+
 def test_first_clause():
     assert scenes.first_clause("There are two circles: a red one.") == "There are two circles:"
     assert scenes.first_clause("The circle is red. It is large.") == "The circle is red."

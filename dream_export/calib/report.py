@@ -69,9 +69,7 @@ def summarize(run: dict, ref: dict, rows: list[dict], bundle_dir: str | Path) ->
     rounds = [a for p in per for a in p["rounds"]]
     same = [p["tokens"] == q["tokens"] for p, q in zip(per, base, strict=True)]
     firsts = [_first_divergence(p["tokens"], q["tokens"]) for p, q, s in zip(per, base, same, strict=True) if not s]
-    # scored as the demo's own evaluation scores: `answer_key` where the demo defines one (the count
-    # statement of a count answer), else the first clause
-    key = getattr(scenes, "answer_key", lambda _task, text: scenes.first_clause(text))
+    key = scenes.answer_key  # scored as the demo's own evaluation scores
     scored = [(p, r) for p, r in zip(per, rows, strict=True) if r.get("task") in ACCURACY_TASKS and "reference" in r]
     hits = [key(r["task"], p["text"]) == key(r["task"], r["reference"]) for p, r in scored]
     by_task = {t: float(np.mean([h for h, (_, r) in zip(hits, scored, strict=True) if r["task"] == t]))

@@ -49,7 +49,7 @@ def answer_heldout(model, processor, num: int) -> list[dict]:
         new = gen[0, inputs["input_ids"].shape[1]:]
         text = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
         rows.append({"seed": sample.seed, "task": sample.task, "prompt": sample.prompt, "answer": text,
-                     "reference": sample.answer, "correct": scenes.first_clause(text) == sample.key,
+                     "reference": sample.answer, "correct": scenes.answer_key(sample.task, text) == sample.key,
                      "tokens": int(new.numel()), "seconds": round(dt, 4),
                      "tokens_per_s": round(new.numel() / dt, 1)})
     return rows

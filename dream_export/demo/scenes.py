@@ -97,14 +97,25 @@ class Sample:
 
     @property
     def key(self) -> str:
-        """The part of the answer that exact-match accuracy is scored on: its first clause."""
-        return first_clause(self.answer)
+        """The part of the answer that exact-match accuracy is scored on (see `answer_key`)."""
+        return answer_key(self.task, self.answer)
 
 
 def first_clause(text: str) -> str:
     """Text up to and including the first '.' or ':' (the answer's factual core)."""
     cut = [i for i in (text.find("."), text.find(":")) if i >= 0]
     return text[: min(cut) + 1].strip() if cut else text.strip()
+
+
+def answer_key(task: str, text: str) -> str:
+    """The clause of an answer that states its fact: the count's verdict or the first clause.
+
+    Counting answers check the objects one by one before they state the count, so their key is the
+    clause that starts at the last "There " (the verdict); every other answer leads with its fact.
+    """
+    if task == "count" and "There " in text:
+        return first_clause(text[text.rfind("There "):])
+    return first_clause(text)
 
 
 def make_scene(seed: int) -> Scene:
@@ -147,9 +158,12 @@ def render(scene: Scene) -> Image.Image:
             y0 = cy * CELL + rng.randint(0, 4)
             draw.text((x0, y0), str(o.digit), fill=fill, font=_font())
             continue
-        r = rng.randint(12, 14) if o.size == "large" else rng.randint(5, 7)
-        mx = cx * CELL + CELL // 2 + rng.randint(-(15 - r), 15 - r)
-        my = cy * CELL + CELL // 2 + rng.randint(-(15 - r), 15 - r)
+        # Small shapes stay near the cell centre: the vision tower embeds each 32-pixel cell with one
+        # linear patch projection, which cannot tell a 5-pixel square from a diamond anywhere in the cell.
+        r = rng.randint(12, 14) if o.size == "large" else rng.randint(7, 8)
+        j = 15 - r if o.size == "large" else 3
+        mx = cx * CELL + CELL // 2 + rng.randint(-j, j)
+        my = cy * CELL + CELL // 2 + rng.randint(-j, j)
         if o.kind == "circle":
             draw.ellipse([mx - r, my - r, mx + r, my + r], fill=fill)
         elif o.kind == "square":
@@ -217,11 +231,22 @@ def _count(scene: Scene, rng: random.Random) -> tuple[str, str]:
         ])
         hits = [o for o in scene.shapes if o.color == color]
         noun = f"{color} shape"
-    head = _count_phrase(len(hits), noun)
-    if not hits:
-        others = _join([f"{o.phrase} {o.where}" for o in scene.objects])
-        return prompt, f"{head} The image shows {others}."
-    return prompt, f"{head}: {_join([f'{o.phrase} {o.where}' for o in hits])}."
+    # A small decoder cannot count matches across image tokens in one step (trained that way, it answered
+    # "no" to every colour or shape count), but it reads objects in order without error. So the answer
+    # walks the objects in reading order, names each one's queried attribute, and decides right after
+    # that word (comparing it with the question's word is then one attention step; a decision placed
+    # after the whole object phrase was mostly "no"), keeping a running tally before the count.
+    steps, tally = [], 0
+    for o in scene.objects:
+        attr = "number" if o.kind == "number" else (o.color if mode == "color" else o.kind)
+        where = POSITIONS[o.cell]
+        if o in hits:
+            tally += 1
+            steps.append(f"{where}: {attr} yes, that makes {NUMBER_WORDS[tally]}")
+        else:
+            steps.append(f"{where}: {attr} no")
+    verdict = _count_phrase(len(hits), noun)
+    return prompt, f"Checking each object: {'; '.join(steps)}. {verdict.rstrip('.')}."
 
 
 def _unique(objs: list[Obj], key) -> list[Obj]:

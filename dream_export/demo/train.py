@@ -19,8 +19,8 @@ from dream_export.io import atomic_dir, warmup_cosine
 class TrainConfig:
     """Settings of one demo-VLM training run; all of them land in training.json."""
 
-    steps: int = 4000
-    batch_size: int = 24
+    steps: int = 3600
+    batch_size: int = 20
     lr: float = 1.5e-3
     min_lr_ratio: float = 0.05
     warmup: int = 60
@@ -37,6 +37,7 @@ class TrainConfig:
     # shape, colour, size, digit and counts within the first few hundred steps, leaving the decoder only
     # the routing from question words to the right image token to learn.
     aux_weight: float = 0.5
+    micro_batches: int = 3
     tokenizer_corpus: int = 20000
 
 
@@ -70,6 +71,12 @@ def count_targets(scene: scenes.Scene) -> list[int]:
     shapes = scene.shapes
     return ([len(scene.objects)] + [sum(o.kind == k for o in shapes) for k in scenes.SHAPES]
             + [sum(o.color == c for o in shapes) for c in scenes.COLORS])
+
+
+def _chunks(items: list, n: int) -> list[list]:
+    """`items` cut into `n` consecutive runs of near-equal size."""
+    size = -(-len(items) // n)
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -126,41 +133,50 @@ def train_demo_vlm(out_dir: str | Path, cfg: TrainConfig, log=print) -> dict:
             batch.append(encoder.encode_train(scenes.render(scene), sample.prompt, sample.answer))
             cells.append(cell_targets(scene))
             counts.append(count_targets(scene))
-        max_len = max(len(b["input_ids"]) for b in batch)
-        ids = torch.full((len(batch), max_len), pad, dtype=torch.long)
-        labels = torch.full((len(batch), max_len), -100, dtype=torch.long)
-        attn = torch.zeros((len(batch), max_len), dtype=torch.long)
-        for i, b in enumerate(batch):
-            n = len(b["input_ids"])
-            ids[i, :n] = torch.tensor(b["input_ids"])
-            labels[i, :n] = torch.tensor(b["labels"])
-            attn[i, :n] = 1
-        pixels = torch.stack([b["pixel_values"] for b in batch])
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
-        logits = model(input_ids=ids, pixel_values=pixels, attention_mask=attn).logits
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                               ignore_index=-100)
-        if cfg.aux_weight:
-            img = captured["img"]  # [B, 1 + cells, H]: CLS first (the "full" feature strategy)
-            aux_logits = aux_head(img[:, 1:]).split(AUX_CLASSES, -1)
-            tgt = torch.tensor(cells)  # [B, cells, 4]
-            aux = sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt[..., j].reshape(-1))
-                      for j, lg in enumerate(aux_logits))
-            cnt = count_head(img[:, 0]).view(-1, COUNT_HEADS, MAX_COUNT)
-            aux = aux + F.cross_entropy(cnt.reshape(-1, MAX_COUNT), torch.tensor(counts).reshape(-1))
-            loss = loss + cfg.aux_weight * aux
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # Counting answers are 3-5x longer than the rest: length-sorted micro-batches cut the padding,
+        # and losses summed over tokens / samples keep the gradient that of the whole batch.
+        order = sorted(range(len(batch)), key=lambda i: len(batch[i]["input_ids"]))
+        n_tokens = sum(sum(t != -100 for t in b["labels"][1:]) for b in batch)
+        loss_value = 0.0
+        for chunk in _chunks(order, cfg.micro_batches):
+            part = [batch[i] for i in chunk]
+            max_len = max(len(b["input_ids"]) for b in part)
+            ids = torch.full((len(part), max_len), pad, dtype=torch.long)
+            labels = torch.full((len(part), max_len), -100, dtype=torch.long)
+            attn = torch.zeros((len(part), max_len), dtype=torch.long)
+            for i, b in enumerate(part):
+                n = len(b["input_ids"])
+                ids[i, :n] = torch.tensor(b["input_ids"])
+                labels[i, :n] = torch.tensor(b["labels"])
+                attn[i, :n] = 1
+            pixels = torch.stack([b["pixel_values"] for b in part])
+            logits = model(input_ids=ids, pixel_values=pixels, attention_mask=attn).logits
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100, reduction="sum") / n_tokens
+            if cfg.aux_weight:
+                img = captured["img"]  # [B, 1 + cells, H]: CLS first (the "full" feature strategy)
+                aux_logits = aux_head(img[:, 1:]).split(AUX_CLASSES, -1)
+                tgt = torch.tensor([cells[i] for i in chunk])  # [B, cells, 4]
+                aux = sum(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), tgt[..., j].reshape(-1))
+                          for j, lg in enumerate(aux_logits))
+                cnt = count_head(img[:, 0]).view(-1, COUNT_HEADS, MAX_COUNT)
+                aux = aux + F.cross_entropy(cnt.reshape(-1, MAX_COUNT),
+                                            torch.tensor([counts[i] for i in chunk]).reshape(-1))
+                loss = loss + cfg.aux_weight * aux * len(chunk) / len(batch)
+            loss.backward()
+            loss_value += loss.item()
         torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip)
         opt.step()
         if hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{_lr_at(step, cfg):.1e}")
+            bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{_lr_at(step, cfg):.1e}")
         if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
             model.eval()
             acc = evaluate(model, processor, n_per_task=cfg.eval_per_task, tasks=("count", "color", "read"),
                            key_only=True)
-            rec = {"step": step + 1, "loss": round(loss.item(), 4), "minutes": round((time.time() - t_start) / 60, 2),
+            rec = {"step": step + 1, "loss": round(loss_value, 4), "minutes": round((time.time() - t_start) / 60, 2),
                    "accuracy": {k: round(v, 3) for k, v in acc["accuracy"].items()}}
             history.append(rec)
             log(json.dumps(rec))
