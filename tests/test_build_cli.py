@@ -92,7 +92,7 @@ def test_cpu_target_writes_optimized_graphs_the_runtime_loads(tmp_path, bundle):
     r = run("build", str(b), "--target", "cpu")
     assert r.returncode == 0, r.stderr
     plan = json.loads((b / "engines" / "cpu" / "build.json").read_text())
-    assert plan["session"]["intra_op_num_threads"] == 2 and set(plan["graphs"]) == {"vision", "target", "draft"}
+    assert plan["session"]["intra_op_num_threads"] == 2 and set(plan["graphs"]) == {"vision", "target", "draft", "draft_chain"}
     image = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
     plain = Pipeline.load(b).generate(image, "hello", max_new_tokens=12, tree="2,4,8")
     opt = Pipeline.load(b, precision="cpu").generate(image, "hello", max_new_tokens=12, tree="2,4,8")

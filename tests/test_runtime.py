@@ -53,7 +53,8 @@ def test_finish_reasons_and_stop_strings(demo_pipeline):
 def test_sampling_is_seeded(demo_pipeline):
     scene, s = scenes.make_sample(scenes.HELDOUT_SEED_BASE + 7, "describe")
     img = scenes.render(scene)
-    kw = dict(max_new_tokens=40, temperature=1.5, top_p=0.95)
+    # the demo VLM is near-certain of its descriptions: only a hot, untruncated distribution varies them
+    kw = dict(max_new_tokens=40, temperature=2.0, top_p=1.0)
     a = demo_pipeline.generate(img, s.prompt, seed=1, **kw)
     b = demo_pipeline.generate(img, s.prompt, seed=1, **kw)
     assert a.tokens == b.tokens
