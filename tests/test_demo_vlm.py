@@ -1,7 +1,7 @@
 """The shipped demo VLM loads through `from_pretrained` and really looks at the image."""
 
 from dream_export.demo import scenes
-from dream_export.demo.evaluate import generate_answers
+from dream_export.demo.evaluate import generate_answers, token_limit
 
 
 def test_processor_expands_image_to_patch_tokens(demo_vlm):
@@ -16,8 +16,8 @@ def test_processor_expands_image_to_patch_tokens(demo_vlm):
 
 
 def _accuracy(model, processor, data, images):
-    limit = 128 if data[0][1].task == "count" else 16  # counting answers state their verdict last
-    answers = generate_answers(model, processor, images, [s.prompt for _, s in data], max_new_tokens=limit)
+    answers = generate_answers(model, processor, images, [s.prompt for _, s in data],
+                               max_new_tokens=token_limit(data[0][1].task, key_only=True))
     return sum(scenes.answer_key(s.task, a) == s.key for a, (_, s) in zip(answers, data, strict=True)) / len(data)
 
 

@@ -25,6 +25,14 @@ def generate_answers(model, processor, images: list, prompts: list[str], max_new
     return out
 
 
+def token_limit(task: str, key_only: bool = False) -> int:
+    """New tokens to generate for a held-out answer: enough for its key clause when `key_only`.
+
+    Counting answers state their verdict last, so even a key-only probe generates them in full.
+    """
+    return 24 if key_only and task != "count" else 128
+
+
 def evaluate(model, processor, n_per_task: int = 100, tasks=scenes.TASKS, key_only: bool = False) -> dict:
     """Accuracy per task on the fixed held-out split.
 
@@ -36,10 +44,8 @@ def evaluate(model, processor, n_per_task: int = 100, tasks=scenes.TASKS, key_on
     answers = []
     for task in dict.fromkeys(s.task for _, s in data):
         part = [(sc, s) for sc, s in data if s.task == task]
-        # Counting answers state their verdict last, so even a probe generates them in full.
-        limit = 24 if key_only and task != "count" else 128
         answers += generate_answers(model, processor, [scenes.render(sc) for sc, _ in part],
-                                    [s.prompt for _, s in part], max_new_tokens=limit)
+                                    [s.prompt for _, s in part], max_new_tokens=token_limit(task, key_only))
     hit, full, n = defaultdict(int), defaultdict(int), defaultdict(int)
     for (_, s), a in zip(data, answers, strict=True):
         n[s.task] += 1

@@ -52,10 +52,6 @@ def _io(session_like) -> dict:
     return out
 
 
-def _io_names(path: Path) -> set[str]:
-    return {v["name"] for kind in _io(path).values() for v in kind}
-
-
 def _export(module, args, path: Path, input_names, output_names, dynamic_axes) -> None:
     import torch
 
@@ -156,8 +152,9 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
                  "topk_logprobs": {0: "tokens"}, "new_self_key": {3: "tokens"}, "new_self_value": {3: "tokens"},
                  "new_cross_key": {2: "feats"}, "new_cross_value": {2: "feats"}})
         graphs = ["vision", "target", "draft"]
-        # chain graph: DREAM drafts only (the EAGLE baselines also read the predecessor's feature)
-        if opts.chain_steps > 0 and draft.uses_cross and "prev_feat" not in _io_names(onnx_dir / "draft.onnx"):
+        # chain graph: drafts with cross-attention only, i.e. DREAM (the EAGLE baselines have none and read
+        # the predecessor's feature instead)
+        if opts.chain_steps > 0 and draft.uses_cross:
             cg = DraftChainGraph(draft, model.lm_head, opts.chain_steps, dcfg.final_logit_softcapping).eval()
             c_args = (torch.zeros(1, 1, hidden), torch.zeros(1, 1, dtype=torch.long),
                       torch.ones(1, 1, draft_cap, dtype=torch.bool), d_args[3], d_args[4], d_args[5], d_args[6],

@@ -17,7 +17,7 @@ class Backend:
 
     name = "abstract"
     # graphs this backend can run; optional ones (draft_chain) are used only when listed here
-    graphs: frozenset[str] = frozenset({"vision", "target", "draft"})
+    graphs: frozenset[str] = frozenset(GRAPHS)
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = defaultdict(float)
@@ -70,7 +70,7 @@ class OnnxRuntimeBackend(Backend):
         per_graph = graph_threads(threads)
         self.sessions = {}
         chain = ["draft_chain"] if bundle.chain_graph_usable(precision) and "draft" not in (graph_files or {}) else []
-        for name in ("vision", "target", "draft", *chain):
+        for name in (*GRAPHS, *chain):
             so = ort.SessionOptions()
             so.intra_op_num_threads = per_graph.get(name, per_graph["draft"])
             so.inter_op_num_threads = 1
@@ -116,8 +116,6 @@ class OnnxRuntimeBackend(Backend):
             binding.bind_output(n)
         sess.run_with_iobinding(binding)
         return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))
-
-
 
 
 def graph_threads(spec: int | str | dict[str, int]) -> dict[str, int]:
