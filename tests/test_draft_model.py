@@ -52,17 +52,17 @@ def test_cross_block_is_identity_at_init_and_first_query_is_finite():
     x = torch.randn(1, 5, cfg.hidden_size)
     k, v = d.cross_kv(feats)
     # tanh gates start at 0: the block passes its input through unchanged
-    assert torch.equal(d.cross(x, k, v, cmask), x)
+    assert torch.equal(d.cross(x, k, v, d.cross.hidden_mask(cmask)), x)
     with torch.no_grad():
         d.cross.attn_gate.fill_(1.0)
         d.cross.mlp_gate.fill_(1.0)
     # query 0 sees no target feature; the null key keeps its softmax defined
-    y = d.cross(x, k, v, cmask)
+    y = d.cross(x, k, v, d.cross.hidden_mask(cmask))
     assert torch.isfinite(y).all()
     # and query 0's output does not depend on any (masked) feature
     feats2 = feats + torch.randn_like(feats)
     k2, v2 = d.cross_kv(feats2)
-    y2 = d.cross(x, k2, v2, cmask)
+    y2 = d.cross(x, k2, v2, d.cross.hidden_mask(cmask))
     assert torch.allclose(y[0, 0], y2[0, 0]) and not torch.allclose(y[0, 1:], y2[0, 1:])
 
 

@@ -99,8 +99,15 @@ class SelfAttention(nn.Module):
         c = self.cfg
         q, k, v = fused_qkv((self.q_proj, self.k_proj, self.v_proj), x, c.num_heads, c.num_kv_heads, c.head_dim, *rot,
                             q_scale=c.head_dim ** -0.5)
-        # `cache`: one (k, v) segment, or a list of them (cache + in-graph scratch of a chain graph)
-        segments = [(k, v)] if cache is None else [*cache, (k, v)] if isinstance(cache, list) else [cache, (k, v)]
+        # `cache`: one (k, v) segment, or a list (cache + a chain graph's in-graph rows). In-graph rows and
+        # the new ones form one segment (attention allows one of variable size, the last), and that merged
+        # segment is what a list cache gets back: the next chain step's in-graph rows, without a copy more
+        if isinstance(cache, list):
+            *fixed, (rk, rv) = cache
+            k, v = torch.cat([rk, k], 2), torch.cat([rv, v], 2)
+            segments = [*fixed, (k, v)]
+        else:
+            segments = [(k, v)] if cache is None else [cache, (k, v)]
         o = segmented_attention(q, segments, hidden, c.num_kv_heads)
         return self.o_proj(merge_heads(o, c.num_heads, c.head_dim)), (k, v)
 
@@ -155,17 +162,22 @@ class CrossAttnBlock(nn.Module):
         v = split_heads(self.v_proj(feats), c.num_kv_heads, c.head_dim)
         return k, v
 
-    def forward(self, x, cross_k, cross_v, cross_mask):
-        """`cross_k`/`cross_v`: one tensor, or a tuple of segments (cache, new rows) read without copying."""
+    def hidden_mask(self, cross_mask: torch.Tensor) -> torch.Tensor:
+        """Visibility [B,T,C] → the grouped hidden-key mask over (null key, features) that `forward` takes."""
         c = self.cfg
-        b, rep = graph_batch(x), c.num_heads // c.num_kv_heads
+        null_visible = torch.ones_like(cross_mask[..., :1]) if c.null_key else ~cross_mask.any(-1, keepdim=True)
+        return group_mask(torch.cat([null_visible, cross_mask], -1), c.num_heads // c.num_kv_heads)
+
+    def forward(self, x, cross_k, cross_v, hidden):
+        """`cross_k`/`cross_v`: one tensor, or a tuple of segments (cache, new rows) read without copying;
+        `hidden`: from `hidden_mask`."""
+        c = self.cfg
+        b = graph_batch(x)
         q = self.q_norm(split_heads(self.q_proj(self.input_layernorm(x)), c.num_heads, c.head_dim))
         ks = cross_k if isinstance(cross_k, (tuple, list)) else (cross_k,)
         vs = cross_v if isinstance(cross_v, (tuple, list)) else (cross_v,)
-        null_visible = torch.ones_like(cross_mask[..., :1]) if c.null_key else ~cross_mask.any(-1, keepdim=True)
         segments = [(self.null_k.expand(b, -1, -1, -1).to(q.dtype), self.null_v.expand(b, -1, -1, -1).to(q.dtype)),
                     *zip(ks, vs, strict=True)]
-        hidden = group_mask(torch.cat([null_visible, cross_mask], -1), rep)
         o = segmented_attention(q, segments, hidden, c.num_kv_heads, c.head_dim ** -0.5)
         x = x + torch.tanh(self.attn_gate) * self.o_proj(merge_heads(o, c.num_heads, c.head_dim))
         return x + torch.tanh(self.mlp_gate) * self.mlp(self.post_attention_layernorm(x))
@@ -209,17 +221,24 @@ class Draft(nn.Module):
 
     def forward(self, embeds, positions, self_mask, self_cache=None, cross_k=None, cross_v=None,
                 cross_mask=None, prev_feat=None) -> dict:
+        rot = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
+        # masks inverted and tiled for grouped queries once, shared by the blocks
+        hidden = group_mask(self_mask, self.config.num_heads // self.config.num_kv_heads)
+        cross_hidden = self.cross.hidden_mask(cross_mask) if self.cross is not None else None
+        return self.step(embeds, rot, hidden, self_cache, cross_k, cross_v, cross_hidden, prev_feat)
+
+    def step(self, embeds, rot, hidden, self_cache=None, cross_k=None, cross_v=None, cross_hidden=None,
+             prev_feat=None) -> dict:
+        """`forward` with the rotary tables and hidden-key masks already made (a chain graph makes every
+        step's at once)."""
         x = embeds
         if self.config.arch != "dream":
             x = self.fc(torch.cat([embeds, prev_feat.to(embeds.dtype)], -1))
         caches = self_cache or [None] * len(self.blocks)
-        rot = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
-        # masks inverted and tiled for grouped queries once, shared by the blocks
-        hidden = group_mask(self_mask, self.config.num_heads // self.config.num_kv_heads)
         x, kv0 = self.blocks[0](x, rot, hidden, caches[0])
         block0, new_kv = x, [kv0]
         if self.cross is not None:
-            x = self.cross(x, cross_k, cross_v, cross_mask)
+            x = self.cross(x, cross_k, cross_v, cross_hidden)
         for blk, cache in zip(self.blocks[1:], caches[1:], strict=True):
             x, kv = blk(x, rot, hidden, cache)
             new_kv.append(kv)

@@ -32,7 +32,7 @@ class ExportOptions:
     taps: tuple[int, ...] = ()
     attn_scores: bool = True
     precision: str = "fp32"
-    # greedy chain steps unrolled in the draft_chain graph (0: none); 5 = the CPU's best chain (1,6,7)
+    # greedy steps after the context pass unrolled in the draft_chain graph (0: none); 5: chain depth 6
     chain_steps: int = 5
 
 
@@ -145,23 +145,21 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
                   torch.zeros(nb, 1, dkv, draft_cap, ddim), torch.zeros(nb, 1, dkv, draft_cap, ddim),
                   torch.zeros(1, dkv, cross_cap, ddim), torch.zeros(1, dkv, cross_cap, ddim), torch.zeros(1, f, hidden),
                   torch.ones(1, t, cross_cap + f, dtype=torch.bool), torch.zeros(1, t, hidden))
-        _export(dg, d_args, onnx_dir / "draft.onnx", names.DRAFT["inputs"], names.DRAFT["outputs"],
-                {"embeds": {1: "tokens"}, "positions": {1: "tokens"}, "self_mask": {1: "tokens", 2: "self_slots"},
+        d_dyn = {"embeds": {1: "tokens"}, "positions": {1: "tokens"}, "self_mask": {1: "tokens", 2: "self_slots"},
                  "new_feats": {1: "feats"}, "cross_mask": {1: "tokens", 2: "cross_slots"},
                  "prev_feat": {1: "tokens"}, "feature": {1: "tokens"}, "topk_ids": {0: "tokens"},
                  "topk_logprobs": {0: "tokens"}, "new_self_key": {3: "tokens"}, "new_self_value": {3: "tokens"},
-                 "new_cross_key": {2: "feats"}, "new_cross_value": {2: "feats"}})
+                 "new_cross_key": {2: "feats"}, "new_cross_value": {2: "feats"}}
+        _export(dg, d_args, onnx_dir / "draft.onnx", names.DRAFT["inputs"], names.DRAFT["outputs"], d_dyn)
         graphs = ["vision", "target", "draft"]
         # chain graph: drafts with cross-attention only, i.e. DREAM (the EAGLE baselines have none and read
         # the predecessor's feature instead)
         if opts.chain_steps > 0 and draft.uses_cross:
             cg = DraftChainGraph(draft, model.lm_head, opts.chain_steps, dcfg.final_logit_softcapping).eval()
-            c_args = (torch.zeros(1, 1, hidden), torch.zeros(1, 1, dtype=torch.long),
-                      torch.ones(1, 1, draft_cap, dtype=torch.bool), d_args[3], d_args[4], d_args[5], d_args[6],
-                      torch.zeros(1, 1, hidden), torch.ones(1, 1, cross_cap, dtype=torch.bool),
-                      target.side.embed_tokens.weight.detach().float())
+            c_args = (*d_args[:-1], target.side.embed_tokens.weight.detach().float())
             _export(cg, c_args, onnx_dir / "draft_chain.onnx", names.DRAFT_CHAIN["inputs"],
-                    names.DRAFT_CHAIN["outputs"], {})
+                    names.DRAFT_CHAIN["outputs"], {k: v for k, v in d_dyn.items()
+                                                     if k in names.DRAFT_CHAIN["inputs"] + names.DRAFT_CHAIN["outputs"]})
             graphs.append("draft_chain")
         for name in graphs:
             p = onnx_dir / f"{name}.onnx"

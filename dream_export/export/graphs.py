@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dream_export.draft.model import Draft, soft_cap
+from dream_export.draft.model import Draft, rope_cos_sin, soft_cap
+from dream_export.export.attention import group_mask
 from dream_export.export.decoder import TargetDecoder
 
 
@@ -57,40 +58,54 @@ class DraftGraph(nn.Module):
 
 
 class DraftChainGraph(nn.Module):
-    """`steps` greedy chain steps of the draft, unrolled: one call instead of one per drafted token.
+    """A chain round of the draft in one call: the context pass, then `steps` greedy steps, unrolled.
 
-    Step j sees the committed rows (masks), the scratch rows of steps before it and its own; the
-    parent's draft feature joins the cross-attention scratch first, exactly as in the per-step path.
+    The context pass is the draft graph's (pending tokens over the committed caches plus the target's
+    new features); its rows are returned for the runtime to commit. Each chain step then sees what
+    the last pending token saw, the context rows and the steps before it, exactly as in the per-step
+    path; the parent's draft feature joins the cross-attention scratch first. Scratch rows never
+    leave the graph, and each step's argmax reads its embedding from `embed_table`.
     """
 
     def __init__(self, draft: Draft, lm_head: nn.Module, steps: int, softcap: float | None = None):
         super().__init__()
         self.draft, self.lm_head, self.steps, self.softcap = draft, lm_head, steps, softcap
 
-    def forward(self, embeds, positions, self_mask, self_key, self_value, cross_key, cross_value, feature,
+    def _argmax(self, feature: torch.Tensor) -> torch.Tensor:
+        tok, _ = _topk_logprobs(soft_cap(self.lm_head(feature[0]), self.softcap), 1)
+        return tok[0]  # [1]
+
+    def forward(self, embeds, positions, self_mask, self_key, self_value, cross_key, cross_value, new_feats,
                 cross_mask, embed_table):
-        nb = len(self.draft.blocks)
-        scratch: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in range(nb)]
-        ck, cv, ids = [], [], []
-        x = embeds
-        for j in range(self.steps):
-            nk, nv = self.draft.cross_kv(feature)
-            ck.append(nk)
-            cv.append(nv)
-            seen = torch.ones_like(self_mask[..., :1]).expand(-1, -1, j + 1)
-            caches = [[(self_key[i], self_value[i]), *([(torch.cat([k for k, _ in scratch[i]], 2),
-                                                         torch.cat([v for _, v in scratch[i]], 2))] if j else [])]
-                      for i in range(nb)]
-            o = self.draft(x, positions + j, torch.cat([self_mask, seen], -1), caches,
-                           (cross_key, torch.cat(ck, 2)), (cross_value, torch.cat(cv, 2)),
-                           torch.cat([cross_mask, seen], -1), None)
-            for i, kv in enumerate(o["self_kv"]):
-                scratch[i].append(kv)
-            feature = o["feature"]
-            tok, _ = _topk_logprobs(soft_cap(self.lm_head(feature[0]), self.softcap), 1)  # [1, 1]
-            ids.append(tok[0])
-            x = embed_table.index_select(0, tok[0])[None]
-        return torch.cat(ids)
+        d, nb, steps = self.draft, len(self.draft.blocks), self.steps
+        nk, nv = d.cross_kv(new_feats)
+        cache = [(self_key[i], self_value[i]) for i in range(nb)]
+        o = d(embeds, positions, self_mask, cache, (cross_key, nk), (cross_value, nv), cross_mask, None)
+        ctx = o["self_kv"]
+        # Every step's rotary table and masks at once (CPU graphs pay per node): step j reads position
+        # last + 1 + j and sees what the last pending token saw, then the context rows, then j + 1 rows of
+        # its own scratch: the first columns of the last step's mask.
+        cos, sin = rope_cos_sin(positions[:, -1:] + torch.arange(1, steps + 1), d.config.head_dim,
+                                d.config.rope_theta)
+        later = torch.ones_like(self_mask[:, -1:, :1]).expand(-1, -1, steps)
+        self_hidden = group_mask(torch.cat([self_mask[:, -1:], later], -1), d.config.num_heads // d.config.num_kv_heads)
+        cross_hidden = d.cross.hidden_mask(torch.cat([cross_mask[:, -1:], later], -1))
+        # in-graph rows after each cache: the context's (any length), then one per step
+        rows, ck, cv = list(ctx), nk, nv
+        feature = o["feature"][:, -1:]
+        ids = [self._argmax(feature)]
+        for j in range(steps):
+            k, v = d.cross_kv(feature)
+            ck, cv = torch.cat([ck, k], 2), torch.cat([cv, v], 2)
+            drop = steps - 1 - j  # mask columns of later steps
+            s = d.step(embed_table.index_select(0, ids[-1])[None], (cos[:, :, j:j + 1], sin[:, :, j:j + 1]),
+                       self_hidden[..., :-drop] if drop else self_hidden,
+                       [[cache[i], rows[i]] for i in range(nb)], (cross_key, ck), (cross_value, cv),
+                       cross_hidden[..., :-drop] if drop else cross_hidden)
+            rows = s["self_kv"]  # a list cache gets its merged rows back
+            feature = s["feature"]
+            ids.append(self._argmax(feature))
+        return (torch.cat(ids), torch.stack([kv[0] for kv in ctx]), torch.stack([kv[1] for kv in ctx]), nk, nv)
 
 
 class VisionGraph(nn.Module):

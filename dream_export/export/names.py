@@ -24,10 +24,10 @@ DRAFT = {
 }
 
 DRAFT_CHAIN = {
-    # Several greedy chain steps of the draft in one call (CPU backends pay per call, not per node):
-    # embeds/positions: the first chain token; feature: its parent's draft feature; embed_table: the
-    # runtime's (scaled) token embeddings, read by each step's argmax. Scratch rows stay inside the graph.
+    # A chain round in one call (CPU backends pay per call, not per node): the draft graph's context
+    # pass (same inputs) then greedy steps; embed_table: the runtime's (scaled) token embeddings, read
+    # by each step's argmax. chain_ids: the round's drafted tokens; new_*: the context rows to commit.
     "inputs": ("embeds", "positions", "self_mask", "self_key", "self_value", "cross_key", "cross_value",
-               "feature", "cross_mask", "embed_table"),
-    "outputs": ("chain_ids",),
+               "new_feats", "cross_mask", "embed_table"),
+    "outputs": ("chain_ids", "new_self_key", "new_self_value", "new_cross_key", "new_cross_value"),
 }

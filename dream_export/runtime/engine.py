@@ -81,7 +81,7 @@ class SpecEngine:
                           ("cross_value", self.cross_v)):
             if role in self.db:
                 backend.register_resident("draft", self.db[role], buf)
-        # several chain steps per draft call, when the bundle has the graph and the backend runs it
+        # a whole chain round per draft call, when the bundle has the graph and the backend runs it
         self.chain_steps = 0
         if "draft_chain" in backend.graphs:
             self.cb = bundle.graph("draft_chain")["bindings"]
@@ -116,6 +116,25 @@ class SpecEngine:
                  "prev_feat": None if prev_feat is None else prev_feat[None].astype(np.float32, copy=False)}
         # the exporter drops inputs a draft does not read (DREAM: prev_feat; EAGLE: the cross cache)
         return self.backend.run("draft", {self.db[r]: v for r, v in roles.items() if r in self.db})
+
+    def _draft_round(self, embeds, positions, self_mask, new_feats, cross_mask) -> dict:
+        cb = self.cb
+        feeds = {cb["embeds"]: embeds[None].astype(np.float32, copy=False), cb["positions"]: positions[None],
+                 cb["self_mask"]: self_mask[None], cb["self_key"]: self.self_k, cb["self_value"]: self.self_v,
+                 cb["cross_key"]: self.cross_k, cb["cross_value"]: self.cross_v,
+                 cb["new_feats"]: new_feats[None].astype(np.float32, copy=False), cb["cross_mask"]: cross_mask[None],
+                 cb["embed_table"]: self.embed_table}
+        return self.backend.run("draft_chain", feeds)
+
+    def _commit_draft(self, out: dict, bindings: dict, d_rows: int, c_rows: int) -> None:
+        """Write a context pass's new rows after the committed ones (self- and cross-attention caches)."""
+        k = out[bindings["new_self_key"]]
+        self.self_k[:, :, :, d_rows:d_rows + k.shape[3]] = k
+        self.self_v[:, :, :, d_rows:d_rows + k.shape[3]] = out[bindings["new_self_value"]]
+        if self.uses_cross:
+            ck = out[bindings["new_cross_key"]]
+            self.cross_k[:, :, c_rows:c_rows + ck.shape[2]] = ck
+            self.cross_v[:, :, c_rows:c_rows + ck.shape[2]] = out[bindings["new_cross_value"]]
 
     def next_logits(self, embeds: np.ndarray) -> np.ndarray:
         """The target's logits for the token after `embeds` [n,H], from a fresh prefill (diagnostics)."""
@@ -202,15 +221,18 @@ class SpecEngine:
             cross_mask[:, self.ccap:] = (np.arange(new_feat_from, new_feat_from + f)[None] < pos[:, None])
             prev = (np.stack([self.feats[p - 1] if p > 0 else np.zeros(self.hidden, np.float32) for p in pos])
                     if self.uses_prev else None)
-            o = self._draft(np.stack(pending_emb), np.arange(next_pos, next_pos + t), self_mask, nf, cross_mask, prev)
-            self.self_k[:, :, :, d_rows:d_rows + t] = o[self.db["new_self_key"]]
-            self.self_v[:, :, :, d_rows:d_rows + t] = o[self.db["new_self_value"]]
-            if f:
-                self.cross_k[:, :, c_rows:c_rows + f] = o[self.db["new_cross_key"]]
-                self.cross_v[:, :, c_rows:c_rows + f] = o[self.db["new_cross_value"]]
+            emb, dpos = np.stack(pending_emb), np.arange(next_pos, next_pos + t)
+            if mode == "chain" and 0 < self.chain_steps == min(spec.depth, spec.total - 1) - 1:
+                # one call: the context pass and every chain step (the draft_chain graph)
+                o = self._draft_round(emb, dpos, self_mask, nf, cross_mask)
+                self._commit_draft(o, self.cb, d_rows, c_rows)
+                vt = VerifyTree.chain([root, *(int(i) for i in o[self.cb["chain_ids"]])][: spec.total])
+            else:
+                o = self._draft(emb, dpos, self_mask, nf, cross_mask, prev)
+                self._commit_draft(o, self.db, d_rows, c_rows)
+                draft = self._draft_chain if spec.k == 1 else self._draft_tree
+                vt = draft(spec, root, o, d_rows + t, c_rows + f, next_pos + t - 1)
             d_rows, c_rows, next_pos, new_feat_from = d_rows + t, c_rows + f, next_pos + t, m
-            draft = self._draft_chain if spec.k == 1 else self._draft_tree
-            vt = draft(spec, root, o, d_rows, c_rows, next_pos - 1)
             t2 = time.perf_counter()
             stats.seconds["draft"] += t2 - t1
             # verify the whole tree in one target pass
@@ -251,8 +273,6 @@ class SpecEngine:
         tokens = [root, int(ctx_out[db["topk_ids"]][-1, 0])]
         feat = ctx_out[db["feature"]][0, -1:]  # the parent's draft feature, appended at the next call
         steps = min(spec.depth, spec.total - 1) - 1
-        if steps > 0 and steps == self.chain_steps:
-            return self._draft_chain_graph(tokens, feat, d_rows, c_rows, root_pos)
         self_mask, cross_mask = self._chain_masks
         self_mask[:, dcap] = True
         cross_mask[:, ccap] = True
@@ -275,21 +295,6 @@ class SpecEngine:
             feat = o[db["feature"]][0]
             tokens.append(int(o[db["topk_ids"]][0, 0]))
         return VerifyTree.chain(tokens[: spec.total])
-
-    def _draft_chain_graph(self, tokens: list[int], feat: np.ndarray, d_rows: int, c_rows: int,
-                           root_pos: int) -> VerifyTree:
-        """All chain steps in one call of the draft_chain graph (its scratch rows never leave it)."""
-        cb, (self_mask, cross_mask) = self.cb, self._chain_masks
-        self_mask[:, :d_rows] = True
-        self_mask[:, d_rows:] = False
-        cross_mask[:, :c_rows] = True
-        cross_mask[:, c_rows:] = False
-        feeds = {cb["embeds"]: self.embed(tokens[-1:])[None], cb["positions"]: np.array([[root_pos + 1]]),
-                 cb["self_mask"]: self_mask[None, :, :self.dcap], cb["cross_mask"]: cross_mask[None, :, :self.ccap],
-                 cb["self_key"]: self.self_k, cb["self_value"]: self.self_v, cb["cross_key"]: self.cross_k,
-                 cb["cross_value"]: self.cross_v, cb["feature"]: feat[None], cb["embed_table"]: self.embed_table}
-        ids = self.backend.run("draft_chain", feeds)[cb["chain_ids"]]
-        return VerifyTree.chain(tokens + [int(i) for i in ids])
 
     def _draft_tree(self, spec: TreeSpec, root: int, ctx_out: dict, d_rows: int, c_rows: int,
                     root_pos: int) -> VerifyTree:
