@@ -105,6 +105,7 @@ def _speculative_steps(model_dir: Path, draft_dir: Path, out: Path, bench_prompt
     from dream_export.runtime.bench import bench, plot, read_prompts
     from dream_export.runtime.pipeline import Pipeline
     from dream_export.runtime.tree import TreeSpec
+    from dream_export.targets.cpu_build import build_cpu
 
     out.mkdir(parents=True, exist_ok=True)
     per_task = max(1, -(-bench_prompts // len(scenes.TASKS)))
@@ -115,9 +116,11 @@ def _speculative_steps(model_dir: Path, draft_dir: Path, out: Path, bench_prompt
     # CPU attention over unused slots is paid on every call (192 vs 512 slots: 1.52x vs 1.40x speedup).
     manifest = export_bundle(model_dir, draft_dir, out / "bundle", ExportOptions(kv_capacity=192, max_tree=32),
                              log=say)
+    say("\nbuilding the CPU variant (dream-export build --target cpu: optimized graphs, 8-bit draft weights)...")
+    build_cpu(out / "bundle", threads=1, log=lambda m: say(f"  {m}"))
     # One intra-op thread: on two cores these small graphs run faster single-threaded, for the plain
     # decoder as much as for speculation (`bench --sweep`'s thread sweep; docs/RESULTS.md).
-    pipe = Pipeline.load(out / "bundle", threads=1)
+    pipe = Pipeline.load(out / "bundle", threads=1, precision="cpu")
     rows = read_prompts(heldout)[:bench_prompts]
     from PIL import Image
 
