@@ -19,7 +19,6 @@ from pathlib import Path
 
 from dream_export.io import atomic_dir, atomic_write_text, file_digest
 
-
 DRAFT_GRAPHS = ("draft", "draft_chain")
 
 
