@@ -361,17 +361,19 @@ def bench_cmd(bundle: Path, data_path: Path, backend: str, mode: str, tree_spec:
                   TreeSpec(4, 6, 16), TreeSpec(4, 6, 32), TreeSpec(4, 8, 32)]
         results = []
         for sh in shapes:
-            s = bench(pipe, rows, max_new_tokens, sh, "tree", vtc_keep, warmup=0)
-            results.append({"tree": [sh.k, sh.depth, sh.total], "speedup": s["speedup"], "tau": s["tau"],
-                            "match_rate": s["match_rate"]})
-            click.echo(f"tree {sh.k},{sh.depth},{sh.total}: speedup {s['speedup']:.2f}x tau {s['tau']:.2f}")
+            # k = 1 runs as a chain: one draft_chain call per round where the bundle's graph has that depth
+            sh_mode = "chain" if sh.k == 1 else "tree"
+            s = bench(pipe, rows, max_new_tokens, sh, sh_mode, vtc_keep, warmup=0)
+            results.append({"tree": [sh.k, sh.depth, sh.total], "mode": sh_mode, "speedup": s["speedup"],
+                            "tau": s["tau"], "match_rate": s["match_rate"]})
+            click.echo(f"{sh_mode} {sh.k},{sh.depth},{sh.total}: speedup {s['speedup']:.2f}x tau {s['tau']:.2f}")
         summary["sweep"] = sorted(results, key=lambda r: -r["speedup"])
         # Thread counts too: small graphs on few cores can run faster on one thread than on two.
-        best = TreeSpec(*summary["sweep"][0]["tree"])
+        best, best_mode = TreeSpec(*summary["sweep"][0]["tree"]), summary["sweep"][0]["mode"]
         thread_results = []
         for th in ("1", "target=2,draft=1", "2"):
             p = Pipeline.load(bundle, backend=backend, threads=th, precision=precision)
-            s = bench(p, rows, max_new_tokens, best, "tree", vtc_keep, warmup=1)
+            s = bench(p, rows, max_new_tokens, best, best_mode, vtc_keep, warmup=1)
             thread_results.append({"threads": th, "tree": [best.k, best.depth, best.total], "speedup": s["speedup"],
                                    "spec_tokens_per_s": s["spec_tokens_per_s"],
                                    "ar_tokens_per_s": s["ar_tokens_per_s"], "host_fraction": s["host_fraction"]})

@@ -159,6 +159,7 @@ def test_bench_sweep_reports_tree_shapes_and_thread_counts(demo_bundle, tmp_path
     assert r.returncode == 0, r.stderr
     out = json.loads((tmp_path / "b.json").read_text())
     assert out["match_rate"] == 1.0 and len(out["sweep"]) == 8
+    assert all(r["match_rate"] == 1.0 and r["mode"] == ("chain" if r["tree"][0] == 1 else "tree") for r in out["sweep"])
     assert {t["threads"] for t in out["thread_sweep"]} == {"1", "target=2,draft=1", "2"}
     assert all(t["tree"] == out["sweep"][0]["tree"] for t in out["thread_sweep"])
 

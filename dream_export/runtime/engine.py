@@ -105,8 +105,11 @@ class SpecEngine:
 
     def _commit_target(self, out: dict, rows: np.ndarray, at: int) -> None:
         n = len(rows)
-        self.kv_k[:, :, :, at:at + n] = out[self.tb["new_key"]][:, :, :, rows]
-        self.kv_v[:, :, :, at:at + n] = out[self.tb["new_value"]][:, :, :, rows]
+        # rows rise from 0 (a root-to-node path in node order): ending at n - 1 they are a prefix, as for a
+        # chain, a prefill or a plain decoding step, and a view replaces the gather
+        pick = slice(0, n) if rows[-1] == n - 1 else rows
+        self.kv_k[:, :, :, at:at + n] = out[self.tb["new_key"]][:, :, :, pick]
+        self.kv_v[:, :, :, at:at + n] = out[self.tb["new_value"]][:, :, :, pick]
 
     def _draft(self, embeds, positions, self_mask, new_feats, cross_mask, prev_feat) -> dict:
         roles = {"embeds": embeds[None].astype(np.float32, copy=False), "positions": positions[None],
