@@ -42,7 +42,10 @@ def test_build_script_parses_back_to_the_plan(bundle, target, precision):
     m = json.loads((bundle / "manifest.json").read_text())
     verify = target_build["profiles"][1]["inputs_embeds"]["max"]
     assert verify[1] == m["max_tree"]
-    assert target_build["profiles"][0]["attention_mask"]["max"][2] == 2 * m["kv_capacity"]
+    # the target reads only the used cache slots: masks range from the new rows alone to a full cache
+    mask = target_build["profiles"][0]["attention_mask"]
+    assert mask["min"][2] == 1 and mask["max"][2] == m["kv_capacity"]
+    assert target_build["profiles"][1]["attention_mask"]["max"][2] == m["kv_capacity"] + m["max_tree"]
 
 
 def test_build_refuses_impossible_requests_with_reason(bundle):

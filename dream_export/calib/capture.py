@@ -45,7 +45,6 @@ class RecordingBackend(Backend):
         self.inner, self.name = inner, inner.name
         self.threads = getattr(inner, "threads", None)
         self.rng = np.random.default_rng(seed)
-        self.cap = bundle.manifest["kv_capacity"]
         self.mask_name = bundle.graph("target")["bindings"]["attention_mask"]
         self.budget = {(g, s): max(1, -(-samples // len(ss))) for g, ss in STAGES.items() for s in ss}
         self.kept: dict[tuple[str, str], list[dict[str, np.ndarray]]] = {k: [] for k in self.budget}
@@ -55,7 +54,9 @@ class RecordingBackend(Backend):
     def _stage(self, graph: str, feeds: dict[str, np.ndarray]) -> str:
         if graph == "target":
             # a prefill sees no cached slot; verification (and AR decoding) sees the committed prefix
-            return "verify" if feeds[self.mask_name][..., : self.cap].any() else "prefill"
+            mask = feeds[self.mask_name]
+            past = mask.shape[-1] - mask.shape[-2]  # slots before the new rows: used ones, or the capacity
+            return "verify" if mask[..., :past].any() else "prefill"
         if graph == "draft":
             # the engine runs one context pass right after each target pass, then the tree steps
             return "context" if self._last == "target" else "tree"

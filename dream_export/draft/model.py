@@ -108,7 +108,8 @@ class SelfAttention(nn.Module):
             segments = [*fixed, (k, v)]
         else:
             segments = [(k, v)] if cache is None else [cache, (k, v)]
-        o = segmented_attention(q, segments, hidden, c.num_kv_heads)
+        # cache sizes as traced shapes: an exported graph may read only a cache's used slots
+        o = segmented_attention(q, segments, hidden, c.num_kv_heads, sizes=[sk.shape[2] for sk, _ in segments[:-1]])
         return self.o_proj(merge_heads(o, c.num_heads, c.head_dim)), (k, v)
 
 
@@ -178,7 +179,8 @@ class CrossAttnBlock(nn.Module):
         vs = cross_v if isinstance(cross_v, (tuple, list)) else (cross_v,)
         segments = [(self.null_k.expand(b, -1, -1, -1).to(q.dtype), self.null_v.expand(b, -1, -1, -1).to(q.dtype)),
                     *zip(ks, vs, strict=True)]
-        o = segmented_attention(q, segments, hidden, c.num_kv_heads, c.head_dim ** -0.5)
+        o = segmented_attention(q, segments, hidden, c.num_kv_heads, c.head_dim ** -0.5,
+                                sizes=[sk.shape[2] for sk, _ in segments[:-1]])
         x = x + torch.tanh(self.attn_gate) * self.o_proj(merge_heads(o, c.num_heads, c.head_dim))
         return x + torch.tanh(self.mlp_gate) * self.mlp(self.post_attention_layernorm(x))
 

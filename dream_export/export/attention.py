@@ -70,11 +70,12 @@ def static_len(x: torch.Tensor, dim: int) -> int:
 
 
 def segmented_attention(q: torch.Tensor, segments: list[tuple[torch.Tensor, torch.Tensor]], hidden: torch.Tensor,
-                        kv_heads: int, scale: float = 1.0, return_probs: bool = False):
+                        kv_heads: int, scale: float = 1.0, return_probs: bool = False, sizes: list | None = None):
     """softmax(q·Kᵀ·scale + mask) · V over concatenated key/value segments, computed per segment.
 
     q [B,H,T,D]; segments (k [B,KV,S,D], v [B,KV,S,D]); `hidden` [B,1,rep·T,ΣS] bool from `group_mask`
-    over all segments' keys. Every segment but the last must have a size fixed in the graph (a cache).
+    over all segments' keys. Every segment but the last must have a size fixed in the graph (a cache),
+    unless `sizes` gives those sizes (a traced size makes the split point dynamic).
     Returns out [B,H,T,D] (and the probabilities in grouped layout [B,KV,rep·T,ΣS] when asked; row
     r·T + t is query t of head kv·rep + r).
     """
@@ -86,7 +87,7 @@ def segmented_attention(q: torch.Tensor, segments: list[tuple[torch.Tensor, torc
     out, start = None, 0
     for i, (k, v) in enumerate(segments):
         if i + 1 < len(segments):
-            size = static_len(k, 2)
+            size = sizes[i] if sizes is not None else static_len(k, 2)
             p = probs[..., start:start + size]
             start += size
         else:

@@ -48,6 +48,10 @@ class TargetDecoder(nn.Module):
         cos, sin = cos[:, None], sin[:, None]
         # the mask is inverted and tiled for grouped queries once, not in every layer
         hidden = group_mask(mask, self.n_heads // self.n_kv)
+        # A mask narrower than cache + new rows reads only the cache's first slots: attention then costs
+        # what the context holds, not what the cache could hold.
+        used = mask.shape[-1] - x.shape[1]
+        past_k, past_v = past_k[:, :, :, :used], past_v[:, :, :, :used]
         new_k, new_v, attns, hidden_states, taps = [], [], [], [x], []
         for i, layer in enumerate(self.lm.layers[: self.n_layers]):
             at = layer.self_attn
@@ -56,7 +60,7 @@ class TargetDecoder(nn.Module):
             new_k.append(k)
             new_v.append(v)
             o, probs = segmented_attention(q, [(past_k[i], past_v[i]), (k, v)], hidden, self.n_kv,
-                                           return_probs=True)
+                                           return_probs=True, sizes=[used])
             if output_attentions:
                 attns.append(probs)
             x = x + at.o_proj(merge_heads(o, self.n_heads, self.head_dim))

@@ -16,6 +16,12 @@ def _topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Te
     return i, v
 
 
+def used_slots(self_mask, embeds, self_key, self_value, cross_mask, new_feats, cross_key, cross_value):
+    """The draft caches cut to the slots their masks span (masks may be as narrow as the used rows)."""
+    s, c = self_mask.shape[-1] - embeds.shape[1], cross_mask.shape[-1] - new_feats.shape[1]
+    return self_key[:, :, :, :s], self_value[:, :, :, :s], cross_key[:, :, :c], cross_value[:, :, :c]
+
+
 class TargetGraph(nn.Module):
     """Prefill and tree verification in one graph over a runtime-owned fixed-capacity KV cache."""
 
@@ -49,6 +55,8 @@ class DraftGraph(nn.Module):
 
     def forward(self, embeds, positions, self_mask, self_key, self_value, cross_key, cross_value, new_feats,
                 cross_mask, prev_feat):
+        self_key, self_value, cross_key, cross_value = used_slots(self_mask, embeds, self_key, self_value,
+                                                                  cross_mask, new_feats, cross_key, cross_value)
         nk, nv = self.draft.cross_kv(new_feats)
         caches = [(self_key[i], self_value[i]) for i in range(len(self.draft.blocks))]
         o = self.draft(embeds, positions, self_mask, caches, (cross_key, nk), (cross_value, nv), cross_mask, prev_feat)
@@ -78,6 +86,8 @@ class DraftChainGraph(nn.Module):
     def forward(self, embeds, positions, self_mask, self_key, self_value, cross_key, cross_value, new_feats,
                 cross_mask, embed_table):
         d, nb, steps = self.draft, len(self.draft.blocks), self.steps
+        self_key, self_value, cross_key, cross_value = used_slots(self_mask, embeds, self_key, self_value,
+                                                                  cross_mask, new_feats, cross_key, cross_value)
         nk, nv = d.cross_kv(new_feats)
         cache = [(self_key[i], self_value[i]) for i in range(nb)]
         o = d(embeds, positions, self_mask, cache, (cross_key, nk), (cross_value, nv), cross_mask, None)

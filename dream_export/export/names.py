@@ -8,7 +8,8 @@ VISION = {
 
 TARGET = {
     # past_key/past_value: the runtime-owned fixed-capacity cache [layers, 1, kv_heads, capacity, head_dim];
-    # attention_mask [1, T, capacity + T]: which cache slots and which new rows each query sees.
+    # attention_mask [1, T, P + T]: which of the first P cache slots (P <= capacity: the graph reads only
+    # those) and which new rows each query sees.
     "inputs": ("inputs_embeds", "position_ids", "attention_mask", "past_key", "past_value", "logit_rows"),
     # hidden: final-norm states (the draft's features); new_key/new_value: this call's KV rows;
     # topk_*: verification signal at `logit_rows` only; row_logits: full logits at those rows (sampling).

@@ -29,6 +29,23 @@ from dream_export.runtime.tree import TreeDraft, TreeSpec, VerifyTree, draft_ste
 from dream_export.runtime.vtc import vtc_keep_indices
 
 
+def cache_mask(capacity: int, committed: int, scratch: np.ndarray | None, new: np.ndarray, used: bool) -> np.ndarray:
+    """A graph's visibility mask [queries, W + new rows] over a runtime-owned cache and the call's new rows.
+
+    Every query sees the first `committed` cache slots, then `scratch` [queries, S] over the slots after
+    them (this round's draft rows), then `new` over the new rows. W is the capacity, or only the
+    committed + scratch slots for graphs exported to read just the used ones (`used`).
+    """
+    s = 0 if scratch is None else scratch.shape[1]
+    width = committed + s if used else capacity
+    m = np.zeros((new.shape[0], width + new.shape[1]), bool)
+    m[:, :committed] = True
+    if s:
+        m[:, committed:committed + s] = scratch
+    m[:, width:] = new
+    return m
+
+
 @dataclass
 class Round:
     """What one target pass produced."""
@@ -63,6 +80,10 @@ class SpecEngine:
         self.eagle3 = m["draft"]["eagle3_taps"]
         self.uses_prev = "prev_feat" in bundle.graph("draft")["bindings"]  # EAGLE-style drafts only
         self.tb = bundle.graph("target")["bindings"]
+        # masks as wide as the used cache rows (attention then costs what the context holds, not what the
+        # cache could hold), where the graphs were exported to read only those
+        self.used_slots = bundle.graph("target").get("slots") == "used"
+        self.draft_used_slots = bundle.graph("draft").get("slots") == "used"
         self.db = bundle.graph("draft")["bindings"]
         f32 = np.float32
         self.kv_k = np.zeros((d["layers"], 1, d["kv_heads"], self.cap, d["head_dim"]), f32)
@@ -73,8 +94,6 @@ class SpecEngine:
         self.cross_k = np.zeros((1, dkv, self.ccap, dd), f32)
         self.cross_v = np.zeros_like(self.cross_k)
         self.feats = np.zeros((self.cap + self.tree_cap, self.hidden), f32)  # per target position
-        # a chain step's masks: one row over the committed + scratch rows, then the row being run
-        self._chain_masks = (np.zeros((1, self.dcap + 1), bool), np.zeros((1, self.ccap + 1), bool))
         for role, buf in (("past_key", self.kv_k), ("past_value", self.kv_v)):
             backend.register_resident("target", self.tb[role], buf)
         for role, buf in (("self_key", self.self_k), ("self_value", self.self_v), ("cross_key", self.cross_k),
@@ -93,9 +112,7 @@ class SpecEngine:
     # ---- graph calls -------------------------------------------------------------------------
     def _target(self, embeds, positions, new_mask, rows, past: int) -> dict:
         t = embeds.shape[0]
-        mask = np.zeros((1, t, self.cap + t), dtype=bool)
-        mask[0, :, :past] = True
-        mask[0, :, self.cap:] = new_mask
+        mask = cache_mask(self.cap, past, None, new_mask, self.used_slots)[None]
         tb = self.tb
         feeds = {tb["inputs_embeds"]: embeds[None].astype(np.float32, copy=False),
                  tb["position_ids"]: positions[None].astype(np.int64), tb["attention_mask"]: mask,
@@ -214,14 +231,12 @@ class SpecEngine:
             # context pass over the pending tokens
             pos = np.array(pending_pos)
             t = len(pos)
-            self_mask = np.zeros((t, self.dcap + t), bool)
-            self_mask[:, :d_rows] = True
-            self_mask[:, self.dcap:] = np.tril(np.ones((t, t), bool))
+            self_mask = cache_mask(self.dcap, d_rows, None, np.tril(np.ones((t, t), bool)), self.draft_used_slots)
             nf = self.feats[new_feat_from:m] if self.uses_cross else np.zeros((0, self.hidden), np.float32)
             f = nf.shape[0]
-            cross_mask = np.zeros((t, self.ccap + f), bool)
-            cross_mask[:, :c_rows] = True  # committed features all precede the pending tokens
-            cross_mask[:, self.ccap:] = (np.arange(new_feat_from, new_feat_from + f)[None] < pos[:, None])
+            # committed features all precede the pending tokens; a new one is seen from the next position on
+            cross_mask = cache_mask(self.ccap, c_rows, None, np.arange(new_feat_from, new_feat_from + f)[None]
+                                    < pos[:, None], self.draft_used_slots)
             prev = (np.stack([self.feats[p - 1] if p > 0 else np.zeros(self.hidden, np.float32) for p in pos])
                     if self.uses_prev else None)
             emb, dpos = np.stack(pending_emb), np.arange(next_pos, next_pos + t)
@@ -272,24 +287,19 @@ class SpecEngine:
         Same tokens as `_draft_tree` with k = 1 (tests hold them equal); it only skips the per-step
         ancestor search and mask allocation, which at 0.3 ms per draft call is a visible share on CPU.
         """
-        db, dcap, ccap = self.db, self.dcap, self.ccap
+        db, used = self.db, self.draft_used_slots
         tokens = [root, int(ctx_out[db["topk_ids"]][-1, 0])]
         feat = ctx_out[db["feature"]][0, -1:]  # the parent's draft feature, appended at the next call
         steps = min(spec.depth, spec.total - 1) - 1
-        self_mask, cross_mask = self._chain_masks
-        self_mask[:, dcap] = True
-        cross_mask[:, ccap] = True
         empty = np.zeros((0, self.hidden), np.float32)
+        seen = np.ones((1, 1), bool)
         # a chain verifies its first total - 1 draft tokens; deeper steps would be thrown away
         for j in range(steps):
             a, b = d_rows + j, c_rows + j
-            self_mask[:, :a] = True
-            self_mask[:, a:dcap] = False
-            cross_mask[:, :b] = True
-            cross_mask[:, b:ccap] = False
             nf = feat if self.uses_cross else empty
-            o = self._draft(self.embed(tokens[-1:]), np.array([root_pos + j + 1]), self_mask,
-                            nf, cross_mask[:, :ccap + len(nf)], feat if self.uses_prev else None)
+            o = self._draft(self.embed(tokens[-1:]), np.array([root_pos + j + 1]),
+                            cache_mask(self.dcap, a, None, seen, used), nf,
+                            cache_mask(self.ccap, b, None, seen[:, :len(nf)], used), feat if self.uses_prev else None)
             self.self_k[:, :, :, a:a + 1] = o[db["new_self_key"]]
             self.self_v[:, :, :, a:a + 1] = o[db["new_self_value"]]
             if len(nf):
@@ -313,15 +323,10 @@ class SpecEngine:
             for r, node in enumerate(frontier):
                 run_slot[node] = n_self + r
             sm, cm = draft_step_masks(tree, frontier, run_slot, feat_slot, n_self + fr, n_cross + len(pending_feats))
-            self_mask = np.zeros((fr, self.dcap + fr), bool)
-            self_mask[:, :d_rows] = True
-            self_mask[:, d_rows:d_rows + n_self] = sm[:, :n_self]
-            self_mask[:, self.dcap:] = sm[:, n_self:]
+            used = self.draft_used_slots
+            self_mask = cache_mask(self.dcap, d_rows, sm[:, :n_self], sm[:, n_self:], used)
             nf = pending_feats if self.uses_cross else np.zeros((0, self.hidden), np.float32)
-            cross_mask = np.zeros((fr, self.ccap + len(nf)), bool)
-            cross_mask[:, :c_rows] = True
-            cross_mask[:, c_rows:c_rows + n_cross] = cm[:, :n_cross]
-            cross_mask[:, self.ccap:] = cm[:, n_cross:n_cross + len(nf)]
+            cross_mask = cache_mask(self.ccap, c_rows, cm[:, :n_cross], cm[:, n_cross:n_cross + len(nf)], used)
             # every parent is in the previous frontier (or the root): its feature is among those appended now
             prev = (np.stack([pending_feats[feat_slot[tree.parents[n]] - n_cross] for n in frontier])
                     if self.uses_prev else None)

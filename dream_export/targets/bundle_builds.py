@@ -28,10 +28,13 @@ def _profile(entry: dict, lo: dict, opt: dict, hi: dict) -> dict:
             for io in entry["inputs"]}
 
 
-def target_symbols(manifest: dict, tokens: int, rows: int) -> dict[str, int]:
-    """The target graph's symbolic dims for a call over `tokens` new tokens gathering `rows` logit rows:
-    the mask spans the whole cache plus the new tokens."""
-    return {"tokens": tokens, "slots": manifest["kv_capacity"] + tokens, "rows": rows}
+def target_symbols(manifest: dict, tokens: int, rows: int, past: int | None = None) -> dict[str, int]:
+    """The target graph's symbolic dims for a call over `tokens` new tokens gathering `rows` logit rows
+    after `past` cached ones: the mask spans those (the whole cache, for graphs that read all of it)
+    plus the new tokens."""
+    cap = manifest["kv_capacity"]
+    used = manifest["graphs"]["target"].get("slots") == "used"
+    return {"tokens": tokens, "slots": (cap if past is None or not used else past) + tokens, "rows": rows}
 
 
 def draft_symbols(manifest: dict, tokens: int, feats: int) -> dict[str, int]:
@@ -47,11 +50,12 @@ def graph_profiles(manifest: dict, max_prompt: int | None = None, tree_k: int = 
     prompt = min(max_prompt or cap, cap)
     t = g["target"]
 
-    def tsym(tokens, rows):
-        return target_symbols(manifest, tokens, rows)
+    def tsym(tokens, rows, past=None):
+        return target_symbols(manifest, tokens, rows, past)
 
-    target = [_profile(t, tsym(1, 1), tsym(prompt // 2, 1), tsym(prompt, 1)),  # prefill
-              _profile(t, tsym(1, 1), tsym(tree // 2, tree // 2), tsym(tree, tree))]  # decode / verify
+    # the mask spans the context (from an empty cache to a full one) where the graph reads only that
+    target = [_profile(t, tsym(1, 1, 0), tsym(prompt // 2, 1, 0), tsym(prompt, 1, cap - prompt)),  # prefill
+              _profile(t, tsym(1, 1, 0), tsym(tree // 2, tree // 2, cap // 2), tsym(tree, tree, cap))]  # decode
     d = g["draft"]
 
     def dsym(tokens, feats):
