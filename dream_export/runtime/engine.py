@@ -111,7 +111,6 @@ class SpecEngine:
 
     # ---- graph calls -------------------------------------------------------------------------
     def _target(self, embeds, positions, new_mask, rows, past: int) -> dict:
-        t = embeds.shape[0]
         mask = cache_mask(self.cap, past, None, new_mask, self.used_slots)[None]
         tb = self.tb
         feeds = {tb["inputs_embeds"]: embeds[None].astype(np.float32, copy=False),
