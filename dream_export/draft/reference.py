@@ -199,7 +199,7 @@ def generate(target: TargetSide, prompt_embeds: torch.Tensor, max_new_tokens: in
         ids = torch.from_numpy(tree.tokens)
         emb = target.embed(ids)
         pos = torch.from_numpy(tree.depths)[None] + m
-        mask = torch.cat([torch.ones(len(tree), m, dtype=torch.bool), torch.from_numpy(tree.ancestor_mask())], 1)[None]
+        mask = torch.cat([torch.ones(len(tree), m, dtype=torch.bool), torch.from_numpy(tree.ancestor_mask().copy())], 1)[None]
         o = dec(emb, pos, mask, cache_k, cache_v)
         logits = target.logits(o["hidden"][0]).float()
         if sampling.greedy:

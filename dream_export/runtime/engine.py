@@ -25,7 +25,7 @@ from dream_export.runtime.accept import (
 )
 from dream_export.runtime.backends import Backend
 from dream_export.runtime.bundle import Bundle
-from dream_export.runtime.tree import TreeDraft, TreeSpec, VerifyTree, draft_step_masks
+from dream_export.runtime.tree import TreeDraft, TreeSpec, VerifyTree, causal, draft_step_masks
 from dream_export.runtime.vtc import vtc_keep_indices
 
 
@@ -158,7 +158,7 @@ class SpecEngine:
     def next_logits(self, embeds: np.ndarray) -> np.ndarray:
         """The target's logits for the token after `embeds` [n,H], from a fresh prefill (diagnostics)."""
         n = embeds.shape[0]
-        out = self._target(embeds, np.arange(n), np.tril(np.ones((n, n), bool)), [n - 1], past=0)
+        out = self._target(embeds, np.arange(n), causal(n), [n - 1], past=0)
         return out[self.tb["row_logits"]][0]
 
     def embed(self, ids) -> np.ndarray:
@@ -180,7 +180,7 @@ class SpecEngine:
         if n + 1 > self.cap:
             raise UsageError(f"prompt of {n} tokens does not fit the KV capacity {self.cap}")
         t0 = time.perf_counter()
-        out = self._target(prompt_embeds, np.arange(n), np.tril(np.ones((n, n), bool)), [n - 1], past=0)
+        out = self._target(prompt_embeds, np.arange(n), causal(n), [n - 1], past=0)
         self._commit_target(out, np.arange(n), 0)
         stats.seconds["prefill"] += time.perf_counter() - t0
 
@@ -230,7 +230,7 @@ class SpecEngine:
             # context pass over the pending tokens
             pos = np.array(pending_pos)
             t = len(pos)
-            self_mask = cache_mask(self.dcap, d_rows, None, np.tril(np.ones((t, t), bool)), self.draft_used_slots)
+            self_mask = cache_mask(self.dcap, d_rows, None, causal(t), self.draft_used_slots)
             nf = self.feats[new_feat_from:m] if self.uses_cross else np.zeros((0, self.hidden), np.float32)
             f = nf.shape[0]
             # committed features all precede the pending tokens; a new one is seen from the next position on

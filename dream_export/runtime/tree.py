@@ -12,6 +12,7 @@ verifies. A chain is the same tree with k = 1.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,6 +102,14 @@ class TreeDraft:
                           depths=np.array([self.depths[i] for i in order], dtype=np.int64))
 
 
+@functools.lru_cache(maxsize=64)
+def causal(n: int) -> np.ndarray:
+    """[n,n] bool lower triangle (read-only, shared): each row sees itself and the rows before it."""
+    m = np.tril(np.ones((n, n), dtype=bool))
+    m.flags.writeable = False
+    return m
+
+
 @dataclass
 class VerifyTree:
     """A candidate tree in topological order (root first)."""
@@ -120,8 +129,10 @@ class VerifyTree:
         return len(self.tokens)
 
     def ancestor_mask(self) -> np.ndarray:
-        """[N,N] bool: row i sees node j iff j is i or an ancestor of i."""
+        """[N,N] bool: row i sees node j iff j is i or an ancestor of i (read-only for a chain)."""
         n = len(self)
+        if np.array_equal(self.parents, np.arange(-1, n - 1)):
+            return causal(n)  # a chain (every CPU round): a shared triangle, not a Python loop
         m = np.eye(n, dtype=bool)
         for i in range(1, n):
             m[i] |= m[self.parents[i]]
