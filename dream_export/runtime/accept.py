@@ -55,6 +55,10 @@ def accept_greedy(tree: VerifyTree, target_argmax: np.ndarray) -> tuple[list[int
 
     Returns (accepted node indices, root first; bonus token id).
     """
+    if tree.is_chain:  # the first disagreement ends the path
+        agree = tree.tokens[1:] == target_argmax[:-1]
+        a = len(agree) if agree.all() else int(np.argmin(agree))
+        return list(range(a + 1)), int(target_argmax[a])
     children = tree.children()
     path, cur = [0], 0
     while True:

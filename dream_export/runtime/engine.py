@@ -218,8 +218,8 @@ class SpecEngine:
                 raise UsageError("visual-token compression needs the attention importance output: re-export "
                                  "without --no-attn-scores")
             keep = vtc_keep_indices(image_mask, out[self.tb["attn_importance"]][:n], vtc_keep)
-        pending_pos = list(keep) + [n]
-        pending_emb = [prompt_embeds[i] for i in keep] + [self.embed([root])[0]]
+        pending_pos = np.append(keep, n)
+        pending_emb = np.concatenate([prompt_embeds[keep], self.embed([root])])
         d_rows, c_rows, next_pos = 0, 0, 0
         new_feat_from = 0  # target features not yet appended to the cross cache
         m = n
@@ -228,8 +228,7 @@ class SpecEngine:
                 return  # KV capacity reached (the pipeline reports finish_reason="capacity")
             t1 = time.perf_counter()
             # context pass over the pending tokens
-            pos = np.array(pending_pos)
-            t = len(pos)
+            pos, t = pending_pos, len(pending_pos)
             self_mask = cache_mask(self.dcap, d_rows, None, causal(t), self.draft_used_slots)
             nf = self.feats[new_feat_from:m] if self.uses_cross else np.zeros((0, self.hidden), np.float32)
             f = nf.shape[0]
@@ -238,7 +237,7 @@ class SpecEngine:
                                     < pos[:, None], self.draft_used_slots)
             prev = (np.stack([self.feats[p - 1] if p > 0 else np.zeros(self.hidden, np.float32) for p in pos])
                     if self.uses_prev else None)
-            emb, dpos = np.stack(pending_emb), np.arange(next_pos, next_pos + t)
+            emb, dpos = pending_emb, np.arange(next_pos, next_pos + t)
             if mode == "chain" and 0 < self.chain_steps == min(spec.depth, spec.total - 1) - 1:
                 # one call: the context pass and every chain step (the draft_chain graph)
                 o = self._draft_round(emb, dpos, self_mask, nf, cross_mask)
@@ -263,13 +262,13 @@ class SpecEngine:
             idx = np.array(path)
             self._commit_target(o, idx, m)
             src = o[self.tb["taps"]][0] if self.eagle3 else o[self.tb["hidden"]][0]
-            self.feats[m:m + len(idx)] = src[idx]
+            self.feats[m:m + len(idx)] = src[: len(idx)] if path[-1] == len(path) - 1 else src[idx]
             new = [int(vt.tokens[i]) for i in path[1:]] + [bonus]
             if eos_id in new:
                 new = new[: new.index(eos_id) + 1]
             new = new[: max_new_tokens - produced]
-            pending_pos = list(range(m + 1, m + 1 + len(new)))
-            pending_emb = list(self.embed(new))
+            pending_pos = np.arange(m + 1, m + 1 + len(new))
+            pending_emb = self.embed(new)
             m += len(path)
             root = bonus
             produced += len(new)

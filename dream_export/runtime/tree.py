@@ -128,11 +128,16 @@ class VerifyTree:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @property
+    def is_chain(self) -> bool:
+        """Whether every node's parent is the node before it (a single path)."""
+        return bool(np.array_equal(self.parents, np.arange(-1, len(self) - 1)))
+
     def ancestor_mask(self) -> np.ndarray:
         """[N,N] bool: row i sees node j iff j is i or an ancestor of i (read-only for a chain)."""
         n = len(self)
-        if np.array_equal(self.parents, np.arange(-1, n - 1)):
-            return causal(n)  # a chain (every CPU round): a shared triangle, not a Python loop
+        if self.is_chain:
+            return causal(n)  # every CPU round: a shared triangle, not a Python loop
         m = np.eye(n, dtype=bool)
         for i in range(1, n):
             m[i] |= m[self.parents[i]]
