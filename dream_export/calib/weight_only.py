@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from dream_export.errors import UsageError
+
 BITS = 8
 BLOCK_SIZE = 32
 ACCURACY_LEVEL = 4  # int8 compute
@@ -23,9 +25,13 @@ ACCURACY_LEVEL = 4  # int8 compute
 
 def quantize_linear_weights(src: str | Path, dst: str | Path) -> dict:
     """Write `src` with every constant-weight MatMul as an 8-bit `MatMulNBits` to `dst`; return a summary."""
-    import onnx
+    try:
+        import onnx
+        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    except ImportError as e:
+        raise UsageError("8-bit draft weights need the onnx package: pip install 'dream-export[export]' "
+                         "(or build with --draft-weights fp32)") from e
     import onnxruntime as ort
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     dst = Path(dst)
     # The exporter shares a weight between unrolled steps through Identity nodes, and the quantizer
