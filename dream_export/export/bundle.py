@@ -168,10 +168,9 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
             # role -> tensor name: the runtime binds by role through this table only
             manifest["graphs"][name] = {"file": f"onnx/{name}.onnx", "sha256": file_digest(p), **io,
                                         "bindings": {r: r for r in roles}}
-        # target and draft graphs read only the cache slots their masks span (a mask may be as narrow as
-        # the used rows + the new ones); bundles without this mark need masks over the whole capacity
-        for name in graphs:
             if name != "vision":
+                # target and draft graphs read only the cache slots their masks span (a mask may be as narrow
+                # as the used rows + the new ones); bundles without this mark need masks over the capacity
                 manifest["graphs"][name]["slots"] = "used"
         if "draft_chain" in graphs:
             # the chain graph repeats the draft's weights: it is valid only beside this very draft graph

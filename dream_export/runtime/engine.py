@@ -46,6 +46,12 @@ def cache_mask(capacity: int, committed: int, scratch: np.ndarray | None, new: n
     return m
 
 
+def row_index(rows: np.ndarray) -> slice | np.ndarray:
+    """Rows that rise from 0 (a root-to-node path in node order) as an index: a slice (a view, no gather)
+    when they are a prefix, as for a chain, a prefill or a plain decoding step."""
+    return slice(0, len(rows)) if rows[-1] == len(rows) - 1 else rows
+
+
 @dataclass
 class Round:
     """What one target pass produced."""
@@ -96,18 +102,17 @@ class SpecEngine:
         self.feats = np.zeros((self.cap + self.tree_cap, self.hidden), f32)  # per target position
         for role, buf in (("past_key", self.kv_k), ("past_value", self.kv_v)):
             backend.register_resident("target", self.tb[role], buf)
-        for role, buf in (("self_key", self.self_k), ("self_value", self.self_v), ("cross_key", self.cross_k),
-                          ("cross_value", self.cross_v)):
-            if role in self.db:
-                backend.register_resident("draft", self.db[role], buf)
+        self.bindings = {"draft": self.db}  # the draft-side graphs this engine calls
         # a whole chain round per draft call, when the bundle has the graph and the backend runs it
         self.chain_steps = 0
         if "draft_chain" in backend.graphs:
-            self.cb = bundle.graph("draft_chain")["bindings"]
+            self.cb = self.bindings["draft_chain"] = bundle.graph("draft_chain")["bindings"]
             self.chain_steps = bundle.graph("draft_chain")["steps"]
+        for graph, b in self.bindings.items():
             for role, buf in (("self_key", self.self_k), ("self_value", self.self_v), ("cross_key", self.cross_k),
                               ("cross_value", self.cross_v), ("embed_table", embed_table)):
-                backend.register_resident("draft_chain", self.cb[role], buf)
+                if role in b:
+                    backend.register_resident(graph, b[role], buf)
 
     # ---- graph calls -------------------------------------------------------------------------
     def _target(self, embeds, positions, new_mask, rows, past: int) -> dict:
@@ -120,33 +125,25 @@ class SpecEngine:
         return self.backend.run("target", feeds)
 
     def _commit_target(self, out: dict, rows: np.ndarray, at: int) -> None:
-        n = len(rows)
-        # rows rise from 0 (a root-to-node path in node order): ending at n - 1 they are a prefix, as for a
-        # chain, a prefill or a plain decoding step, and a view replaces the gather
-        pick = slice(0, n) if rows[-1] == n - 1 else rows
+        n, pick = len(rows), row_index(rows)
         self.kv_k[:, :, :, at:at + n] = out[self.tb["new_key"]][:, :, :, pick]
         self.kv_v[:, :, :, at:at + n] = out[self.tb["new_value"]][:, :, :, pick]
 
-    def _draft(self, embeds, positions, self_mask, new_feats, cross_mask, prev_feat) -> dict:
+    def _draft(self, embeds, positions, self_mask, new_feats, cross_mask, prev_feat, graph: str = "draft") -> dict:
+        """One call of the draft graph, or of the draft_chain graph (the same inputs plus the embedding table)."""
         roles = {"embeds": embeds[None].astype(np.float32, copy=False), "positions": positions[None],
                  "self_mask": self_mask[None], "self_key": self.self_k, "self_value": self.self_v,
                  "cross_key": self.cross_k, "cross_value": self.cross_v,
                  "new_feats": new_feats[None].astype(np.float32, copy=False), "cross_mask": cross_mask[None],
-                 "prev_feat": None if prev_feat is None else prev_feat[None].astype(np.float32, copy=False)}
-        # the exporter drops inputs a draft does not read (DREAM: prev_feat; EAGLE: the cross cache)
-        return self.backend.run("draft", {self.db[r]: v for r, v in roles.items() if r in self.db})
+                 "prev_feat": None if prev_feat is None else prev_feat[None].astype(np.float32, copy=False),
+                 "embed_table": self.embed_table}
+        # the exporter drops inputs a graph does not read (DREAM: prev_feat; EAGLE: the cross cache)
+        b = self.bindings[graph]
+        return self.backend.run(graph, {b[r]: v for r, v in roles.items() if r in b})
 
-    def _draft_round(self, embeds, positions, self_mask, new_feats, cross_mask) -> dict:
-        cb = self.cb
-        feeds = {cb["embeds"]: embeds[None].astype(np.float32, copy=False), cb["positions"]: positions[None],
-                 cb["self_mask"]: self_mask[None], cb["self_key"]: self.self_k, cb["self_value"]: self.self_v,
-                 cb["cross_key"]: self.cross_k, cb["cross_value"]: self.cross_v,
-                 cb["new_feats"]: new_feats[None].astype(np.float32, copy=False), cb["cross_mask"]: cross_mask[None],
-                 cb["embed_table"]: self.embed_table}
-        return self.backend.run("draft_chain", feeds)
-
-    def _commit_draft(self, out: dict, bindings: dict, d_rows: int, c_rows: int) -> None:
+    def _commit_draft(self, out: dict, graph: str, d_rows: int, c_rows: int) -> None:
         """Write a context pass's new rows after the committed ones (self- and cross-attention caches)."""
+        bindings = self.bindings[graph]
         k = out[bindings["new_self_key"]]
         self.self_k[:, :, :, d_rows:d_rows + k.shape[3]] = k
         self.self_v[:, :, :, d_rows:d_rows + k.shape[3]] = out[bindings["new_self_value"]]
@@ -238,14 +235,14 @@ class SpecEngine:
             prev = (np.stack([self.feats[p - 1] if p > 0 else np.zeros(self.hidden, np.float32) for p in pos])
                     if self.uses_prev else None)
             emb, dpos = pending_emb, np.arange(next_pos, next_pos + t)
-            if mode == "chain" and 0 < self.chain_steps == min(spec.depth, spec.total - 1) - 1:
-                # one call: the context pass and every chain step (the draft_chain graph)
-                o = self._draft_round(emb, dpos, self_mask, nf, cross_mask)
-                self._commit_draft(o, self.cb, d_rows, c_rows)
+            # one call for the context pass and every chain step where the draft_chain graph fits the chain
+            whole = mode == "chain" and 0 < self.chain_steps == min(spec.depth, spec.total - 1) - 1
+            graph = "draft_chain" if whole else "draft"
+            o = self._draft(emb, dpos, self_mask, nf, cross_mask, prev, graph)
+            self._commit_draft(o, graph, d_rows, c_rows)
+            if whole:
                 vt = VerifyTree.chain([root, *(int(i) for i in o[self.cb["chain_ids"]])][: spec.total])
             else:
-                o = self._draft(emb, dpos, self_mask, nf, cross_mask, prev)
-                self._commit_draft(o, self.db, d_rows, c_rows)
                 draft = self._draft_chain if spec.k == 1 else self._draft_tree
                 vt = draft(spec, root, o, d_rows + t, c_rows + f, next_pos + t - 1)
             d_rows, c_rows, next_pos, new_feat_from = d_rows + t, c_rows + f, next_pos + t, m
@@ -262,7 +259,7 @@ class SpecEngine:
             idx = np.array(path)
             self._commit_target(o, idx, m)
             src = o[self.tb["taps"]][0] if self.eagle3 else o[self.tb["hidden"]][0]
-            self.feats[m:m + len(idx)] = src[: len(idx)] if path[-1] == len(path) - 1 else src[idx]
+            self.feats[m:m + len(idx)] = src[row_index(idx)]
             new = [int(vt.tokens[i]) for i in path[1:]] + [bonus]
             if eos_id in new:
                 new = new[: new.index(eos_id) + 1]
@@ -283,7 +280,7 @@ class SpecEngine:
         """The k = 1 tree without tree bookkeeping: every draft step sees all rows before it.
 
         Same tokens as `_draft_tree` with k = 1 (tests hold them equal); it only skips the per-step
-        ancestor search and mask allocation, which at 0.3 ms per draft call is a visible share on CPU.
+        ancestor search and mask bookkeeping, a visible share of a draft call on a CPU.
         """
         db, used = self.db, self.draft_used_slots
         tokens = [root, int(ctx_out[db["topk_ids"]][-1, 0])]
