@@ -143,8 +143,8 @@ def test_per_graph_threads_give_the_same_tokens(demo_bundle, demo_pipeline):
     assert pipe.backend.threads == {"vision": 1, "target": 2, "draft": 1}
     scene, s = _heldout(1)[0]
     img = scenes.render(scene)
-    a = pipe.generate(img, s.prompt, max_new_tokens=40, mode="chain", tree=TreeSpec(1, 6, 7))
-    b = demo_pipeline.generate(img, s.prompt, max_new_tokens=40, mode="chain", tree=TreeSpec(1, 6, 7))
+    a = pipe.generate(img, s.prompt, max_new_tokens=40, mode="chain", tree=TreeSpec(1, 5, 6))
+    b = demo_pipeline.generate(img, s.prompt, max_new_tokens=40, mode="chain", tree=TreeSpec(1, 5, 6))
     assert a.tokens == b.tokens
 
 
@@ -160,7 +160,7 @@ def test_bench_sweep_reports_tree_shapes_and_thread_counts(demo_bundle, tmp_path
                         str(tmp_path / "b.json")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     out = json.loads((tmp_path / "b.json").read_text())
-    assert out["match_rate"] == 1.0 and len(out["sweep"]) == 8
+    assert out["match_rate"] == 1.0 and len(out["sweep"]) == 9
     assert all(r["match_rate"] == 1.0 and r["mode"] == ("chain" if r["tree"][0] == 1 else "tree") for r in out["sweep"])
     assert {t["threads"] for t in out["thread_sweep"]} == {"1", "target=2,draft=1", "2"}
     assert all(t["tree"] == out["sweep"][0]["tree"] for t in out["thread_sweep"])
@@ -170,25 +170,29 @@ def test_chain_graph_and_per_step_chain_draft_the_same_tokens(demo_pipeline, mon
     """One draft_chain call per round (context pass and chain) drafts exactly what per-step calls and the
     k=1 tree draft do."""
     eng = demo_pipeline.engine
-    assert "draft_chain" in demo_pipeline.backend.graphs and eng.chain_steps == 5
+    assert "draft_chain" in demo_pipeline.backend.graphs and eng.chain_steps == 4
+    chain = TreeSpec.chain(eng.chain_steps + 1)
     for sc, s in _heldout(3):
         img = scenes.render(sc)
         ar = demo_pipeline.generate(img, s.prompt, max_new_tokens=60, mode="ar").tokens
-        graph = demo_pipeline.generate(img, s.prompt, max_new_tokens=60, mode="chain", tree=TreeSpec(1, 6, 7))
+        graph = demo_pipeline.generate(img, s.prompt, max_new_tokens=60, mode="chain", tree=chain)
         calls = demo_pipeline.backend.calls
         assert calls["draft_chain"] == len(graph.stats["rounds"]) and calls["draft"] == 0
         with monkeypatch.context() as mp:
             mp.setattr(eng, "chain_steps", 0)
-            steps = demo_pipeline.generate(img, s.prompt, max_new_tokens=60, mode="chain", tree=TreeSpec(1, 6, 7))
+            steps = demo_pipeline.generate(img, s.prompt, max_new_tokens=60, mode="chain", tree=chain)
             assert demo_pipeline.backend.calls["draft_chain"] == 0
             mp.setattr(eng, "_draft_chain", eng._draft_tree)  # the general tree bookkeeping with k = 1
-            tree = demo_pipeline.generate(img, s.prompt, max_new_tokens=60, mode="tree", tree=TreeSpec(1, 6, 7))
+            tree = demo_pipeline.generate(img, s.prompt, max_new_tokens=60, mode="tree", tree=chain)
         assert graph.tokens == steps.tokens == tree.tokens == ar
         assert graph.stats["rounds"] == steps.stats["rounds"] == tree.stats["rounds"]
 
 
 def test_target_reads_only_the_used_cache_slots(demo_pipeline, monkeypatch):
-    """A mask as wide as the context gives the logits and KV rows of the full-capacity mask."""
+    """A mask as wide as the context (rounded up to a slot bucket) gives the logits and KV rows of the
+    full-capacity mask."""
+    from dream_export.runtime.engine import SLOT_BUCKET
+
     eng = demo_pipeline.engine
     assert eng.used_slots
     sc, s = _heldout(1)[0]
@@ -199,8 +203,24 @@ def test_target_reads_only_the_used_cache_slots(demo_pipeline, monkeypatch):
     new = eng.embed([5, 6, 7])
     tree = np.tril(np.ones((3, 3), bool))
     narrow = eng._target(new, n + np.arange(3), tree, np.arange(3), past=n)
-    assert narrow[eng.tb["attn_importance"]].shape == (n + 3,)
+    width = -(-n // SLOT_BUCKET) * SLOT_BUCKET
+    assert n <= width < eng.cap and narrow[eng.tb["attn_importance"]].shape == (width + 3,)
     monkeypatch.setattr(eng, "used_slots", False)
     full = eng._target(new, n + np.arange(3), tree, np.arange(3), past=n)
     for role in ("row_logits", "new_key", "hidden"):
         np.testing.assert_allclose(narrow[eng.tb[role]], full[eng.tb[role]], rtol=1e-5, atol=1e-5)
+
+
+def test_cache_masks_step_in_slot_buckets_and_hide_the_padding():
+    """Used-slot masks grow in SLOT_BUCKET steps (few distinct shapes for ONNX Runtime's memory plans), never
+    past the capacity, and the padding slots are hidden from every query."""
+    from dream_export.runtime.engine import SLOT_BUCKET, cache_mask
+
+    new = np.tril(np.ones((3, 3), bool))
+    for committed in (0, 1, SLOT_BUCKET - 1, SLOT_BUCKET, SLOT_BUCKET + 5):
+        m = cache_mask(4 * SLOT_BUCKET, committed, None, new, used=True)
+        width = m.shape[1] - 3
+        assert width % SLOT_BUCKET == 0 and committed <= width < committed + SLOT_BUCKET
+        assert m[:, :committed].all() and not m[:, committed:width].any() and (m[:, width:] == new).all()
+    assert cache_mask(40, 39, None, new, used=True).shape == (3, 43)  # capped at the capacity
+    assert cache_mask(40, 5, None, new, used=False).shape == (3, 43)  # full-width graphs: the capacity

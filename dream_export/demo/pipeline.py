@@ -124,9 +124,10 @@ def _speculative_steps(model_dir: Path, draft_dir: Path, out: Path, bench_prompt
     rows = read_prompts(heldout)[:bench_prompts]
     from PIL import Image
 
-    # On a CPU the verify pass pays per tree token: `bench --sweep` finds a depth-6 chain fastest there
-    # (docs/RESULTS.md); GPU backends favour the paper's 32-node tree (the Pipeline default).
-    tree = TreeSpec.chain(6)
+    # On a CPU the verify pass pays per tree token, and a 7th row crosses the CPU matmul's 6-row block:
+    # a depth-5 chain, the exported chain graph's, is fastest there (docs/RESULTS.md); GPU backends
+    # favour the paper's 32-node tree (the Pipeline default).
+    tree = TreeSpec.chain(manifest["graphs"]["draft_chain"]["steps"] + 1)
     r = pipe.generate(Image.open(rows[0]["image"]), rows[0]["prompt"], mode="chain", tree=tree)
     say(f"\nspeculative answer (dream-export run, no torch):\n  Q: {rows[0]['prompt']}\n  A: {r.text}\n"
         f"  (tau {r.stats['tau']:.2f}, {r.stats['tokens_per_s']:.0f} tok/s)")

@@ -47,12 +47,13 @@ class RMSNorm(nn.Module):
         self.eps, self.offset = eps, flavour == "gemma_rms"
         self.weight = nn.Parameter(torch.zeros(dim) if self.offset else torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """`scale` multiplies the weight (an exported graph stores the product: one node fewer downstream)."""
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         w = (1.0 + self.weight.float()) if self.offset else self.weight.float()
-        return (x * w).to(dtype)
+        return (x * (w if scale == 1.0 else w * scale)).to(dtype)
 
 
 def _act(name: str):
@@ -94,11 +95,11 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
         self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
 
-    def forward(self, x, rot, hidden, cache):
-        """`hidden`: the grouped mask over (cache, new rows) from `group_mask`."""
+    def forward(self, x, rot, hidden, cache, single: bool = False):
+        """`hidden`: the grouped mask over (cache, new rows) from `group_mask`; `single`: x is one row."""
         c = self.cfg
         q, k, v = fused_qkv((self.q_proj, self.k_proj, self.v_proj), x, c.num_heads, c.num_kv_heads, c.head_dim, *rot,
-                            q_scale=c.head_dim ** -0.5)
+                            q_scale=c.head_dim ** -0.5, single=single)
         # `cache`: one (k, v) segment, or a list (cache + a chain graph's in-graph rows). In-graph rows and
         # the new ones form one segment (attention allows one of variable size, the last), and that merged
         # segment is what a list cache gets back: the next chain step's in-graph rows, without a copy more
@@ -110,7 +111,7 @@ class SelfAttention(nn.Module):
             segments = [(k, v)] if cache is None else [cache, (k, v)]
         # cache sizes as traced shapes: an exported graph may read only a cache's used slots
         o = segmented_attention(q, segments, hidden, c.num_kv_heads, sizes=[sk.shape[2] for sk, _ in segments[:-1]])
-        return self.o_proj(merge_heads(o, c.num_heads, c.head_dim)), (k, v)
+        return self.o_proj(merge_heads(o, c.num_heads, c.head_dim, single)), (k, v)
 
 
 class SelfAttnBlock(nn.Module):
@@ -123,9 +124,9 @@ class SelfAttnBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_flavour)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rot, hidden, cache):
+    def forward(self, x, rot, hidden, cache, single: bool = False):
         h = self.input_layernorm(x) if self.input_layernorm is not None else x
-        a, kv = self.self_attn(h, rot, hidden, cache)
+        a, kv = self.self_attn(h, rot, hidden, cache, single)
         x = x + a
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -156,12 +157,14 @@ class CrossAttnBlock(nn.Module):
         self.mlp = MLP(cfg)
         self.mlp_gate = nn.Parameter(torch.zeros(1))
 
-    def kv(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Project features [B,S,H] to cacheable (normed K, V), each [B,kv_heads,S,head_dim]."""
+    def kv(self, feats: torch.Tensor, single: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Project features [B,S,H] to cacheable (normed K, V), each [B,kv_heads,S,head_dim] (`single`: S is 1)."""
         c = self.cfg
-        k = self.k_norm(split_heads(self.k_proj(feats), c.num_kv_heads, c.head_dim))
-        v = split_heads(self.v_proj(feats), c.num_kv_heads, c.head_dim)
-        return k, v
+        # normed before the head transpose: over the last dim either way, and ONNX Runtime fuses the
+        # norm into one node only there (after the transpose it stays six nodes per chain step)
+        k = self.k_norm(self.k_proj(feats).reshape(graph_batch(feats), -1, c.num_kv_heads, c.head_dim))
+        v = split_heads(self.v_proj(feats), c.num_kv_heads, c.head_dim, single)
+        return split_heads(k, c.num_kv_heads, c.head_dim, True) if single else k.transpose(1, 2), v
 
     def hidden_mask(self, cross_mask: torch.Tensor) -> torch.Tensor:
         """Visibility [B,T,C] → the grouped hidden-key mask over (null key, features) that `forward` takes."""
@@ -169,19 +172,21 @@ class CrossAttnBlock(nn.Module):
         null_visible = torch.ones_like(cross_mask[..., :1]) if c.null_key else ~cross_mask.any(-1, keepdim=True)
         return group_mask(torch.cat([null_visible, cross_mask], -1), c.num_heads // c.num_kv_heads)
 
-    def forward(self, x, cross_k, cross_v, hidden):
+    def forward(self, x, cross_k, cross_v, hidden, single: bool = False):
         """`cross_k`/`cross_v`: one tensor, or a tuple of segments (cache, new rows) read without copying;
-        `hidden`: from `hidden_mask`."""
+        `hidden`: from `hidden_mask`; `single`: x is one row."""
         c = self.cfg
         b = graph_batch(x)
-        q = self.q_norm(split_heads(self.q_proj(self.input_layernorm(x)), c.num_heads, c.head_dim))
+        # the attention scale rides on q_norm's weight (see `kv` for the layout)
+        q = self.q_proj(self.input_layernorm(x)).reshape(b, -1, c.num_heads, c.head_dim)
+        q = self.q_norm(q, c.head_dim ** -0.5)
+        q = split_heads(q, c.num_heads, c.head_dim, True) if single else q.transpose(1, 2)
         ks = cross_k if isinstance(cross_k, (tuple, list)) else (cross_k,)
         vs = cross_v if isinstance(cross_v, (tuple, list)) else (cross_v,)
         segments = [(self.null_k.expand(b, -1, -1, -1).to(q.dtype), self.null_v.expand(b, -1, -1, -1).to(q.dtype)),
                     *zip(ks, vs, strict=True)]
-        o = segmented_attention(q, segments, hidden, c.num_kv_heads, c.head_dim ** -0.5,
-                                sizes=[sk.shape[2] for sk, _ in segments[:-1]])
-        x = x + torch.tanh(self.attn_gate) * self.o_proj(merge_heads(o, c.num_heads, c.head_dim))
+        o = segmented_attention(q, segments, hidden, c.num_kv_heads, sizes=[sk.shape[2] for sk, _ in segments[:-1]])
+        x = x + torch.tanh(self.attn_gate) * self.o_proj(merge_heads(o, c.num_heads, c.head_dim, single))
         return x + torch.tanh(self.mlp_gate) * self.mlp(self.post_attention_layernorm(x))
 
 
@@ -213,13 +218,13 @@ class Draft(nn.Module):
             return self.fuse(torch.cat(taps, -1))
         return final
 
-    def cross_kv(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def cross_kv(self, feats: torch.Tensor, single: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Cacheable cross-attention K/V of features [B,S,H] (empty tensors for drafts without it)."""
         if self.cross is None:
             b, s, _ = feats.shape
             z = feats.new_zeros(b, self.config.num_kv_heads, s, self.config.head_dim)
             return z, z
-        return self.cross.kv(feats)
+        return self.cross.kv(feats, single)
 
     def forward(self, embeds, positions, self_mask, self_cache=None, cross_k=None, cross_v=None,
                 cross_mask=None, prev_feat=None) -> dict:
@@ -230,19 +235,19 @@ class Draft(nn.Module):
         return self.step(embeds, rot, hidden, self_cache, cross_k, cross_v, cross_hidden, prev_feat)
 
     def step(self, embeds, rot, hidden, self_cache=None, cross_k=None, cross_v=None, cross_hidden=None,
-             prev_feat=None) -> dict:
+             prev_feat=None, single: bool = False) -> dict:
         """`forward` with the rotary tables and hidden-key masks already made (a chain graph makes every
-        step's at once)."""
+        step's at once); `single`: one query row, known when tracing (head splits become reshapes)."""
         x = embeds
         if self.config.arch != "dream":
             x = self.fc(torch.cat([embeds, prev_feat.to(embeds.dtype)], -1))
         caches = self_cache or [None] * len(self.blocks)
-        x, kv0 = self.blocks[0](x, rot, hidden, caches[0])
+        x, kv0 = self.blocks[0](x, rot, hidden, caches[0], single)
         block0, new_kv = x, [kv0]
         if self.cross is not None:
-            x = self.cross(x, cross_k, cross_v, cross_hidden)
+            x = self.cross(x, cross_k, cross_v, cross_hidden, single)
         for blk, cache in zip(self.blocks[1:], caches[1:], strict=True):
-            x, kv = blk(x, rot, hidden, cache)
+            x, kv = blk(x, rot, hidden, cache, single)
             new_kv.append(kv)
         return {"feature": self.norm(x), "block0": block0, "self_kv": new_kv}
 

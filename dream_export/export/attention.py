@@ -22,13 +22,21 @@ def graph_batch(x: torch.Tensor) -> int:
     return 1 if torch.onnx.is_in_onnx_export() else x.shape[0]
 
 
-def split_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """[B,T,heads·head_dim] → [B,heads,T,head_dim]."""
+def split_heads(x: torch.Tensor, heads: int, head_dim: int, single: bool = False) -> torch.Tensor:
+    """[B,T,heads·head_dim] → [B,heads,T,head_dim].
+
+    `single`: the caller knows T is 1 (a chain graph's draft step), so the head transpose is a reshape
+    (a graph with dynamic T cannot tell; one node less per split where every node costs).
+    """
+    if single:
+        return x.reshape(graph_batch(x), heads, 1, head_dim)
     return x.reshape(graph_batch(x), -1, heads, head_dim).transpose(1, 2)
 
 
-def merge_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
-    """[B,heads,T,head_dim] → [B,T,heads·head_dim]."""
+def merge_heads(x: torch.Tensor, heads: int, head_dim: int, single: bool = False) -> torch.Tensor:
+    """[B,heads,T,head_dim] → [B,T,heads·head_dim] (`single`: T is 1, as in `split_heads`)."""
+    if single:
+        return x.reshape(graph_batch(x), 1, heads * head_dim)
     return x.transpose(1, 2).reshape(graph_batch(x), -1, heads * head_dim)
 
 
@@ -47,7 +55,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_qkv(projs: tuple[nn.Linear, nn.Linear, nn.Linear], h: torch.Tensor, heads: int, kv_heads: int,
-              head_dim: int, cos: torch.Tensor, sin: torch.Tensor, q_scale: float = 1.0):
+              head_dim: int, cos: torch.Tensor, sin: torch.Tensor, q_scale: float = 1.0, single: bool = False):
     """Q (times `q_scale`), K (rotary applied to both) and V [B,heads,T,D] from one joined projection.
 
     One MatMul, one head split and one rotary pass over Q and K together instead of three of each: on
@@ -57,7 +65,7 @@ def fused_qkv(projs: tuple[nn.Linear, nn.Linear, nn.Linear], h: torch.Tensor, he
     w = torch.cat([projs[0].weight * q_scale, projs[1].weight, projs[2].weight])
     bias = (torch.cat([projs[0].bias * q_scale, projs[1].bias, projs[2].bias])
             if projs[0].bias is not None else None)
-    y = split_heads(nn.functional.linear(h, w, bias), heads + 2 * kv_heads, head_dim)
+    y = split_heads(nn.functional.linear(h, w, bias), heads + 2 * kv_heads, head_dim, single)
     qk, v = y.split([heads + kv_heads, kv_heads], 1)
     qk = (qk * cos + rotate_half(qk) * sin).to(qk.dtype)
     q, k = qk.split([heads, kv_heads], 1)

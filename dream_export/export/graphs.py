@@ -80,8 +80,9 @@ class DraftChainGraph(nn.Module):
         self.draft, self.lm_head, self.steps, self.softcap = draft, lm_head, steps, softcap
 
     def _argmax(self, feature: torch.Tensor) -> torch.Tensor:
-        tok, _ = _topk_logprobs(soft_cap(self.lm_head(feature[0]), self.softcap), 1)
-        return tok[0]  # [1]
+        """The greedy token of a [1,1,H] feature as [1,1]: an ArgMax the next step's embedding Gather takes
+        as is (no log-softmax, TopK or index reshuffling per step)."""
+        return soft_cap(self.lm_head(feature), self.softcap).argmax(-1)
 
     def forward(self, embeds, positions, self_mask, self_key, self_value, cross_key, cross_value, new_feats,
                 cross_mask, embed_table):
@@ -105,17 +106,17 @@ class DraftChainGraph(nn.Module):
         feature = o["feature"][:, -1:]
         ids = [self._argmax(feature)]
         for j in range(steps):
-            k, v = d.cross_kv(feature)
+            k, v = d.cross_kv(feature, single=True)
             ck, cv = torch.cat([ck, k], 2), torch.cat([cv, v], 2)
             drop = steps - 1 - j  # mask columns of later steps
-            s = d.step(embed_table.index_select(0, ids[-1])[None], (cos[:, :, j:j + 1], sin[:, :, j:j + 1]),
+            s = d.step(nn.functional.embedding(ids[-1], embed_table), (cos[:, :, j:j + 1], sin[:, :, j:j + 1]),
                        self_hidden[..., :-drop] if drop else self_hidden,
                        [[cache[i], rows[i]] for i in range(nb)], (cross_key, ck), (cross_value, cv),
-                       cross_hidden[..., :-drop] if drop else cross_hidden)
+                       cross_hidden[..., :-drop] if drop else cross_hidden, single=True)
             rows = s["self_kv"]  # a list cache gets its merged rows back
             feature = s["feature"]
             ids.append(self._argmax(feature))
-        return (torch.cat(ids), torch.stack([kv[0] for kv in ctx]), torch.stack([kv[1] for kv in ctx]), nk, nv)
+        return (torch.cat(ids, -1)[0], torch.stack([kv[0] for kv in ctx]), torch.stack([kv[1] for kv in ctx]), nk, nv)
 
 
 class VisionGraph(nn.Module):
