@@ -94,3 +94,31 @@ def test_ablation_without_cross_attention_has_two_blocks():
 def test_unknown_arch_is_refused():
     with pytest.raises(ValueError, match="unknown draft arch"):
         DraftConfig.from_target(CONFIGS["llama-gqa"], arch="medusa")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_one_row_steps_match_the_general_path(name):
+    """A chain graph's one-row steps (head splits as reshapes) compute what the general path does."""
+    from dream_export.draft.model import rope_cos_sin
+    from dream_export.export.attention import group_mask
+
+    cfg = DraftConfig.from_target(CONFIGS[name])
+    d = Draft(cfg)
+    init_weights(d)
+    with torch.no_grad():
+        d.cross.attn_gate.fill_(1.0)
+        d.cross.mlp_gate.fill_(1.0)
+    emb, pos, mask, feats, cmask = _inputs(cfg, t=1, c=3)
+    cmask = torch.ones(1, 1, 3, dtype=torch.bool)
+    e4, p4, m4, f4, cm4 = _inputs(cfg, t=4, c=3)
+    ctx = d(e4, p4, m4, None, *d.cross_kv(f4), cm4)  # cached rows for the step to attend to
+    cache = [(k, v) for k, v in ctx["self_kv"]]
+    rot = rope_cos_sin(pos + 4, cfg.head_dim, cfg.rope_theta)
+    hidden = group_mask(torch.ones(1, 1, 5, dtype=torch.bool), cfg.num_heads // cfg.num_kv_heads)
+    k, v = d.cross_kv(feats)
+    assert all(torch.equal(a, b) for a, b in zip(d.cross_kv(feats[:, :1], single=True), d.cross_kv(feats[:, :1]),
+                                                 strict=True))
+    outs = [d.step(emb, rot, hidden, cache, k, v, d.cross.hidden_mask(cmask), single=s) for s in (False, True)]
+    torch.testing.assert_close(outs[0]["feature"], outs[1]["feature"], rtol=0, atol=0)
+    for (k0, v0), (k1, v1) in zip(outs[0]["self_kv"], outs[1]["self_kv"], strict=True):
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)
