@@ -71,8 +71,10 @@ def test_interrupted_training_resumes_to_the_same_weights(features, demo_target,
     cfg = DraftConfig.from_target(demo_target.model.config.text_config)
     tcfg = DraftTrainConfig(steps=12, batch_size=2, warmup=2, threads=2)
     head = demo_target.model.lm_head.weight
-    full, _ = train_draft(root / "feat", head, cfg, tcfg, out_dir=tmp_path / "a", log=lambda _s: None,
+    # OUT's parent does not exist yet: the checkpoint beside it must not fail (it did at step 6)
+    full, _ = train_draft(root / "feat", head, cfg, tcfg, out_dir=tmp_path / "new" / "a", log=lambda _s: None,
                           progress=False, holdout=4, ckpt_every=6)
+    assert (tmp_path / "new" / "a" / "model.safetensors").exists()
 
     class Interrupt(Exception):
         pass

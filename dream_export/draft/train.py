@@ -139,6 +139,8 @@ def train_draft(data_dir: str | Path, lm_head_weight: torch.Tensor, cfg: DraftCo
     history = []
     start = 0
     ckpt = _ckpt_path(out_dir) if out_dir is not None else None
+    if ckpt is not None:
+        ckpt.parent.mkdir(parents=True, exist_ok=True)  # OUT's parent may not exist before the draft is saved
     identity = {"draft_config": asdict(cfg), "train_config": asdict(tcfg), "data": ds.meta}
     if resume and ckpt is not None and ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
