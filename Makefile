@@ -36,12 +36,12 @@ test-all: setup
 lint: setup
 	$(BIN)/ruff check dream_export tests
 
-# Retrain the embedded demo from scratch (seeded): the VLM, then its DREAM draft (about 70 min on 2 cores).
+# Retrain the embedded demo from scratch (seeded): the VLM, then its DREAM draft (about 80 min on 2 cores).
 demo-model: setup
 	$(BIN)/dream-export demo-model -o $(DEMO)/vlm
-	$(BIN)/dream-export demo-data -o $(DATA) --train 4000
+	$(BIN)/dream-export demo-data -o $(DATA) --train 8000
 	$(BIN)/dream-export train-draft $(DEMO)/vlm --data $(DATA)/train.jsonl -o $(DEMO)/draft \
-		--features $(DATA)/features --arch dream --steps 5000
+		--features $(DATA)/features --arch dream --steps 6000
 
 # DREAM against EAGLE-2/3-style drafts and the no-cross-attention ablation: same data, same budget.
 draft-compare: setup

@@ -72,7 +72,14 @@ class MLP(nn.Module):
         self.act = _act(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if torch.onnx.is_in_onnx_export():
+            # one joined gate|up projection in the graph (the weights are joined at trace time and stored
+            # once): a draft step's matmuls are one row each, and a CPU graph pays per node
+            n = self.gate_proj.out_features
+            gate, up = F.linear(x, torch.cat([self.gate_proj.weight, self.up_proj.weight])).split([n, n], -1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(self.act(gate) * up)
 
 
 def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
