@@ -128,9 +128,9 @@ class VerifyTree:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    @property
+    @functools.cached_property
     def is_chain(self) -> bool:
-        """Whether every node's parent is the node before it (a single path)."""
+        """Whether every node's parent is the node before it (a single path); asked twice per round."""
         return bool(np.array_equal(self.parents, np.arange(-1, len(self) - 1)))
 
     def ancestor_mask(self) -> np.ndarray:
