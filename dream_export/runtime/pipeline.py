@@ -111,8 +111,12 @@ class Pipeline:
     def stream(self, image, prompt: str, max_new_tokens: int = 128, mode: str = "tree",
                tree: TreeSpec | str | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                seed: int | None = None, vtc_keep: float | None = None, stop: list[str] | None = None,
-               _result: Result | None = None) -> Iterator[str]:
-        """Yield text deltas as rounds are accepted; the final `Result` lands in `_result` when given."""
+               _result: Result | None = None, _deltas: bool = True) -> Iterator[str]:
+        """Yield text deltas as rounds are accepted; the final `Result` lands in `_result` when given.
+
+        `_deltas=False` (`generate`): without stop strings no text is needed before the end, so the
+        answer is detokenized once instead of after every round.
+        """
         if mode not in MODES:
             raise UsageError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if isinstance(tree, str):
@@ -132,6 +136,14 @@ class Pipeline:
             for rnd in self.engine.generate(emb, mask, max_new_tokens, mode, tree, sampling, self.eos_id, vtc_keep,
                                             stats):
                 tokens += rnd.tokens
+                if not (_deltas or stop):
+                    if tokens and tokens[-1] == self.eos_id:
+                        finish = "stop"
+                        break
+                    if len(tokens) >= max_new_tokens:
+                        finish = "length"
+                        break
+                    continue
                 new_text = self.tokenizer.decode([t for t in tokens if t != self.eos_id])
                 hit = next((s for s in (stop or []) if s in new_text), None)
                 if hit is not None:
@@ -148,6 +160,8 @@ class Pipeline:
                 if len(tokens) >= max_new_tokens:
                     finish = "length"
                     break
+            if not (_deltas or stop):
+                text = self.tokenizer.decode([t for t in tokens if t != self.eos_id])
             end = time.perf_counter()
             secs = dict(stats.seconds)
             secs["vision"] = vision_s
@@ -167,6 +181,6 @@ class Pipeline:
     def generate(self, image, prompt: str, **kwargs) -> Result:
         """Answer one request (see `stream` for the options)."""
         res = Result("", [], "")
-        for _ in self.stream(image, prompt, _result=res, **kwargs):
+        for _ in self.stream(image, prompt, _result=res, _deltas=False, **kwargs):
             pass
         return res
