@@ -212,15 +212,16 @@ def test_target_reads_only_the_used_cache_slots(demo_pipeline, monkeypatch):
 
 
 def test_cache_masks_step_in_slot_buckets_and_hide_the_padding():
-    """Used-slot masks grow in SLOT_BUCKET steps (few distinct shapes for ONNX Runtime's memory plans), never
-    past the capacity, and the padding slots are hidden from every query."""
+    """Used-slot masks grow in SLOT_BUCKET steps (few distinct shapes for ONNX Runtime's memory plans), from
+    one bucket (no zero-size cache slice) up to the capacity, and the padding slots are hidden from every
+    query."""
     from dream_export.runtime.engine import SLOT_BUCKET, cache_mask
 
     new = np.tril(np.ones((3, 3), bool))
     for committed in (0, 1, SLOT_BUCKET - 1, SLOT_BUCKET, SLOT_BUCKET + 5):
         m = cache_mask(4 * SLOT_BUCKET, committed, None, new, used=True)
         width = m.shape[1] - 3
-        assert width % SLOT_BUCKET == 0 and committed <= width < committed + SLOT_BUCKET
+        assert width % SLOT_BUCKET == 0 and max(committed, 1) <= width < max(committed, 1) + SLOT_BUCKET
         assert m[:, :committed].all() and not m[:, committed:width].any() and (m[:, width:] == new).all()
     assert cache_mask(40, 39, None, new, used=True).shape == (3, 43)  # capped at the capacity
     assert cache_mask(40, 5, None, new, used=False).shape == (3, 43)  # full-width graphs: the capacity

@@ -31,7 +31,9 @@ from dream_export.runtime.vtc import vtc_keep_indices
 # Graphs that read only the used cache slots get masks this many slots wide at a time. ONNX Runtime plans
 # a call's memory once per distinct set of input shapes and reuses the plan; a mask one slot wider every
 # call would replan every call (measured: +0.9 ms on a 3 ms verify call), while 32-slot steps keep the
-# shapes few. The extra slots are masked out (softmax weight exactly 0).
+# shapes few. The extra slots are masked out (softmax weight exactly 0). An empty cache still gets one
+# bucket: no call then carries a zero-size cache slice (histogram calibration cannot take one, and
+# engines need not handle empty tensors).
 SLOT_BUCKET = 32
 
 
@@ -41,10 +43,10 @@ def cache_mask(capacity: int, committed: int, scratch: np.ndarray | None, new: n
     Every query sees the first `committed` cache slots, then `scratch` [queries, S] over the slots after
     them (this round's draft rows), then `new` over the new rows. W is the capacity, or, for graphs
     exported to read just the used slots (`used`), the committed + scratch slots rounded up to a multiple
-    of `SLOT_BUCKET` (at most the capacity).
+    of `SLOT_BUCKET`, at least one bucket and at most the capacity.
     """
     s = 0 if scratch is None else scratch.shape[1]
-    width = min(capacity, -(-(committed + s) // SLOT_BUCKET) * SLOT_BUCKET) if used else capacity
+    width = min(capacity, max(1, -(-(committed + s) // SLOT_BUCKET)) * SLOT_BUCKET) if used else capacity
     m = np.zeros((new.shape[0], width + new.shape[1]), bool)
     m[:, :committed] = True
     if s:
