@@ -127,7 +127,8 @@ def _speculative_steps(model_dir: Path, draft_dir: Path, out: Path, bench_prompt
     # On a CPU the verify pass pays per tree token, and a 7th row crosses the CPU matmul's 6-row block:
     # a depth-5 chain, the exported chain graph's, is fastest there (docs/RESULTS.md); GPU backends
     # favour the paper's 32-node tree (the Pipeline default).
-    tree = TreeSpec.chain(manifest["graphs"]["draft_chain"]["steps"] + 1)
+    # (an EAGLE-style --draft has no chain graph: the same depth, drafted one call per step)
+    tree = TreeSpec.chain(manifest["graphs"].get("draft_chain", {}).get("steps", ExportOptions().chain_steps) + 1)
     r = pipe.generate(Image.open(rows[0]["image"]), rows[0]["prompt"], mode="chain", tree=tree)
     say(f"\nspeculative answer (dream-export run, no torch):\n  Q: {rows[0]['prompt']}\n  A: {r.text}\n"
         f"  (tau {r.stats['tau']:.2f}, {r.stats['tokens_per_s']:.0f} tok/s)")
