@@ -133,35 +133,33 @@ class Pipeline:
             tokens: list[int] = []
             text, finish = "", "capacity"
             t_dec = time.perf_counter()
+            per_round = _deltas or bool(stop)  # text is needed every round only to stream it or find a stop
+
+            def detok() -> str:
+                return self.tokenizer.decode([t for t in tokens if t != self.eos_id])
+
             for rnd in self.engine.generate(emb, mask, max_new_tokens, mode, tree, sampling, self.eos_id, vtc_keep,
                                             stats):
                 tokens += rnd.tokens
-                if not (_deltas or stop):
-                    if tokens and tokens[-1] == self.eos_id:
+                if per_round:
+                    new_text = detok()
+                    hit = next((s for s in (stop or []) if s in new_text), None)
+                    if hit is not None:
+                        new_text = new_text[: new_text.index(hit)]
+                    delta, text = new_text[len(text):], new_text
+                    if delta:
+                        yield delta
+                    if hit is not None:
                         finish = "stop"
                         break
-                    if len(tokens) >= max_new_tokens:
-                        finish = "length"
-                        break
-                    continue
-                new_text = self.tokenizer.decode([t for t in tokens if t != self.eos_id])
-                hit = next((s for s in (stop or []) if s in new_text), None)
-                if hit is not None:
-                    new_text = new_text[: new_text.index(hit)]
-                    finish = "stop"
-                delta, text = new_text[len(text):], new_text
-                if delta:
-                    yield delta
-                if hit is not None:
-                    break
                 if tokens and tokens[-1] == self.eos_id:
                     finish = "stop"
                     break
                 if len(tokens) >= max_new_tokens:
                     finish = "length"
                     break
-            if not (_deltas or stop):
-                text = self.tokenizer.decode([t for t in tokens if t != self.eos_id])
+            if not per_round:
+                text = detok()
             end = time.perf_counter()
             secs = dict(stats.seconds)
             secs["vision"] = vision_s
