@@ -151,7 +151,8 @@ class SpecEngine:
         return self.backend.run(graph, {b[r]: v for r, v in roles.items() if r in b})
 
     def _commit_draft(self, out: dict, graph: str, d_rows: int, c_rows: int) -> None:
-        """Write a context pass's new rows after the committed ones (self- and cross-attention caches)."""
+        """Write a draft call's new rows at slots `d_rows` (self-attention) and `c_rows` (cross-attention):
+        a context pass's after the committed rows, a tree or chain step's into the round's scratch."""
         bindings = self.bindings[graph]
         k = out[bindings["new_self_key"]]
         self.self_k[:, :, :, d_rows:d_rows + k.shape[3]] = k
@@ -304,11 +305,7 @@ class SpecEngine:
             o = self._draft(self.embed(tokens[-1:]), np.array([root_pos + j + 1]),
                             cache_mask(self.dcap, a, None, seen, used), nf,
                             cache_mask(self.ccap, b, None, seen[:, :len(nf)], used), feat if self.uses_prev else None)
-            self.self_k[:, :, :, a:a + 1] = o[db["new_self_key"]]
-            self.self_v[:, :, :, a:a + 1] = o[db["new_self_value"]]
-            if len(nf):
-                self.cross_k[:, :, b:b + 1] = o[db["new_cross_key"]]
-                self.cross_v[:, :, b:b + 1] = o[db["new_cross_value"]]
+            self._commit_draft(o, "draft", a, b)
             feat = o[db["feature"]][0]
             tokens.append(int(o[db["topk_ids"]][0, 0]))
         return VerifyTree.chain(tokens[: spec.total])
@@ -336,13 +333,7 @@ class SpecEngine:
                     if self.uses_prev else None)
             o = self._draft(self.embed([tree.tokens[n] for n in frontier]),
                             np.array([root_pos + tree.depths[n] for n in frontier]), self_mask, nf, cross_mask, prev)
-            a = d_rows + n_self
-            self.self_k[:, :, :, a:a + fr] = o[db["new_self_key"]]
-            self.self_v[:, :, :, a:a + fr] = o[db["new_self_value"]]
-            if len(nf):
-                b = c_rows + n_cross
-                self.cross_k[:, :, b:b + len(nf)] = o[db["new_cross_key"]]
-                self.cross_v[:, :, b:b + len(nf)] = o[db["new_cross_value"]]
+            self._commit_draft(o, "draft", d_rows + n_self, c_rows + n_cross)
             n_self += fr
             n_cross += len(pending_feats)
             for r, node in enumerate(frontier):
