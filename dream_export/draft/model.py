@@ -167,11 +167,19 @@ class CrossAttnBlock(nn.Module):
     def kv(self, feats: torch.Tensor, single: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Project features [B,S,H] to cacheable (normed K, V), each [B,kv_heads,S,head_dim] (`single`: S is 1)."""
         c = self.cfg
-        # normed before the head transpose: over the last dim either way, and ONNX Runtime fuses the
-        # norm into one node only there (after the transpose it stays six nodes per chain step)
-        k = self.k_norm(self.k_proj(feats).reshape(graph_batch(feats), -1, c.num_kv_heads, c.head_dim))
-        v = split_heads(self.v_proj(feats), c.num_kv_heads, c.head_dim, single)
-        return split_heads(k, c.num_kv_heads, c.head_dim, True) if single else k.transpose(1, 2), v
+        k = self._normed_heads(self.k_proj(feats), self.k_norm, c.num_kv_heads, single=single)
+        return k, split_heads(self.v_proj(feats), c.num_kv_heads, c.head_dim, single)
+
+    def _normed_heads(self, y: torch.Tensor, norm: RMSNorm, heads: int, scale: float = 1.0,
+                      single: bool = False) -> torch.Tensor:
+        """[B,T,heads·head_dim] → per-head RMS-normed [B,heads,T,head_dim] (`scale` rides on the weight).
+
+        Normed before the head transpose: over the last dim either way, and ONNX Runtime fuses the norm
+        into one node only there (after the transpose it stays six nodes per chain step).
+        """
+        d = self.cfg.head_dim
+        y = norm(y.reshape(graph_batch(y), -1, heads, d), scale)
+        return split_heads(y, heads, d, True) if single else y.transpose(1, 2)
 
     def hidden_mask(self, cross_mask: torch.Tensor) -> torch.Tensor:
         """Visibility [B,T,C] → the grouped hidden-key mask over (null key, features) that `forward` takes."""
@@ -184,10 +192,9 @@ class CrossAttnBlock(nn.Module):
         `hidden`: from `hidden_mask`; `single`: x is one row."""
         c = self.cfg
         b = graph_batch(x)
-        # the attention scale rides on q_norm's weight (see `kv` for the layout)
-        q = self.q_proj(self.input_layernorm(x)).reshape(b, -1, c.num_heads, c.head_dim)
-        q = self.q_norm(q, c.head_dim ** -0.5)
-        q = split_heads(q, c.num_heads, c.head_dim, True) if single else q.transpose(1, 2)
+        # the attention scale rides on q_norm's weight
+        q = self._normed_heads(self.q_proj(self.input_layernorm(x)), self.q_norm, c.num_heads, c.head_dim ** -0.5,
+                               single)
         ks = cross_k if isinstance(cross_k, (tuple, list)) else (cross_k,)
         vs = cross_v if isinstance(cross_v, (tuple, list)) else (cross_v,)
         segments = [(self.null_k.expand(b, -1, -1, -1).to(q.dtype), self.null_v.expand(b, -1, -1, -1).to(q.dtype)),
