@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from dream_export.calib import writer
+from dream_export.core.graph_spec import role_tensors
 from dream_export.errors import IncompatibleArtifactError, MissingBackendError, UsageError
 from dream_export.io import atomic_dir, atomic_write_text
 from dream_export.runtime.bundle import Bundle
@@ -24,8 +25,6 @@ from dream_export.runtime.bundle import Bundle
 PRECISIONS = ("int8", "fp16")
 # Magnitudes at or above this are mask fill values, never activations worth a scale.
 _FILL = 1e30
-# Binding roles of the un-normalized input streams (see `select`): token embeddings and pixels.
-RAW_STREAM_ROLES = ("inputs_embeds", "embeds", "pixel_values")
 
 
 def _need_onnx() -> None:
@@ -33,16 +32,6 @@ def _need_onnx() -> None:
         import onnx  # noqa: F401
     except ImportError as e:
         raise MissingBackendError("calibrate needs the onnx package: pip install 'dream-export[export]'") from e
-
-
-def _kv_tensors(entry: dict) -> set[str]:
-    """Tensor names of the graph's KV-cache roles (inputs and new rows), read from the manifest bindings."""
-    return {t for role, t in entry.get("bindings", {}).items() if role.endswith(("key", "value"))}
-
-
-def raw_stream_tensors(entry: dict) -> set[str]:
-    """Tensor names of a graph's raw input streams, read from the manifest bindings."""
-    return {t for role, t in entry.get("bindings", {}).items() if role in RAW_STREAM_ROLES}
 
 
 def _io_signature(path: Path) -> list[tuple[str, int]]:
@@ -137,11 +126,12 @@ def _int8(src: Bundle, comp: str, feeds, method, exclude, smooth_alpha, trt_vers
     from dream_export.calib.trt_cache import write_cache
 
     fp32 = src.graph_path(comp)
+    # the un-normalized input streams (token embeddings, pixels) and the KV caches, by their spec roles
     sel = select_nodes(onnx.load(str(fp32), load_external_data=False), src.dims["vocab"], exclude,
-                       raw_stream_tensors(src.graph(comp)))
+                       role_tensors(src.graph(comp), comp, "embeds", "pixels"))
     rel = f"onnx-int8/{comp}.onnx"
     res = quantize_graph(fp32, tmp / rel, feeds, method, sel, work, smooth_alpha)
-    skip = sel.cache_skip | _kv_tensors(src.graph(comp))
+    skip = sel.cache_skip | role_tensors(src.graph(comp), comp, "cache", "cache_rows")
     amax = {t: a for t, a in res.amax.items() if t not in skip and np.isfinite(a) and a < _FILL}
     cache = f"calib/{comp}.cache"
     write_cache(tmp / cache, amax, trt_version)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dream_export import __version__
-from dream_export.export import names
+from dream_export.core.graph_spec import SPECS, GraphSpec
 from dream_export.io import atomic_dir, file_digest
 
 FORMAT_VERSION = 1
@@ -53,9 +53,12 @@ def _io(session_like) -> dict:
     return out
 
 
-def _export(module, args, path: Path, input_names, output_names, dynamic_axes) -> None:
+def _export(module, args, path: Path, spec: GraphSpec, outputs: list[str] | None = None) -> None:
+    """Export `module` as graph `spec` (names and dynamic axes from the spec; `outputs` when optional ones vary)."""
     import torch
 
+    input_names, output_names = spec.input_names(), outputs or spec.output_names(present=())
+    dynamic_axes = spec.dynamic_axes(input_names + output_names)
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -121,7 +124,7 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
         px = torch.zeros(1, 3, size["height"], size["width"])
         n_img = vg(px).shape[1]
         # One image per request: the exported tower splits the CLS token with a fixed batch of 1.
-        _export(vg, (px,), onnx_dir / "vision.onnx", names.VISION["inputs"], names.VISION["outputs"], {})
+        _export(vg, (px,), onnx_dir / "vision.onnx", SPECS["vision"])
         manifest["tokens"]["image_tokens_per_image"] = int(n_img)
         # target
         tg = TargetGraph(dec, model.lm_head, opts.topk, getattr(text, "final_logit_softcapping", None),
@@ -129,15 +132,9 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
         t = 4
         t_args = (torch.zeros(1, t, hidden), torch.arange(t)[None], torch.ones(1, t, cap + t, dtype=torch.bool),
                   torch.zeros(n_layers, 1, kvh, cap, hd), torch.zeros(n_layers, 1, kvh, cap, hd), torch.tensor([t - 1]))
-        t_out = list(names.TARGET["outputs"]) + (["attn_importance"] if opts.attn_scores else []) + (
-            ["taps"] if taps else [])
-        dyn = {"inputs_embeds": {1: "tokens"}, "position_ids": {1: "tokens"},
-               "attention_mask": {1: "tokens", 2: "slots"}, "logit_rows": {0: "rows"}, "hidden": {1: "tokens"},
-               "new_key": {3: "tokens"}, "new_value": {3: "tokens"}, "topk_ids": {0: "rows"},
-               "topk_logprobs": {0: "rows"}, "row_logits": {0: "rows"}, "attn_importance": {0: "slots"},
-               "taps": {1: "tokens"}}
-        _export(tg, t_args, onnx_dir / "target.onnx", names.TARGET["inputs"], t_out,
-                {k: v for k, v in dyn.items() if k in t_out or k in names.TARGET["inputs"]})
+        t_out = SPECS["target"].output_names(present=(["attn_importance"] if opts.attn_scores else [])
+                                              + (["taps"] if taps else []))
+        _export(tg, t_args, onnx_dir / "target.onnx", SPECS["target"], t_out)
         # draft
         dg = DraftGraph(draft, model.lm_head, opts.topk, dcfg.final_logit_softcapping).eval()
         dkv, ddim = dcfg.num_kv_heads, dcfg.head_dim
@@ -146,29 +143,23 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
                   torch.zeros(nb, 1, dkv, draft_cap, ddim), torch.zeros(nb, 1, dkv, draft_cap, ddim),
                   torch.zeros(1, dkv, cross_cap, ddim), torch.zeros(1, dkv, cross_cap, ddim), torch.zeros(1, f, hidden),
                   torch.ones(1, t, cross_cap + f, dtype=torch.bool), torch.zeros(1, t, hidden))
-        d_dyn = {"embeds": {1: "tokens"}, "positions": {1: "tokens"}, "self_mask": {1: "tokens", 2: "self_slots"},
-                 "new_feats": {1: "feats"}, "cross_mask": {1: "tokens", 2: "cross_slots"},
-                 "prev_feat": {1: "tokens"}, "feature": {1: "tokens"}, "topk_ids": {0: "tokens"},
-                 "topk_logprobs": {0: "tokens"}, "new_self_key": {3: "tokens"}, "new_self_value": {3: "tokens"},
-                 "new_cross_key": {2: "feats"}, "new_cross_value": {2: "feats"}}
-        _export(dg, d_args, onnx_dir / "draft.onnx", names.DRAFT["inputs"], names.DRAFT["outputs"], d_dyn)
+        _export(dg, d_args, onnx_dir / "draft.onnx", SPECS["draft"])
         graphs = ["vision", "target", "draft"]
         # chain graph: drafts with cross-attention only, i.e. DREAM (the EAGLE baselines have none and read
         # the predecessor's feature instead)
         if opts.chain_steps > 0 and draft.uses_cross:
             cg = DraftChainGraph(draft, model.lm_head, opts.chain_steps, dcfg.final_logit_softcapping).eval()
             c_args = (*d_args[:-1], target.side.embed_tokens.weight.detach().float())
-            _export(cg, c_args, onnx_dir / "draft_chain.onnx", names.DRAFT_CHAIN["inputs"],
-                    names.DRAFT_CHAIN["outputs"], {k: v for k, v in d_dyn.items()
-                                                     if k in names.DRAFT_CHAIN["inputs"] + names.DRAFT_CHAIN["outputs"]})
+            _export(cg, c_args, onnx_dir / "draft_chain.onnx", SPECS["draft_chain"])
             graphs.append("draft_chain")
         for name in graphs:
             p = onnx_dir / f"{name}.onnx"
             io = _io(p)
-            roles = [v["name"] for v in io["inputs"] + io["outputs"]]
-            # role -> tensor name: the runtime binds by role through this table only
+            # role -> tensor name over the tensors the graph really has (ONNX prunes unused inputs): the
+            # runtime binds by role through this table only
+            present = [v["name"] for v in io["inputs"] + io["outputs"]]
             manifest["graphs"][name] = {"file": f"onnx/{name}.onnx", "sha256": file_digest(p), **io,
-                                        "bindings": {r: r for r in roles}}
+                                        "bindings": SPECS[name].bindings(present)}
             if name != "vision":
                 # target and draft graphs read only the cache slots their masks span (a mask may be as narrow
                 # as the used rows + the new ones); bundles without this mark need masks over the capacity

@@ -1,4 +1,4 @@
-"""Torch modules whose forward signatures are exactly the exported graphs' I/O (see names.py)."""
+"""Torch modules whose forward signatures are exactly the exported graphs' I/O (see core/graph_spec.py)."""
 
 from __future__ import annotations
 

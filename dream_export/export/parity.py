@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dream_export.core.graph_spec import spec
 from dream_export.errors import UsageError
 from dream_export.io import atomic_write_text
 from dream_export.runtime.bundle import GRAPHS
@@ -131,9 +132,8 @@ def _depths(parents) -> np.ndarray:
 
 
 def _arg_names(name: str) -> list[str]:
-    from dream_export.export import names
-
-    return list({"vision": names.VISION, "target": names.TARGET, "draft": names.DRAFT}[name]["inputs"])
+    """The torch module's arguments: every input of the graph's spec (ONNX may have pruned some)."""
+    return spec(name).input_names()
 
 
 def _random_feeds(name: str, m: dict, rng: np.random.Generator, emb_std: float) -> dict[str, np.ndarray]:
