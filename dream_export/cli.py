@@ -46,6 +46,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    # calib-report scores the demo's counting and colour questions as the demo's own evaluation does
+    ctx.obj["answer_key"] = _demo_answer_key
+
+
+def _demo_answer_key(task: str, text: str) -> str:
+    from dream_export.demo.scenes import answer_key
+
+    return answer_key(task, text)
 
 
 @cli.command()
@@ -142,7 +150,8 @@ def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, ste
     """Train a DREAM (or EAGLE-2/3 style) draft for TARGET_DIR by distillation on its own answers."""
     _need_torch()
     from dream_export.draft.config import DraftConfig
-    from dream_export.draft.data import DataConfig, generate_features, read_jsonl, target_identity
+    from dream_export.core.prompts import read_prompts
+    from dream_export.draft.data import DataConfig, generate_features, target_identity
     from dream_export.draft.target import load_target
     from dream_export.draft.train import DraftTrainConfig, train_draft
 
@@ -151,7 +160,7 @@ def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, ste
         assert len(w) == 3
     except (ValueError, AssertionError) as e:
         raise click.BadParameter("--weights takes three numbers: logits,feature,mid") from e
-    rows = read_jsonl(data_path)
+    rows = read_prompts(data_path)
     text_cfg = _text_config(target_dir)
     cfg = DraftConfig.from_target(text_cfg, arch=arch, cross_attention=not no_cross)
     # Features always carry the EAGLE-3 taps, so every draft architecture trains on one feature cache.
@@ -249,12 +258,29 @@ def export_cmd(target_dir: Path, draft_dir: Path, out: Path, kv_capacity: int, m
         _check(out, target_dir, draft_dir, min_trt)
 
 
-def _check(bundle: Path, target_dir: Path | None, draft_dir: Path | None, min_trt: str) -> None:
+def _parity_samples(data_path: Path | None) -> list:
+    """(image, prompt) pairs for parity's realistic feeds and greedy agreement: the --data prompts, or
+    rendered demo scenes (plain images with questions, meaningful to any VLM)."""
+    from dream_export.export.parity import GREEDY_PROMPTS
+
+    if data_path is None:
+        from dream_export.demo.scenes import rendered_samples
+
+        return rendered_samples(GREEDY_PROMPTS)
+    from PIL import Image
+
+    from dream_export.core.prompts import read_prompts
+
+    return [(Image.open(r["image"]).convert("RGB"), r["prompt"]) for r in read_prompts(data_path)[:GREEDY_PROMPTS]]
+
+
+def _check(bundle: Path, target_dir: Path | None, draft_dir: Path | None, min_trt: str,
+           data_path: Path | None = None) -> None:
     from dream_export.errors import IncompatibleArtifactError
     from dream_export.export.parity import check_bundle
     from dream_export.export.trt_lint import lint_bundle
 
-    parity = check_bundle(bundle, target_dir, draft_dir, log=lambda _s: None)
+    parity = check_bundle(bundle, target_dir, draft_dir, log=lambda _s: None, samples=_parity_samples(data_path))
     lint = lint_bundle(bundle, min_trt)
     for graph, variants in parity["graphs"].items():
         for var, res in variants.items():
@@ -276,10 +302,13 @@ def _check(bundle: Path, target_dir: Path | None, draft_dir: Path | None, min_tr
               help="Source VLM (default: the path the manifest records).")
 @click.option("--draft", "draft_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None)
 @click.option("--min-trt", default="8.5", show_default=True)
-def check_cmd(bundle: Path, target_dir: Path | None, draft_dir: Path | None, min_trt: str) -> None:
+@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="JSONL prompts (image, prompt) for the realistic feeds [rendered demo scenes].")
+def check_cmd(bundle: Path, target_dir: Path | None, draft_dir: Path | None, min_trt: str,
+              data_path: Path | None) -> None:
     """Parity of every graph (and precision variant) against torch, and the TensorRT-readiness lint."""
     _need_torch()
-    _check(bundle, target_dir, draft_dir, min_trt)
+    _check(bundle, target_dir, draft_dir, min_trt, data_path)
 
 
 def _sampling_options(f):
@@ -345,7 +374,8 @@ def bench_cmd(bundle: Path, data_path: Path, backend: str, mode: str, tree_spec:
               plot_out: Path | None, sweep: bool) -> None:
     """Speculative vs autoregressive decoding on the same backend: speedup, tau, time split."""
     from dream_export.io import atomic_write_text
-    from dream_export.runtime.bench import bench, plot, read_prompts
+    from dream_export.core.prompts import read_prompts
+    from dream_export.runtime.bench import bench, plot
     from dream_export.runtime.pipeline import Pipeline
     from dream_export.runtime.tree import TreeSpec
 
@@ -591,7 +621,7 @@ def profile_cmd(bundle: Path, data_path: Path, component: str, limit: int, threa
 
     from dream_export.io import atomic_write_text
     from dream_export.runtime.backends import OnnxRuntimeBackend
-    from dream_export.runtime.bench import read_prompts
+    from dream_export.core.prompts import read_prompts
     from dream_export.runtime.bundle import Bundle
     from dream_export.runtime.pipeline import Pipeline
     from dream_export.targets.profiles import format_table, parse_ort_profile

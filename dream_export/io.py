@@ -1,8 +1,9 @@
-"""Atomic artifact writes: build in a temporary sibling, rename on success."""
+"""Artifact files: atomic writes (build in a temporary sibling, rename on success) and file digests."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import tempfile
@@ -34,14 +35,14 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a text file via a temporary sibling and rename."""
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write a file via a temporary sibling and rename: readers see the old file or the whole new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -49,15 +50,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def file_digest(path: str | Path) -> str:
-    """Short SHA-256 (16 hex digits) of a file: the identity artifacts record for their inputs."""
-    import hashlib
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a text file (UTF-8) via a temporary sibling and rename."""
+    atomic_write_bytes(path, text.encode())
 
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file as 64 hex digits, read in chunks (graphs and engines run to gigabytes): the
+    identity artifacts record for their inputs (manifest `sha256` fields, `pairs_with`)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
-    return h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 def warmup_cosine(step: int, lr: float, warmup: int, total: int, min_ratio: float) -> float:

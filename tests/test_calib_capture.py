@@ -12,7 +12,7 @@ except ImportError:  # tests/ itself on sys.path
 
 def _capture(bundle, seed=0, samples=6):
     from dream_export.calib.capture import capture_feeds
-    from dream_export.runtime.bench import read_prompts
+    from dream_export.core.prompts import read_prompts
 
     calib, _ = prompt_files(bundle.parent / "prompts-cap")
     return capture_feeds(bundle, read_prompts(calib)[:3], samples=samples, seed=seed, max_new_tokens=16,

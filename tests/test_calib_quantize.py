@@ -20,7 +20,7 @@ def int8(demo_bundle, tmp_path_factory):
 
 def _feeds(bundle, n=6):
     from dream_export.calib.capture import capture_feeds
-    from dream_export.runtime.bench import read_prompts
+    from dream_export.core.prompts import read_prompts
 
     calib, _ = prompt_files(bundle.parent / "prompts-q")
     return capture_feeds(bundle, read_prompts(calib)[:2], samples=n, max_new_tokens=16, progress=False)
@@ -29,7 +29,7 @@ def _feeds(bundle, n=6):
 def test_int8_bundle_loads_in_the_runtime_and_answers_like_fp32(demo_bundle, int8):
     from PIL import Image
 
-    from dream_export.runtime.bench import read_prompts
+    from dream_export.core.prompts import read_prompts
     from dream_export.runtime.pipeline import Pipeline
 
     m = json.loads((int8 / "manifest.json").read_text())
@@ -145,9 +145,10 @@ def test_smoothquant_int8_target_matches_fp32(demo_bundle, tmp_path_factory):
 
 @pytest.mark.slow
 def test_check_on_a_calibrated_bundle(int8):
-    from dream_export.export.parity import check_bundle
+    from dream_export.demo.scenes import rendered_samples
+    from dream_export.export.parity import GREEDY_PROMPTS, check_bundle
 
-    rep = check_bundle(int8, seeds=(0,), log=lambda *_: None)
+    rep = check_bundle(int8, seeds=(0,), log=lambda *_: None, samples=rendered_samples(GREEDY_PROMPTS))
     # the kept fp32 graphs are checked against torch; INT8 graphs are left to calib-report
     assert rep["ok"], rep["failures"]
     assert set(rep["not_checked"]) == {"target", "draft"} and "fp32" in rep["graphs"]["target"]

@@ -23,6 +23,7 @@ def test_precision_names():
 
 def test_report_against_fp32(demo_bundle, tmp_path_factory):
     from dream_export.calib.report import calib_report
+    from dream_export.demo.scenes import answer_key
 
     work = tmp_path_factory.mktemp("calib")
     int8 = calibrated(demo_bundle, work)
@@ -30,7 +31,7 @@ def test_report_against_fp32(demo_bundle, tmp_path_factory):
     out = work / "calib.json"
     lines = []
     rep = calib_report([(None, demo_bundle), (None, int8)], heldout, out, max_new_tokens=32, log=lines.append,
-                       progress=False)
+                       progress=False, answer_key=answer_key)
     assert json.loads(out.read_text())["precisions"].keys() == {"fp32", "int8-target+draft"}
     ref, q = rep["precisions"]["fp32"], rep["precisions"]["int8-target+draft"]
     assert ref["match_rate"] == 1.0 and ref["first_divergence"] == [] and ref["tau_ratio"] == 1.0

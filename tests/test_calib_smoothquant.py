@@ -19,7 +19,7 @@ def test_smoothing_is_function_preserving_and_flattens_channels(demo_bundle):
     from dream_export.calib.capture import capture_feeds
     from dream_export.calib.select import select_nodes
     from dream_export.calib.smoothquant import channel_amax, smooth
-    from dream_export.runtime.bench import read_prompts
+    from dream_export.core.prompts import read_prompts
 
     calib, _ = prompt_files(demo_bundle.parent / "prompts-sq")
     feeds = capture_feeds(demo_bundle, read_prompts(calib)[:2], samples=4, max_new_tokens=16,

@@ -6,7 +6,7 @@ from dream_export.demo.evaluate import generate_answers, token_limit
 
 def test_processor_expands_image_to_patch_tokens(demo_vlm):
     model, processor = demo_vlm
-    from dream_export.demo.prompts import PromptEncoder
+    from dream_export.core.prompts import PromptEncoder
 
     scene, s = scenes.make_sample(1)
     enc = PromptEncoder(processor).encode([scenes.render(scene)], [s.prompt])

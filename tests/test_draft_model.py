@@ -100,7 +100,7 @@ def test_unknown_arch_is_refused():
 def test_one_row_steps_match_the_general_path(name):
     """A chain graph's one-row steps (head splits as reshapes) compute what the general path does."""
     from dream_export.draft.model import rope_cos_sin
-    from dream_export.export.attention import group_mask
+    from dream_export.modeling.attention import group_mask
 
     cfg = DraftConfig.from_target(CONFIGS[name])
     d = Draft(cfg)

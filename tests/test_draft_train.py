@@ -7,7 +7,8 @@ import torch
 
 from dream_export.demo import data as demo_data
 from dream_export.draft.config import DraftConfig
-from dream_export.draft.data import DataConfig, FeatureDataset, generate_features, read_jsonl
+from dream_export.core.prompts import read_prompts
+from dream_export.draft.data import DataConfig, FeatureDataset, generate_features
 from dream_export.draft.train import DraftTrainConfig, load_draft, train_draft
 from dream_export.errors import IncompatibleArtifactError
 
@@ -15,7 +16,7 @@ from dream_export.errors import IncompatibleArtifactError
 @pytest.fixture(scope="module")
 def features(demo_target, tmp_path_factory):
     root = tmp_path_factory.mktemp("draftdata")
-    rows = read_jsonl(demo_data.write_split(root, "train", demo_data.train_split(12)))
+    rows = read_prompts(demo_data.write_split(root, "train", demo_data.train_split(12)))
     cfg = DataConfig(taps=(2, 12, 21), shard_size=8, max_new_tokens=48)
     generate_features(demo_target.model, demo_target.processor, rows, root / "feat", cfg, "demo", progress=False)
     return root, rows, cfg

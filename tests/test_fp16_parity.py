@@ -11,7 +11,8 @@ import pytest
 from onnx import numpy_helper
 
 from dream_export.export.fp16 import convert_bundle
-from dream_export.export.parity import TOLERANCE, check_bundle
+from dream_export.demo.scenes import rendered_samples
+from dream_export.export.parity import GREEDY_PROMPTS, TOLERANCE, check_bundle
 
 try:
     from tests.bundle_fixture import cached_tiny_bundle
@@ -19,6 +20,7 @@ except ImportError:  # pytest run without the repository root on sys.path (tests
     from bundle_fixture import cached_tiny_bundle
 
 GRAPHS = ("vision", "target", "draft")
+SAMPLES = rendered_samples(GREEDY_PROMPTS)  # realistic feeds and greedy agreement
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +44,7 @@ def test_fp16_variants_registered_and_io_unchanged(fp16_bundle):
     after = json.loads((root / "manifest.json").read_text())
     for name in GRAPHS:
         var = after["graphs"][name].pop("variants")["fp16"]
-        assert var["file"] == f"onnx-fp16/{name}.onnx" and len(var["sha256"]) == 16
+        assert var["file"] == f"onnx-fp16/{name}.onnx" and len(var["sha256"]) == 64
         assert _io(root / var["file"]) == _io(root / before["graphs"][name]["file"])  # keep_io_types
         weights = onnx.load(str(root / var["file"])).graph.initializer
         assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
@@ -59,7 +61,7 @@ def test_fp16_variants_registered_and_io_unchanged(fp16_bundle):
 
 def test_parity_fp32_and_fp16(fp16_bundle):
     root, _, _ = fp16_bundle
-    report = check_bundle(root, variants=("fp32", "fp16"), seeds=(0,), log=lambda *_: None)
+    report = check_bundle(root, variants=("fp32", "fp16"), seeds=(0,), log=lambda *_: None, samples=SAMPLES)
     assert report["ok"], report["failures"]
     assert not report["missing_variants"]
     for name in GRAPHS:
@@ -85,7 +87,7 @@ def test_parity_catches_a_corrupted_weight(fp16_bundle, tmp_path):
     w = numpy_helper.to_array(victim)
     victim.CopyFrom(numpy_helper.from_array((w * -2.0 + 0.5).astype(np.float32), victim.name))
     onnx.save(model, str(bad / "onnx" / "target.onnx"))
-    report = check_bundle(bad, variants=("fp32",), seeds=(0,), log=lambda *_: None)
+    report = check_bundle(bad, variants=("fp32",), seeds=(0,), log=lambda *_: None, samples=SAMPLES)
     assert not report["ok"]
     assert report["graphs"]["vision"]["fp32"]["ok"] and report["graphs"]["draft"]["fp32"]["ok"]
     assert report["failures"] and all(f.startswith("target/fp32/") for f in report["failures"])

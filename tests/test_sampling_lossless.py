@@ -8,7 +8,7 @@ from scipy.stats import chi2_contingency
 from dream_export.draft.config import DraftConfig
 from dream_export.draft.model import Draft, init_weights
 from dream_export.draft.reference import TargetSide, generate
-from dream_export.export.decoder import TargetDecoder
+from dream_export.modeling.decoder import TargetDecoder
 from dream_export.runtime import accept as accept_mod
 from dream_export.runtime.accept import SamplingParams
 from dream_export.runtime.tree import TreeSpec

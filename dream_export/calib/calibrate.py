@@ -49,7 +49,7 @@ def calibrate_bundle(bundle_dir: str | Path, data: str | Path, precision: str = 
     """Write the calibrated bundle; returns the summary recorded as `manifest["calibration"]`."""
     from dream_export.calib.capture import capture_feeds
     from dream_export.calib.ranges import METHODS
-    from dream_export.runtime.bench import read_prompts
+    from dream_export.core.prompts import read_prompts
 
     _need_onnx()
     if precision not in PRECISIONS:

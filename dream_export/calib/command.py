@@ -23,6 +23,12 @@ def _alpha(value: str | None) -> float | None:
         raise UsageError(f"--smoothquant takes a number in [0, 1] (e.g. 0.5), got {value!r}") from e
 
 
+def _answer_key():
+    """The accuracy scorer the main CLI group provides (the demo's, `cli.py`); None outside it."""
+    ctx = click.get_current_context(silent=True)
+    return ((ctx.find_root().obj or {}) if ctx else {}).get("answer_key")
+
+
 @click.command("calibrate")
 @click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--data", "data_path", type=click.Path(dir_okay=False, path_type=Path), required=True,
@@ -70,7 +76,7 @@ def calibrate_cmd(bundle: Path, data_path: Path, precision: str, method: str, sa
         summary["report"] = calib_report([(None, bundle), (None, out_dir)], report_data,
                                          out_dir / "reports" / "calib.json",
                                          log=(lambda _s: None) if as_json else click.echo,
-                                         progress=not as_json)["out"]
+                                         progress=not as_json, answer_key=_answer_key())["out"]
     if as_json:
         click.echo(json.dumps(summary, sort_keys=True))
 
@@ -129,7 +135,8 @@ def calib_report_cmd(bundles: tuple[str, ...], data_path: Path, make: str, calib
         calibrate_bundle(base, calib_data, precision, method, samples, comps.split(","), _alpha(smoothquant),
                          parse_exclude(exclude), dst, log=say, progress=not as_json)
         pairs.append((name, dst))
-    report = calib_report(pairs, data_path, out, tree, max_new_tokens, limit, log=say, progress=not as_json)
+    report = calib_report(pairs, data_path, out, tree, max_new_tokens, limit, log=say, progress=not as_json,
+                          answer_key=_answer_key())
     if as_json:
         click.echo(json.dumps(report, sort_keys=True))
 

@@ -3,22 +3,27 @@
 Every bundle answers the same held-out prompts greedily with speculative decoding through the normal
 runtime. Against the first (fp32) bundle: `match_rate` = share of prompts whose output tokens are
 identical, `first_divergence` = token index where each differing output departs. `accuracy` = share of
-the demo's counting and colour questions whose scored part (the first clause, or the demo's
-`scenes.answer_key` where it defines one) equals the reference's, as the demo's own evaluation scores. τ aggregates as `dream-export
-bench` does: mean tokens gained per target pass over all rounds.
+the counting and colour questions (rows with a `task` and a `reference`) whose scored part, as the
+caller's `answer_key(task, text)` extracts it, equals the reference's (the CLI passes the demo's own
+scoring); without an `answer_key` no accuracy is reported. τ aggregates as `dream-export bench` does:
+mean tokens gained per target pass over all rounds.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from dream_export.core.ties import first_divergence
 from dream_export.errors import UsageError
 from dream_export.io import atomic_write_text
 
 ACCURACY_TASKS = ("count", "color")
+# The scored part of an answer to a question of a task: answer_key(task, text) -> str.
+AnswerKey = Callable[[str, str], str]
 
 
 def precision_name(manifest: dict) -> str:
@@ -55,22 +60,18 @@ def run_prompts(bundle_dir: str | Path, rows: list[dict], tree: str = "4,6,32", 
     return {"per_prompt": per, "tokens_per_s": tokens / max(seconds, 1e-9), "manifest": pipe.bundle.manifest}
 
 
-def _first_divergence(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-
-
-def summarize(run: dict, ref: dict, rows: list[dict], bundle_dir: str | Path) -> dict:
+def summarize(run: dict, ref: dict, rows: list[dict], bundle_dir: str | Path, answer_key: AnswerKey | None = None) -> dict:
     """Metrics of one bundle's run against the fp32 reference run."""
     from dream_export.calib.writer import model_bytes
-    from dream_export.demo import scenes
     from dream_export.runtime.bundle import Bundle
 
     per, base = run["per_prompt"], ref["per_prompt"]
     rounds = [a for p in per for a in p["rounds"]]
     same = [p["tokens"] == q["tokens"] for p, q in zip(per, base, strict=True)]
-    firsts = [_first_divergence(p["tokens"], q["tokens"]) for p, q, s in zip(per, base, same, strict=True) if not s]
-    key = scenes.answer_key  # scored as the demo's own evaluation scores
-    scored = [(p, r) for p, r in zip(per, rows, strict=True) if r.get("task") in ACCURACY_TASKS and "reference" in r]
+    firsts = [first_divergence(p["tokens"], q["tokens"]) for p, q, s in zip(per, base, same, strict=True) if not s]
+    key = answer_key
+    scored = [(p, r) for p, r in zip(per, rows, strict=True)
+              if key and r.get("task") in ACCURACY_TASKS and "reference" in r]
     hits = [key(r["task"], p["text"]) == key(r["task"], r["reference"]) for p, r in scored]
     by_task = {t: float(np.mean([h for h, (_, r) in zip(hits, scored, strict=True) if r["task"] == t]))
                for t in ACCURACY_TASKS if any(r["task"] == t for _, r in scored)}
@@ -88,9 +89,11 @@ def summarize(run: dict, ref: dict, rows: list[dict], bundle_dir: str | Path) ->
 
 def calib_report(bundles: list[tuple[str | None, Path]], data: str | Path, out: str | Path | None = None,
                  tree: str = "4,6,32", max_new_tokens: int = 128, limit: int | None = None, threads: int = 1,
-                 log=print, progress: bool = True) -> dict:
-    """Evaluate `bundles` ((name or None, path); the first must be fp32) on `data`; write `out` as JSON."""
-    from dream_export.runtime.bench import read_prompts
+                 log=print, progress: bool = True, answer_key: AnswerKey | None = None) -> dict:
+    """Evaluate `bundles` ((name or None, path); the first must be fp32) on `data`; write `out` as JSON.
+
+    `answer_key(task, text)`: the scored part of an answer, for the accuracy columns (None: no accuracy)."""
+    from dream_export.core.prompts import read_prompts
     from dream_export.runtime.bundle import Bundle
 
     if not bundles:
@@ -108,7 +111,7 @@ def calib_report(bundles: list[tuple[str | None, Path]], data: str | Path, out: 
     ref = runs[names[0]]
     report = {"data": str(Path(data).resolve()), "prompts": len(rows), "tree": tree, "max_new_tokens": max_new_tokens,
               "reference": names[0], "accuracy_tasks": list(ACCURACY_TASKS),
-              "precisions": {n: summarize(runs[n], ref, rows, p) for n, p in opened}}
+              "precisions": {n: summarize(runs[n], ref, rows, p, answer_key) for n, p in opened}}
     fp32_tau = report["precisions"][names[0]]["tau"]
     for entry in report["precisions"].values():
         entry["tau_ratio"] = entry["tau"] / fp32_tau if fp32_tau else None

@@ -32,7 +32,7 @@ def answer_heldout(model, processor, num: int) -> list[dict]:
     """Greedy answers to the first `num` held-out samples (round-robin over tasks), with timing."""
     import torch
 
-    from dream_export.demo.prompts import PromptEncoder
+    from dream_export.core.prompts import PromptEncoder
 
     enc = PromptEncoder(processor)
     per_task = max(1, -(-num // len(scenes.TASKS)))
@@ -102,7 +102,8 @@ def _speculative_steps(model_dir: Path, draft_dir: Path, out: Path, bench_prompt
     """export → run → bench, each through the function its command uses."""
     from dream_export.demo import data
     from dream_export.export.bundle import ExportOptions, export_bundle
-    from dream_export.runtime.bench import bench, plot, read_prompts
+    from dream_export.core.prompts import read_prompts
+    from dream_export.runtime.bench import bench, plot
     from dream_export.runtime.pipeline import Pipeline
     from dream_export.runtime.tree import TreeSpec
     from dream_export.targets.cpu_build import build_cpu

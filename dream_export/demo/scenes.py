@@ -349,3 +349,13 @@ def corpus_text(n: int, seed_base: int = 0) -> list[str]:
         _, s = make_sample(seed_base + i)
         texts += [f"USER: {s.prompt} ASSISTANT: {s.answer}"]
     return texts
+
+
+def rendered_samples(n: int, seed_base: int = CALIB_SEED_BASE) -> list[tuple[Image.Image, str]]:
+    """`n` rendered (image, question) pairs from the calibration seed range: the demo's inputs for the
+    realistic parity feeds and the greedy-agreement check."""
+    out = []
+    for i in range(n):
+        scene, sample = make_sample(seed_base + 7919 * i)
+        out.append((render(scene), sample.prompt))
+    return out

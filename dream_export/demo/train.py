@@ -11,7 +11,7 @@ from pathlib import Path
 from dream_export.demo import scenes
 from dream_export.demo.evaluate import evaluate
 from dream_export.demo.model import build_model, build_processor, train_tokenizer
-from dream_export.demo.prompts import PromptEncoder
+from dream_export.core.prompts import PromptEncoder
 from dream_export.io import atomic_dir, warmup_cosine
 
 

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from dream_export.errors import IncompatibleArtifactError, UsageError
-from dream_export.runtime.bench import read_prompts as read_jsonl  # noqa: F401  (one JSONL reader)
 
 
 @dataclass
@@ -91,8 +90,8 @@ def generate_features(model, processor, rows: list[dict], out_dir: str | Path, c
     from PIL import Image
     from safetensors.torch import save_file
 
-    from dream_export.demo.prompts import PromptEncoder
-    from dream_export.export.decoder import TargetDecoder, causal_mask
+    from dream_export.core.prompts import PromptEncoder
+    from dream_export.modeling.decoder import TargetDecoder, causal_mask
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from dream_export.draft.data import read_jsonl
+from dream_export.core.prompts import read_prompts
 from dream_export.draft.reference import generate
 from dream_export.runtime.tree import TreeSpec
 from dream_export.runtime.vtc import vtc_keep_indices
@@ -23,7 +23,7 @@ def evaluate_drafts(target, drafts: dict, data_path, spec: TreeSpec, max_new_tok
     from PIL import Image
     from tqdm import tqdm
 
-    rows = read_jsonl(data_path)[:limit]
+    rows = read_prompts(data_path)[:limit]
     res: dict = {name: {m: {"accepted": [], "by_task": defaultdict(list), "match": 0} for m in modes}
                  for name in drafts}
     n = 0
@@ -35,7 +35,7 @@ def evaluate_drafts(target, drafts: dict, data_path, spec: TreeSpec, max_new_tok
             t = emb.shape[1]
             with torch.no_grad():
                 pk, pv = target.side.decoder.empty_cache()
-                from dream_export.export.decoder import causal_mask
+                from dream_export.modeling.decoder import causal_mask
 
                 o = target.side.decoder(emb, torch.arange(t)[None], causal_mask(t), pk, pv, output_attentions=True)
             importance = o["attn"][-1][0].mean((0, 1)).numpy()

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dream_export.draft.config import DraftConfig
-from dream_export.export.attention import (
+from dream_export.modeling.attention import (
     fused_qkv,
     graph_batch,
     group_mask,

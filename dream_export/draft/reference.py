@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from dream_export.draft.model import Draft, soft_cap
-from dream_export.export.decoder import TargetDecoder, causal_mask
+from dream_export.modeling.decoder import TargetDecoder, causal_mask
 from dream_export.runtime.accept import (
     SamplingParams,
     accept_greedy,

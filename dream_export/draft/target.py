@@ -27,7 +27,7 @@ class Target:
         """Merged prompt embeddings [1,n,H] and the image-token mask [n] for one (image, prompt)."""
         import torch
 
-        from dream_export.demo.prompts import PromptEncoder
+        from dream_export.core.prompts import PromptEncoder
 
         inputs = PromptEncoder(self.processor).encode([image], [prompt])
         with torch.no_grad():
@@ -42,7 +42,7 @@ def load_target(path: str | Path, taps: tuple[int, ...] = ()) -> Target:
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    from dream_export.export.decoder import TargetDecoder
+    from dream_export.modeling.decoder import TargetDecoder
 
     path = Path(path)
     if not (path / "config.json").exists():

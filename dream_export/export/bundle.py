@@ -17,7 +17,9 @@ from dream_export import __version__
 from dream_export.core.graph_spec import SPECS, GraphSpec
 from dream_export.io import atomic_dir, file_digest
 
-FORMAT_VERSION = 1
+# 2: graph digests are full sha256 (64 hex digits; format 1 kept 16), so `pairs_with` and calibration
+# records compare full digests. Readers refuse older bundles: re-export them.
+FORMAT_VERSION = 2
 # Opset 16: LayerNormalization (opset 17) has no importer in TensorRT 8.5, so it is exported as basic ops.
 OPSET = 16
 

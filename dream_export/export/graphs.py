@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from dream_export.draft.model import Draft, rope_cos_sin, soft_cap
-from dream_export.export.attention import group_mask
-from dream_export.export.decoder import TargetDecoder
+from dream_export.modeling.attention import group_mask
+from dream_export.modeling.decoder import TargetDecoder
 
 
 def _topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

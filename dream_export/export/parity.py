@@ -4,8 +4,8 @@ Every graph runs in ONNX Runtime (CPU) and as the torch module it was exported f
 (`export/graphs.py`, built here the way `export_bundle` builds them) on the same feeds:
 
 * random feeds per seed (random masks with each row seeing itself, random caches and positions);
-* realistic feeds: a rendered demo scene through the target's processor (vision); a causal prefill of
-  that prompt with the image features spliced in, then a tree verification over the prefilled cache
+* realistic feeds: the caller's first (image, prompt) sample through the target's processor and chat
+  template (vision); a causal prefill of that prompt with the image features spliced in, then a tree verification over the prefilled cache
   with an ancestor mask (target); the draft's context pass over the target's features, then a tree
   step with ancestor masks on its self- and cross-attention (draft).
 
@@ -22,8 +22,8 @@ FP16 policy (what decides, and why):
   up to 0.16 of scale on `attn_importance`, 0.10 on `new_key`, while realistic feeds stay below 5e-3).
   They are graded with `STRESS_TOLERANCE`, which still catches a wrong or corrupted weight (errors of
   order 1) but not FP16's rounding;
-* greedy agreement decides what a user sees: each reduced-precision variant decodes `GREEDY_PROMPTS`
-  demo scenes greedily next to fp32; it passes when at least `GREEDY_MIN` of the outputs are identical
+* greedy agreement decides what a user sees: each reduced-precision variant decodes the caller's
+  samples (up to `GREEDY_PROMPTS`) greedily next to fp32; it passes when at least `GREEDY_MIN` of the outputs are identical
   or every divergence sits on a near-tie of the fp32 logits (gap <= `GREEDY_TIE`), which no FP16
   graph can be expected to reproduce.
 """
@@ -31,6 +31,7 @@ FP16 policy (what decides, and why):
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -177,21 +178,19 @@ class _Realistic:
     compared on identical inputs.
     """
 
-    def __init__(self, mods: _Modules, m: dict):
+    def __init__(self, mods: _Modules, m: dict, sample: tuple):
         self.mods, self.m = mods, m
         self.cases: dict[str, dict[str, dict[str, np.ndarray]]] = {g: {} for g in GRAPHS}
-        self._build()
+        self._build(*sample)
 
-    def _build(self) -> None:
+    def _build(self, image, prompt: str) -> None:
         import torch
 
-        from dream_export.demo import scenes
+        from dream_export.core.prompts import PromptEncoder
 
         mods, m = self.mods, self.m
         proc = mods.processor
-        image = scenes.render(scenes.make_scene(3))
-        token = getattr(proc, "image_token", None) or "<image>"
-        enc = proc(text=f"USER: {token}\nWhat is shown? ASSISTANT:", images=image, return_tensors="pt")
+        enc = proc(text=PromptEncoder(proc).prompt_text(prompt), images=image, return_tensors="pt")
         px = enc["pixel_values"].float().numpy()
         self.cases["vision"]["realistic"] = {"pixel_values": px}
         (img_emb,) = mods.run("vision", {"pixel_values": px}, _arg_names("vision"))
@@ -302,17 +301,17 @@ def _tolerance(variant: str, case: str) -> float:
     return STRESS_TOLERANCE[variant] if case.startswith("random") else TOLERANCE[variant]
 
 
-def greedy_agreement(bundle_dir: str | Path, variant: str, prompts: int = GREEDY_PROMPTS,
+def greedy_agreement(bundle_dir: str | Path, variant: str, samples: Sequence[tuple],
                      max_new_tokens: int = GREEDY_TOKENS) -> dict:
-    """Greedy outputs of `variant` vs fp32 through the runtime on rendered demo scenes (deciding check).
+    """Greedy outputs of `variant` vs fp32 through the runtime on `samples` ((PIL image, prompt)), the
+    deciding check.
 
     Returns `agreement` (share of identical outputs), `first_divergence` (token index per differing
     prompt), `ties` (whether each divergence is a near-tie of fp32's logits) and `ok`.
     """
-    from dream_export.demo import scenes
+    from dream_export.core.ties import first_divergence, tie_explained
     from dream_export.errors import DreamExportError
     from dream_export.runtime.backends import OnnxRuntimeBackend
-    from dream_export.runtime.bench import _tie_explained
     from dream_export.runtime.bundle import Bundle
     from dream_export.runtime.pipeline import Pipeline
 
@@ -330,18 +329,17 @@ def greedy_agreement(bundle_dir: str | Path, variant: str, prompts: int = GREEDY
     var = Pipeline(bundle, OnnxRuntimeBackend(bundle, 1, graph_files=var_files))
     same, firsts, ties = 0, [], []
     try:
-        for i in range(prompts):
-            scene, sample = scenes.make_sample(scenes.CALIB_SEED_BASE + 7919 * i)
-            image = scenes.render(scene)
-            a = ref.generate(image, sample.prompt, max_new_tokens=max_new_tokens, mode="ar").tokens
-            b = var.generate(image, sample.prompt, max_new_tokens=max_new_tokens, mode="ar").tokens
+        for image, prompt in samples:
+            a = ref.generate(image, prompt, max_new_tokens=max_new_tokens, mode="ar").tokens
+            b = var.generate(image, prompt, max_new_tokens=max_new_tokens, mode="ar").tokens
             if a == b:
                 same += 1
                 continue
-            firsts.append(next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))))
-            ties.append(bool(_tie_explained(ref, image, sample.prompt, a, b, GREEDY_TIE)))
+            firsts.append(first_divergence(a, b))
+            ties.append(bool(tie_explained(ref, image, prompt, a, b, GREEDY_TIE)))
     except DreamExportError as e:  # e.g. a bundle whose KV capacity cannot hold a demo prompt
         return {"ok": True, "skipped": str(e), "agreement": None}
+    prompts = len(samples)
     agreement = same / prompts
     ok = agreement >= GREEDY_MIN or all(ties)
     msg = (f"greedy output identical to fp32 on {same}/{prompts} prompts (< {GREEDY_MIN:.0%}) and "
@@ -384,11 +382,14 @@ def _session(path: Path, threads: int):
 
 def check_bundle(bundle_dir: str | Path, target_dir: str | Path | None = None, draft_dir: str | Path | None = None,
                  variants: tuple[str, ...] = ("fp32", "fp16"), seeds: tuple[int, ...] = (0, 1),
-                 threads: int = 1, log=print) -> dict:
+                 threads: int = 1, log=print, samples: Sequence[tuple] = ()) -> dict:
     """Run every graph of the bundle (each variant present) against its torch module; write
     `reports/parity.json`.
 
-    `target_dir`/`draft_dir` default to the source paths the manifest records. Returns the report:
+    `samples`: (PIL image, prompt) pairs for the realistic feeds (the first) and the greedy agreement
+    of reduced-precision variants (up to `GREEDY_PROMPTS`); without them only random feeds are checked
+    and the report's `not_checked` says so. `target_dir`/`draft_dir` default to the source paths the
+    manifest records. Returns the report:
     `ok`, `failures` (one line per output beyond tolerance, naming graph, variant, case and output),
     `tolerance`, and per graph → variant → case → output the errors.
     """
@@ -407,12 +408,15 @@ def check_bundle(bundle_dir: str | Path, target_dir: str | Path | None = None, d
 
     mods = _Modules(m, target_dir, draft_dir)
     emb_std = float(mods.embed.weight.detach().float().std())
-    realistic = _Realistic(mods, m)
+    realistic = _Realistic(mods, m, samples[0]) if samples else None
     report: dict = {"ok": True, "failures": [], "tolerance": {v: TOLERANCE[v] for v in variants},
                     "seeds": list(seeds), "graphs": {}, "missing_variants": []}
+    if not samples:
+        report["not_checked"] = {"realistic": "no (image, prompt) samples given: random feeds only, no greedy "
+                                              "agreement"}
     for name in GRAPHS:
         cases = {f"random-seed{s}": _random_feeds(name, m, np.random.default_rng(s), emb_std) for s in seeds}
-        cases.update(realistic.cases[name])
+        cases.update(realistic.cases[name] if realistic else {})
         entry = m["graphs"][name]
         # a calibrated bundle (`dream-export calibrate`) runs a converted graph as `file` and keeps the
         # exported one as `fp32_file`; INT8 graphs are judged by `calib-report`, not elementwise here
@@ -450,7 +454,8 @@ def check_bundle(bundle_dir: str | Path, target_dir: str | Path | None = None, d
                             f"{name}/{var}/{case}: output {o!r} error {per[o].get('rel', float('nan')):.3g} of scale "
                             f"> tolerance {tol:g}" + (f" ({per[o]['message']})" if "message" in per[o] else ""))
                 res["cases"][case] = per
-            strict = [c for c in cases if _tolerance(var, c) == TOLERANCE[var]]
+            # without realistic feeds the random ones are all there is to report
+            strict = [c for c in cases if _tolerance(var, c) == TOLERANCE[var]] or list(cases)
             stress = [c for c in cases if c not in strict]
             res["max_rel"] = {o: max(res["cases"][c][o].get("rel", float("inf")) for c in strict) for o in out_names}
             if stress:
@@ -461,9 +466,9 @@ def check_bundle(bundle_dir: str | Path, target_dir: str | Path | None = None, d
             report["graphs"][name][var] = res
     report["greedy"] = {}
     for var in variants:
-        if var == "fp32" or any(f"{g}/{var}" in report["missing_variants"] for g in GRAPHS):
+        if var == "fp32" or not samples or any(f"{g}/{var}" in report["missing_variants"] for g in GRAPHS):
             continue
-        g = greedy_agreement(root, var)
+        g = greedy_agreement(root, var, samples[:GREEDY_PROMPTS])
         report["greedy"][var] = g
         if not g["ok"]:
             report["ok"] = False

@@ -2,48 +2,14 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from dream_export.core.ties import tie_explained
 from dream_export.errors import UsageError
 from dream_export.runtime.pipeline import Pipeline
 from dream_export.runtime.tree import TreeSpec
-
-
-def read_prompts(path: str | Path) -> list[dict]:
-    """JSONL rows {"image": path, "prompt": text, ...}; image paths relative to the file."""
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"data file {path} not found")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UsageError(f"{path}:{n}: not valid JSON ({e.msg})") from e
-        if "image" not in row or "prompt" not in row:
-            raise UsageError(f'{path}:{n}: each line needs "image" and "prompt"')
-        img = Path(row["image"])
-        row["image"] = str(img if img.is_absolute() else path.parent / img)
-        rows.append(row)
-    if not rows:
-        raise UsageError(f"{path} holds no prompts")
-    return rows
-
-
-def _tie_explained(pipe: Pipeline, image, prompt: str, a: list[int], b: list[int], tol: float = 1e-5) -> bool:
-    """Whether the first divergence of two greedy outputs sits on a target logit tie within `tol`."""
-    i = next((j for j, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-    emb, mask, _ = pipe.prompt_embeds(image, prompt)
-    ctx = np.concatenate([emb, pipe.embed_table[np.array(a[:i], dtype=np.int64)]]) if i else emb
-    logits = pipe.engine.next_logits(ctx)
-    if i >= min(len(a), len(b)):
-        return False
-    return abs(float(logits[a[i]]) - float(logits[b[i]])) <= tol
 
 
 def bench(pipe: Pipeline, rows: list[dict], max_new_tokens: int = 128, tree: TreeSpec | None = None,
@@ -69,7 +35,7 @@ def bench(pipe: Pipeline, rows: list[dict], max_new_tokens: int = 128, tree: Tre
         ar, sp = (a, b) if i % 2 == 0 else (b, a)
         match = ar.tokens == sp.tokens
         per.append({"prompt": r["prompt"], "task": r.get("task"), "match": match,
-                    "tie_explained": None if match else _tie_explained(pipe, img, r["prompt"], ar.tokens, sp.tokens),
+                    "tie_explained": None if match else tie_explained(pipe, img, r["prompt"], ar.tokens, sp.tokens),
                     "tokens": len(sp.tokens), "ar_tokens": len(ar.tokens), "tau": sp.stats["tau"],
                     "accepted": sp.stats["rounds"], "ar_seconds": ar.stats["total_seconds"],
                     "spec_seconds": sp.stats["total_seconds"], "ar_decode_seconds": ar.stats["decode_seconds"],

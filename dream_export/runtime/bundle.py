@@ -11,7 +11,8 @@ from dream_export.errors import IncompatibleArtifactError, UsageError
 # The graphs every bundle has (the manifest names their I/O); `draft_chain` is optional.
 GRAPHS = ("vision", "target", "draft")
 
-SUPPORTED_FORMAT_VERSIONS = (1,)
+# 2: full sha256 graph digests (see export/bundle.py FORMAT_VERSION)
+SUPPORTED_FORMAT_VERSIONS = (2,)
 
 
 @dataclass
@@ -34,10 +35,15 @@ class Bundle:
             raise IncompatibleArtifactError(f"{mpath} is not valid JSON ({e.msg})") from e
         if manifest.get("format") != "dream-export-bundle":
             raise IncompatibleArtifactError(f"{mpath} is not a dream-export manifest")
-        if manifest.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
+        version = manifest.get("format_version")
+        if version not in SUPPORTED_FORMAT_VERSIONS:
+            newest = max(SUPPORTED_FORMAT_VERSIONS)
+            age = ("older than" if isinstance(version, int) and version < min(SUPPORTED_FORMAT_VERSIONS)
+                   else "not one of")
             raise IncompatibleArtifactError(
-                f"bundle format {manifest.get('format_version')} is not supported by this runtime "
-                f"(supports {SUPPORTED_FORMAT_VERSIONS}); re-export with this version of dream-export")
+                f"{root} has bundle format {version}, {age} the formats this dream-export reads "
+                f"({', '.join(map(str, SUPPORTED_FORMAT_VERSIONS))}); re-export it with `dream-export export` "
+                f"(and rerun calibrate/build on the new bundle) to get format {newest}")
         b = cls(root, manifest)
         for name in GRAPHS:
             if name not in manifest.get("graphs", {}):

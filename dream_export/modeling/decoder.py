@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from dream_export.export.attention import fused_qkv, group_mask, merge_heads, segmented_attention
+from dream_export.modeling.attention import fused_qkv, group_mask, merge_heads, segmented_attention
 
 
 class TargetDecoder(nn.Module):
