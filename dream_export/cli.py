@@ -14,7 +14,9 @@ from pathlib import Path
 import click
 
 from dream_export import __version__
-from dream_export.errors import DreamExportError, MissingBackendError
+from dream_export.errors import DreamExportError, MissingBackendError, UsageError
+from dream_export.options import tree_option
+from dream_export.runtime.tree import TreeSpec
 
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
 
@@ -149,8 +151,8 @@ def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, ste
                     no_self_feed: bool, weights: str, seed: int, resume: bool) -> None:
     """Train a DREAM (or EAGLE-2/3 style) draft for TARGET_DIR by distillation on its own answers."""
     _need_torch()
-    from dream_export.draft.config import DraftConfig
     from dream_export.core.prompts import read_prompts
+    from dream_export.draft.config import DraftConfig
     from dream_export.draft.data import DataConfig, generate_features, target_identity
     from dream_export.draft.target import load_target
     from dream_export.draft.train import DraftTrainConfig, train_draft
@@ -181,14 +183,14 @@ def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, ste
 @click.option("--draft", "drafts", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
               help="Draft directory (repeatable); named by its folder name.")
 @click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True)
-@click.option("--tree", default="4,6,32", show_default=True, help="K,DEPTH,TOTAL of the EAGLE-2 tree.")
+@tree_option(help="K,DEPTH,TOTAL of the EAGLE-2 tree.")
 @click.option("--chain", is_flag=True, help="Also evaluate chain drafting (depth = tree depth).")
 @click.option("--vtc-keep", type=float, default=None, help="Visual-token keep ratio for the draft stream.")
 @click.option("--max-new-tokens", default=128, show_default=True)
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N prompts.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON here.")
-def eval_draft_cmd(target_dir: Path, drafts: tuple, data_path: Path, tree: str, chain: bool, vtc_keep: float | None,
+def eval_draft_cmd(target_dir: Path, drafts: tuple, data_path: Path, tree: TreeSpec, chain: bool, vtc_keep: float | None,
                    max_new_tokens: int, limit: int | None, json_out: Path | None) -> None:
     """Mean acceptance length τ of drafts with the torch reference decoder (greedy), per task."""
     _need_torch()
@@ -196,12 +198,8 @@ def eval_draft_cmd(target_dir: Path, drafts: tuple, data_path: Path, tree: str, 
     from dream_export.draft.target import load_target
     from dream_export.draft.train import load_draft
     from dream_export.io import atomic_write_text
-    from dream_export.runtime.tree import TreeSpec
 
-    try:
-        spec = TreeSpec.parse(tree)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from e
+    spec = tree
     loaded = {Path(d).name: load_draft(d) for d in drafts}
     taps = next((tuple(d.config.fuse_layers) for d in loaded.values() if d.config.arch == "eagle3"), ())
     target = load_target(target_dir, taps=taps)
@@ -316,7 +314,7 @@ def _sampling_options(f):
         click.option("--backend", default="onnxruntime", show_default=True,
                      type=click.Choice(["onnxruntime", "onnxruntime-cuda", "tensorrt"])),
         click.option("--mode", type=click.Choice(["tree", "chain", "ar"]), default="tree", show_default=True),
-        click.option("--tree", "tree_spec", default="4,6,32", show_default=True, help="K,DEPTH,TOTAL"),
+        tree_option("--tree", "tree_spec"),
         click.option("--max-new-tokens", default=128, show_default=True),
         click.option("--vtc-keep", type=float, default=None, help="Visual-token keep ratio for the draft."),
         click.option("--threads", default="2", show_default=True,
@@ -338,7 +336,7 @@ def _sampling_options(f):
 @click.option("--top-k", default=0, show_default=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (last line).")
-def run_cmd(bundle: Path, image: Path, prompt: str, backend: str, mode: str, tree_spec: str, max_new_tokens: int,
+def run_cmd(bundle: Path, image: Path, prompt: str, backend: str, mode: str, tree_spec: TreeSpec, max_new_tokens: int,
             vtc_keep: float | None, threads: str, precision: str, temperature: float, top_p: float, top_k: int,
             seed: int | None, as_json: bool) -> None:
     """Answer one (image, prompt) with the bundle, streaming text as rounds are accepted."""
@@ -369,53 +367,30 @@ def run_cmd(bundle: Path, image: Path, prompt: str, backend: str, mode: str, tre
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--sweep", is_flag=True, help="Also try several tree shapes, then thread counts for the fastest shape.")
-def bench_cmd(bundle: Path, data_path: Path, backend: str, mode: str, tree_spec: str, max_new_tokens: int,
+def bench_cmd(bundle: Path, data_path: Path, backend: str, mode: str, tree_spec: TreeSpec, max_new_tokens: int,
               vtc_keep: float | None, threads: str, precision: str, limit: int | None, json_out: Path | None,
               plot_out: Path | None, sweep: bool) -> None:
     """Speculative vs autoregressive decoding on the same backend: speedup, tau, time split."""
-    from dream_export.io import atomic_write_text
     from dream_export.core.prompts import read_prompts
-    from dream_export.runtime.bench import bench, plot
+    from dream_export.io import atomic_write_text
+    from dream_export.runtime.bench import bench
+    from dream_export.runtime.bench import sweep as sweep_shapes
     from dream_export.runtime.pipeline import Pipeline
-    from dream_export.runtime.tree import TreeSpec
 
-    try:
-        spec = TreeSpec.parse(tree_spec)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from e
     rows = read_prompts(data_path)[:limit]
     pipe = Pipeline.load(bundle, backend=backend, threads=threads, precision=precision)
-    summary = bench(pipe, rows, max_new_tokens, spec, mode, vtc_keep)
+    summary = bench(pipe, rows, max_new_tokens, tree_spec, mode, vtc_keep)
     if sweep:
-        # From chains (cheapest to verify: CPUs pay per verified token) to the paper's wide trees.
-        shapes = [TreeSpec(1, 5, 6), TreeSpec(1, 6, 7), TreeSpec(1, 8, 9), TreeSpec(1, 10, 11), TreeSpec(2, 8, 12), TreeSpec(2, 10, 16),
-                  TreeSpec(4, 6, 16), TreeSpec(4, 6, 32), TreeSpec(4, 8, 32)]
-        results = []
-        for sh in shapes:
-            # k = 1 runs as a chain: one draft_chain call per round where the bundle's graph has that depth
-            sh_mode = "chain" if sh.k == 1 else "tree"
-            s = bench(pipe, rows, max_new_tokens, sh, sh_mode, vtc_keep, warmup=0)
-            results.append({"tree": [sh.k, sh.depth, sh.total], "mode": sh_mode, "speedup": s["speedup"],
-                            "tau": s["tau"], "match_rate": s["match_rate"]})
-            click.echo(f"{sh_mode} {sh.k},{sh.depth},{sh.total}: speedup {s['speedup']:.2f}x tau {s['tau']:.2f}")
-        summary["sweep"] = sorted(results, key=lambda r: -r["speedup"])
-        # Thread counts too: small graphs on few cores can run faster on one thread than on two.
-        best, best_mode = TreeSpec(*summary["sweep"][0]["tree"]), summary["sweep"][0]["mode"]
-        thread_results = []
-        for th in ("1", "target=2,draft=1", "2"):
-            p = Pipeline.load(bundle, backend=backend, threads=th, precision=precision)
-            s = bench(p, rows, max_new_tokens, best, best_mode, vtc_keep, warmup=1)
-            thread_results.append({"threads": th, "tree": [best.k, best.depth, best.total], "speedup": s["speedup"],
-                                   "spec_tokens_per_s": s["spec_tokens_per_s"],
-                                   "ar_tokens_per_s": s["ar_tokens_per_s"], "host_fraction": s["host_fraction"]})
-            click.echo(f"threads {th} (tree {best.k},{best.depth},{best.total}): speedup {s['speedup']:.2f}x, "
-                       f"{s['spec_tokens_per_s']:.0f} vs {s['ar_tokens_per_s']:.0f} tok/s")
-        summary["thread_sweep"] = sorted(thread_results, key=lambda r: -r["spec_tokens_per_s"])
+        summary.update(sweep_shapes(pipe, rows, lambda th: Pipeline.load(bundle, backend=backend, threads=th,
+                                                                           precision=precision),
+                                    max_new_tokens, vtc_keep, log=click.echo))
     _print_bench(summary)
     if json_out:
         atomic_write_text(json_out, json.dumps(summary, indent=2))
     if plot_out:
-        plot(summary, plot_out)
+        from dream_export.plots import bench_plot
+
+        bench_plot(summary, plot_out)
 
 
 def _print_bench(s: dict) -> None:
@@ -448,7 +423,6 @@ def targets_cmd(as_json: bool) -> None:
 
 def _model_config(path: Path) -> tuple[dict, dict | None]:
     """(target config.json, draft_config.json or None) from a bundle, a model directory or a config file."""
-    from dream_export.errors import UsageError
 
     if (path / "manifest.json").exists():
         m = json.loads((path / "manifest.json").read_text())
@@ -476,11 +450,10 @@ def _model_config(path: Path) -> tuple[dict, dict | None]:
 @click.option("--tau", type=float, default=None,
               help="Acceptance length for the predicted tokens/s (default: the DREAM paper's LLaVA-1.6-7B 5.51; "
                    "use your draft's from `dream-export bench`).")
-@click.option("--draft-tree", "draft_tree", default="4,6,32", show_default=True,
-              help="K,DEPTH,TOTAL of the drafted tree for the predicted tokens/s.")
+@tree_option("--draft-tree", "draft_tree", help="K,DEPTH,TOTAL of the drafted tree for the predicted tokens/s.")
 @click.option("--json", "as_json", is_flag=True)
 def plan_cmd(model: Path, target_name: str, precision: str, kv_capacity: int | None, tree_size: int | None,
-             tau: float | None, draft_tree: str, as_json: bool) -> None:
+             tau: float | None, draft_tree: TreeSpec, as_json: bool) -> None:
     """Memory plan of MODEL (bundle, model directory or config.json) on a target, with the latency model's
     predicted per-call times and tokens/s; refuses with numbers when the model does not fit."""
     from dream_export.targets.latency import Capacities, format_prediction, predict_target, target_peaks
@@ -496,7 +469,7 @@ def plan_cmd(model: Path, target_name: str, precision: str, kv_capacity: int | N
     cfg, draft_cfg = _model_config(model)
     desc = describe_model(cfg, name=model.name)
     draft = DraftDesc.from_config(draft_cfg) if draft_cfg else None
-    tree, tau = _tree_option(draft_tree), tau if tau is not None else DEFAULT_TAU
+    tree, tau = draft_tree, tau if tau is not None else DEFAULT_TAU
     # a bundle's graphs are exported with fixed buffers: predict for those, not for a re-plan
     caps = (Capacities.from_manifest(json.loads((model / "manifest.json").read_text()))
             if (model / "manifest.json").exists() else None)
@@ -522,16 +495,6 @@ def plan_cmd(model: Path, target_name: str, precision: str, kv_capacity: int | N
     else:
         click.echo(plan.format())
         click.echo(format_prediction(pred))
-
-
-def _tree_option(text: str):
-    from dream_export.errors import UsageError
-    from dream_export.runtime.tree import TreeSpec
-
-    try:
-        return TreeSpec.parse(text)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
 
 
 @cli.command("build")
@@ -603,10 +566,10 @@ def build_cmd(bundle: Path, target_name: str, precision: str, dla: int | None, w
 @click.option("--limit", default=5, show_default=True, help="Prompts to run.")
 @click.option("--threads", default=2, show_default=True)
 @click.option("--top", default=15, show_default=True, help="Rows per table.")
-@click.option("--tree", "tree_spec", default="4,6,32", show_default=True, help="K,DEPTH,TOTAL of the drafted tree.")
+@tree_option("--tree", "tree_spec", help="K,DEPTH,TOTAL of the drafted tree.")
 @click.option("--reps", default=5, show_default=True, help="Timed repetitions per call for predicted vs measured.")
 @click.option("--json", "as_json", is_flag=True, help="Print the predicted-vs-measured summary as JSON (last line).")
-def profile_cmd(bundle: Path, data_path: Path, component: str, limit: int, threads: int, top: int, tree_spec: str,
+def profile_cmd(bundle: Path, data_path: Path, component: str, limit: int, threads: int, top: int, tree_spec: TreeSpec,
                 reps: int, as_json: bool) -> None:
     """Per-op profile of the bundle's graphs under speculative decoding (ONNX Runtime on this host), and the
     latency model's prediction for each graph call against its measured time.
@@ -619,15 +582,15 @@ def profile_cmd(bundle: Path, data_path: Path, component: str, limit: int, threa
 
     from PIL import Image
 
+    from dream_export.core.prompts import read_prompts
     from dream_export.io import atomic_write_text
     from dream_export.runtime.backends import OnnxRuntimeBackend
-    from dream_export.core.prompts import read_prompts
     from dream_export.runtime.bundle import Bundle
     from dream_export.runtime.pipeline import Pipeline
     from dream_export.targets.profiles import format_table, parse_ort_profile
 
     b = Bundle.open(bundle)
-    tree = _tree_option(tree_spec)
+    tree = tree_spec
     rows = read_prompts(data_path)[:limit]
     with tempfile.TemporaryDirectory() as tmp:
         backend = OnnxRuntimeBackend(b, threads, profile_dir=Path(tmp))
@@ -656,29 +619,11 @@ def profile_cmd(bundle: Path, data_path: Path, component: str, limit: int, threa
     out = bundle / "reports"
     atomic_write_text(out / "profile.json", json.dumps(report, indent=2))
     try:
-        import matplotlib
+        from dream_export.plots import profile_plot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        panels = len(comps) + (cmp is not None)
-        fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
-        for ax, c in zip(axes[0], comps, strict=False):
-            by_op: dict[str, float] = {}
-            for r in report["components"][c]:
-                by_op[r["op_type"] or "?"] = by_op.get(r["op_type"] or "?", 0.0) + r["time_ms"]
-            ops = sorted(by_op.items(), key=lambda kv: kv[1])[-10:]
-            ax.barh([o for o, _ in ops], [t for _, t in ops], color="#4477aa")
-            ax.set_title(f"{c}: time per call by op (ms)")
-        if cmp is not None:
-            from dream_export.targets.latency_report import plot_compare
-
-            plot_compare(axes[0][-1], cmp)
-        fig.tight_layout()
-        fig.savefig(out / "profile.png", dpi=100)
-        plt.close(fig)
+        profile_plot(report["components"], cmp, out / "profile.png")
         click.echo(f"wrote {out / 'profile.json'} and {out / 'profile.png'}")
-    except ImportError:
+    except UsageError:  # no matplotlib: the JSON is the report
         click.echo(f"wrote {out / 'profile.json'} (install matplotlib for the plot)")
     if as_json:
         _emit_json({"latency": cmp, "stages_seconds": stages, "tau": tau})
@@ -687,7 +632,6 @@ def profile_cmd(bundle: Path, data_path: Path, component: str, limit: int, threa
 def _predicted_vs_measured(b, bundle: Path, tree, tau: float, prompt_tokens: int, threads: int, reps: int):
     """The latency model on this host's measured peaks vs the same calls timed with ONNX Runtime (None when
     the bundle's source config is not on this machine)."""
-    from dream_export.errors import UsageError
     from dream_export.runtime.backends import OnnxRuntimeBackend
     from dream_export.targets.latency import Capacities, decode_calls, predict_target
     from dream_export.targets.latency_report import compare, fit_tree

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
+from dream_export.core.prompts import read_prompts
 from dream_export.demo import data as demo_data
 from dream_export.draft.config import DraftConfig
-from dream_export.core.prompts import read_prompts
 from dream_export.draft.data import DataConfig, FeatureDataset, generate_features
 from dream_export.draft.train import DraftTrainConfig, load_draft, train_draft
 from dream_export.errors import IncompatibleArtifactError

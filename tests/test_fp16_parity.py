@@ -10,8 +10,8 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from dream_export.export.fp16 import convert_bundle
 from dream_export.demo.scenes import rendered_samples
+from dream_export.export.fp16 import convert_bundle
 from dream_export.export.parity import GREEDY_PROMPTS, TOLERANCE, check_bundle
 
 try:

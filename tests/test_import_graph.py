@@ -146,7 +146,7 @@ def test_library_never_imports_the_demo():
     assert not offenders, offenders
 
 
-@pytest.mark.parametrize("banned", ["torch", "transformers"])
+@pytest.mark.parametrize("banned", ["torch", "transformers", "matplotlib"])
 def test_runtime_package_never_imports(banned):
     offenders = sorted(f"{mod} imports {imp}" for mod, imps in _modules().items() if _node(mod) == "runtime"
                        for imp in imps if imp.split(".")[0] == banned)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from dream_export.demo import scenes
 from dream_export.core.prompts import PromptEncoder
+from dream_export.demo import scenes
 from dream_export.draft.reference import generate
 from dream_export.runtime.tree import TreeSpec
 

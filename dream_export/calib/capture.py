@@ -17,6 +17,7 @@ import numpy as np
 
 from dream_export.runtime.backends import Backend
 from dream_export.runtime.bundle import Bundle
+from dream_export.runtime.tree import TreeSpec
 
 # Stages per graph; the sample budget of a graph is split evenly between its stages.
 STAGES = {"vision": ("image",), "target": ("prefill", "verify"), "draft": ("context", "tree")}
@@ -93,11 +94,11 @@ class RecordingBackend(Backend):
 
 
 def capture_feeds(bundle_dir: str | Path, rows: list[dict], samples: int = 64, seed: int = 0,
-                  tree: str = "4,6,32", max_new_tokens: int = 64, threads: int = 1, precision: str = "fp32",
+                  tree: TreeSpec | str | None = None, max_new_tokens: int = 64, threads: int = 1, precision: str = "fp32",
                   progress: bool = True) -> Capture:
     """Run greedy speculative decoding over `rows` ({"image", "prompt"}) and record feeds per graph.
 
-    `samples` is the number of feeds kept per graph (split evenly between its stages); the prompts
+    `tree`: the speculation tree (None: the runtime's default). `samples` is the number of feeds kept per graph (split evenly between its stages); the prompts
     are visited in an order shuffled by `seed`, and the reservoir draws from the same seed, so a
     seed fixes the calibration set.
     """

@@ -8,6 +8,8 @@ from pathlib import Path
 import click
 
 from dream_export.errors import UsageError
+from dream_export.options import tree_option
+from dream_export.runtime.tree import TreeSpec
 
 # The variants `calib-report --make` builds, as (name, precision, components).
 MAKE = {"fp16": ("fp16", "vision,target,draft"), "int8-target": ("int8", "target"),
@@ -93,14 +95,14 @@ def calibrate_cmd(bundle: Path, data_path: Path, precision: str, method: str, sa
 @click.option("--samples", default=64, show_default=True, help="Recorded feeds per graph for --make.")
 @click.option("--smoothquant", default=None, metavar="ALPHA", help="SmoothQuant for --make's INT8 bundles.")
 @click.option("--exclude", default="", help="--exclude for --make's INT8 bundles.")
-@click.option("--tree", default="4,6,32", show_default=True, help="K,DEPTH,TOTAL of the speculation tree.")
+@tree_option()
 @click.option("--max-new-tokens", default=128, show_default=True)
 @click.option("--limit", type=int, default=None, help="Use only the first N prompts.")
 @click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Report file [first BUNDLE/reports/calib.json].")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (last line).")
 def calib_report_cmd(bundles: tuple[str, ...], data_path: Path, make: str, calib_data: Path | None, method: str,
-                     samples: int, smoothquant: str | None, exclude: str, tree: str, max_new_tokens: int,
+                     samples: int, smoothquant: str | None, exclude: str, tree: TreeSpec, max_new_tokens: int,
                      limit: int | None, out: Path | None, as_json: bool) -> None:
     """τ, greedy agreement with fp32, demo accuracy and size for each bundle (the first is the fp32 reference).
 
@@ -110,12 +112,6 @@ def calib_report_cmd(bundles: tuple[str, ...], data_path: Path, make: str, calib
     from dream_export.calib.calibrate import calibrate_bundle
     from dream_export.calib.report import calib_report
     from dream_export.calib.select import parse_exclude
-    from dream_export.runtime.tree import TreeSpec
-
-    try:
-        TreeSpec.parse(tree)
-    except ValueError as e:
-        raise UsageError(str(e)) from e
     pairs: list[tuple[str | None, Path]] = []
     for b in bundles:
         name, sep, path = b.partition("=")

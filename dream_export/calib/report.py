@@ -20,6 +20,8 @@ import numpy as np
 from dream_export.core.ties import first_divergence
 from dream_export.errors import UsageError
 from dream_export.io import atomic_write_text
+from dream_export.options import DEFAULT_TREE, tree_text
+from dream_export.runtime.tree import TreeSpec
 
 ACCURACY_TASKS = ("count", "color")
 # The scored part of an answer to a question of a task: answer_key(task, text) -> str.
@@ -38,7 +40,7 @@ def precision_name(manifest: dict) -> str:
     return "-".join(kinds) + "-" + "+".join(comps)
 
 
-def run_prompts(bundle_dir: str | Path, rows: list[dict], tree: str = "4,6,32", max_new_tokens: int = 128,
+def run_prompts(bundle_dir: str | Path, rows: list[dict], tree: TreeSpec = DEFAULT_TREE, max_new_tokens: int = 128,
                 threads: int = 1, progress: bool = True, desc: str = "") -> dict:
     """Greedy speculative answers of one bundle: tokens, text and accepted lengths per prompt."""
     import time
@@ -88,7 +90,7 @@ def summarize(run: dict, ref: dict, rows: list[dict], bundle_dir: str | Path, an
 
 
 def calib_report(bundles: list[tuple[str | None, Path]], data: str | Path, out: str | Path | None = None,
-                 tree: str = "4,6,32", max_new_tokens: int = 128, limit: int | None = None, threads: int = 1,
+                 tree: TreeSpec = DEFAULT_TREE, max_new_tokens: int = 128, limit: int | None = None, threads: int = 1,
                  log=print, progress: bool = True, answer_key: AnswerKey | None = None) -> dict:
     """Evaluate `bundles` ((name or None, path); the first must be fp32) on `data`; write `out` as JSON.
 
@@ -109,7 +111,7 @@ def calib_report(bundles: list[tuple[str | None, Path]], data: str | Path, out: 
     for name, path in opened:
         runs[name] = run_prompts(path, rows, tree, max_new_tokens, threads, progress, desc=name)
     ref = runs[names[0]]
-    report = {"data": str(Path(data).resolve()), "prompts": len(rows), "tree": tree, "max_new_tokens": max_new_tokens,
+    report = {"data": str(Path(data).resolve()), "prompts": len(rows), "tree": tree_text(tree), "max_new_tokens": max_new_tokens,
               "reference": names[0], "accuracy_tasks": list(ACCURACY_TASKS),
               "precisions": {n: summarize(runs[n], ref, rows, p, answer_key) for n, p in opened}}
     fp32_tau = report["precisions"][names[0]]["tau"]

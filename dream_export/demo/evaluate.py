@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from dream_export.demo import scenes
 from dream_export.core.prompts import PromptEncoder
+from dream_export.demo import scenes
 
 
 def generate_answers(model, processor, images: list, prompts: list[str], max_new_tokens: int = 128,

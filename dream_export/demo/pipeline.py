@@ -100,10 +100,11 @@ def run_demo(model_dir: Path, out: Path | None = None, num: int = 5, do_eval: bo
 
 def _speculative_steps(model_dir: Path, draft_dir: Path, out: Path, bench_prompts: int, say) -> dict:
     """export → run → bench, each through the function its command uses."""
+    from dream_export.core.prompts import read_prompts
     from dream_export.demo import data
     from dream_export.export.bundle import ExportOptions, export_bundle
-    from dream_export.core.prompts import read_prompts
-    from dream_export.runtime.bench import bench, plot
+    from dream_export.plots import bench_plot
+    from dream_export.runtime.bench import bench
     from dream_export.runtime.pipeline import Pipeline
     from dream_export.runtime.tree import TreeSpec
     from dream_export.targets.cpu_build import build_cpu
@@ -136,7 +137,7 @@ def _speculative_steps(model_dir: Path, draft_dir: Path, out: Path, bench_prompt
     say(f"\nbenchmarking on {len(rows)} held-out prompts (dream-export bench)...")
     s = bench(pipe, rows, tree=tree, mode="chain")
     atomic_write_text(out / "bench.json", json.dumps(s, indent=2))
-    plot(s, out / "bench.png")
+    bench_plot(s, out / "bench.png")
     say(f"\n{'':<28}{'speculative':>12}{'autoregressive':>16}")
     say(f"{'tokens/s':<28}{s['spec_tokens_per_s']:>12.1f}{s['ar_tokens_per_s']:>16.1f}")
     say(f"speedup {s['speedup']:.2f}x (decode {s['decode_speedup']:.2f}x), tau {s['tau']:.2f}, "

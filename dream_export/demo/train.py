@@ -8,10 +8,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from dream_export.core.prompts import PromptEncoder
 from dream_export.demo import scenes
 from dream_export.demo.evaluate import evaluate
 from dream_export.demo.model import build_model, build_processor, train_tokenizer
-from dream_export.core.prompts import PromptEncoder
 from dream_export.io import atomic_dir, warmup_cosine
 
 

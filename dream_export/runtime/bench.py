@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from collections.abc import Callable
 
 import numpy as np
 
 from dream_export.core.ties import tie_explained
-from dream_export.errors import UsageError
 from dream_export.runtime.pipeline import Pipeline
 from dream_export.runtime.tree import TreeSpec
 
@@ -62,26 +61,36 @@ def bench(pipe: Pipeline, rows: list[dict], max_new_tokens: int = 128, tree: Tre
     }
 
 
-def plot(summary: dict, path: str | Path) -> None:
-    """Acceptance-length histogram and time split (needs matplotlib, from the `export` extra)."""
-    try:
-        import matplotlib
+# From chains (cheapest to verify: CPUs pay per verified token) to the paper's wide trees.
+SWEEP_SHAPES = (TreeSpec(1, 5, 6), TreeSpec(1, 6, 7), TreeSpec(1, 8, 9), TreeSpec(1, 10, 11), TreeSpec(2, 8, 12),
+                TreeSpec(2, 10, 16), TreeSpec(4, 6, 16), TreeSpec(4, 6, 32), TreeSpec(4, 8, 32))
+# Thread counts too: small graphs on few cores can run faster on one thread than on two.
+SWEEP_THREADS = ("1", "target=2,draft=1", "2")
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise UsageError("--plot needs matplotlib: pip install 'dream-export[export]'") from e
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    hist = summary["accept_histogram"]
-    a.bar(range(len(hist)), hist, color="#4477aa")
-    a.set_xlabel("tokens gained per target pass")
-    a.set_ylabel("rounds")
-    a.set_title(f"acceptance (τ = {summary['tau']:.2f})")
-    split = summary["time_split_seconds"]
-    b.barh(list(split), list(split.values()), color="#cc6677")
-    b.set_xlabel("seconds (all prompts)")
-    b.set_title(f"speculative time split, speedup {summary['speedup']:.2f}×")
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+
+def sweep(pipe: Pipeline, rows: list[dict], load: Callable[[str], Pipeline], max_new_tokens: int = 128,
+          vtc_keep: float | None = None, log=print) -> dict:
+    """Bench every tree shape of `SWEEP_SHAPES` on `pipe`, then the fastest shape under each thread setting
+    of `SWEEP_THREADS` (`load(threads)` opens the bundle with that setting).
+
+    Returns {"sweep": per shape, fastest first; "thread_sweep": per setting, most tokens/s first}.
+    """
+    results = []
+    for sh in SWEEP_SHAPES:
+        # k = 1 runs as a chain: one draft_chain call per round where the bundle's graph has that depth
+        sh_mode = "chain" if sh.k == 1 else "tree"
+        s = bench(pipe, rows, max_new_tokens, sh, sh_mode, vtc_keep, warmup=0)
+        results.append({"tree": [sh.k, sh.depth, sh.total], "mode": sh_mode, "speedup": s["speedup"],
+                        "tau": s["tau"], "match_rate": s["match_rate"]})
+        log(f"{sh_mode} {sh.k},{sh.depth},{sh.total}: speedup {s['speedup']:.2f}x tau {s['tau']:.2f}")
+    shapes = sorted(results, key=lambda r: -r["speedup"])
+    best, best_mode = TreeSpec(*shapes[0]["tree"]), shapes[0]["mode"]
+    thread_results = []
+    for th in SWEEP_THREADS:
+        s = bench(load(th), rows, max_new_tokens, best, best_mode, vtc_keep, warmup=1)
+        thread_results.append({"threads": th, "tree": [best.k, best.depth, best.total], "speedup": s["speedup"],
+                               "spec_tokens_per_s": s["spec_tokens_per_s"],
+                               "ar_tokens_per_s": s["ar_tokens_per_s"], "host_fraction": s["host_fraction"]})
+        log(f"threads {th} (tree {best.k},{best.depth},{best.total}): speedup {s['speedup']:.2f}x, "
+            f"{s['spec_tokens_per_s']:.0f} vs {s['ar_tokens_per_s']:.0f} tok/s")
+    return {"sweep": shapes, "thread_sweep": sorted(thread_results, key=lambda r: -r["spec_tokens_per_s"])}

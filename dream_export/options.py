@@ -1,0 +1,38 @@
+"""Click parameter types and options shared by the commands (`cli.py`, `calib/command.py`)."""
+
+from __future__ import annotations
+
+import click
+
+from dream_export.runtime.tree import TreeSpec
+
+# The EAGLE-2 paper's tree (top-4 per node, depth 6, 32 verified nodes): the dataclass defaults.
+DEFAULT_TREE = TreeSpec()
+
+
+def tree_text(spec: TreeSpec) -> str:
+    """'K,DEPTH,TOTAL', as the command line takes it."""
+    return f"{spec.k},{spec.depth},{spec.total}"
+
+
+class TreeSpecType(click.ParamType):
+    """'K,DEPTH,TOTAL' → `TreeSpec`; a malformed or impossible shape is a usage error naming the option."""
+
+    name = "K,DEPTH,TOTAL"
+
+    def convert(self, value, param, ctx) -> TreeSpec:
+        if isinstance(value, TreeSpec):
+            return value
+        try:
+            return TreeSpec.parse(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+TREE_SPEC = TreeSpecType()
+
+
+def tree_option(*decls: str, help: str = "K,DEPTH,TOTAL of the speculation tree.", **kwargs):
+    """A `--tree`-style option that hands the command a `TreeSpec` (default: `DEFAULT_TREE`)."""
+    return click.option(*(decls or ("--tree",)), type=TREE_SPEC, default=DEFAULT_TREE,
+                        show_default=tree_text(DEFAULT_TREE), help=help, **kwargs)
