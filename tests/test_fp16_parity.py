@@ -92,3 +92,11 @@ def test_parity_catches_a_corrupted_weight(fp16_bundle, tmp_path):
     assert report["graphs"]["vision"]["fp32"]["ok"] and report["graphs"]["draft"]["fp32"]["ok"]
     assert report["failures"] and all(f.startswith("target/fp32/") for f in report["failures"])
     assert any("'hidden'" in f for f in report["failures"])
+
+
+def test_parity_without_samples_checks_random_feeds_and_says_so(fp16_bundle):
+    root, _, _ = fp16_bundle
+    report = check_bundle(root, variants=("fp32",), seeds=(0,), log=lambda *_: None)
+    assert report["ok"], report["failures"]
+    assert "realistic" in report["not_checked"] and report["greedy"] == {}
+    assert set(report["graphs"]["target"]["fp32"]["cases"]) == {"random-seed0"}

@@ -5,8 +5,8 @@ Every graph runs in ONNX Runtime (CPU) and as the torch module it was exported f
 
 * random feeds per seed (random masks with each row seeing itself, random caches and positions);
 * realistic feeds: the caller's first (image, prompt) sample through the target's processor and chat
-  template (vision); a causal prefill of that prompt with the image features spliced in, then a tree verification over the prefilled cache
-  with an ancestor mask (target); the draft's context pass over the target's features, then a tree
+  template (vision); a causal prefill of that prompt with the image features spliced in, then a tree
+  verification over the prefilled cache with an ancestor mask (target); the draft's context pass over the target's features, then a tree
   step with ancestor masks on its self- and cross-attention (draft).
 
 Per output the report gives the max absolute error and the max error relative to the output's scale
@@ -23,9 +23,9 @@ FP16 policy (what decides, and why):
   They are graded with `STRESS_TOLERANCE`, which still catches a wrong or corrupted weight (errors of
   order 1) but not FP16's rounding;
 * greedy agreement decides what a user sees: each reduced-precision variant decodes the caller's
-  samples (up to `GREEDY_PROMPTS`) greedily next to fp32; it passes when at least `GREEDY_MIN` of the outputs are identical
-  or every divergence sits on a near-tie of the fp32 logits (gap <= `GREEDY_TIE`), which no FP16
-  graph can be expected to reproduce.
+  samples (up to `GREEDY_PROMPTS`) greedily next to fp32; it passes when at least `GREEDY_MIN` of the
+  outputs are identical or every divergence sits on a near-tie of the fp32 logits (gap <=
+  `GREEDY_TIE`), which no FP16 graph can be expected to reproduce.
 """
 
 from __future__ import annotations
@@ -337,7 +337,7 @@ def greedy_agreement(bundle_dir: str | Path, variant: str, samples: Sequence[tup
                 continue
             firsts.append(first_divergence(a, b))
             ties.append(bool(tie_explained(ref, image, prompt, a, b, GREEDY_TIE)))
-    except DreamExportError as e:  # e.g. a bundle whose KV capacity cannot hold a demo prompt
+    except DreamExportError as e:  # e.g. a bundle whose KV capacity cannot hold a prompt
         return {"ok": True, "skipped": str(e), "agreement": None}
     prompts = len(samples)
     agreement = same / prompts
