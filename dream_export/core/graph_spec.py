@@ -87,9 +87,6 @@ class GraphSpec:
         """The manifest's role → tensor-name table over the tensors the exported graph really has."""
         return {self.tensor(n).name: n for n in names}
 
-    def names_with_role(self, *roles: str) -> list[str]:
-        return [t.name for t in self.inputs + self.outputs if t.role in roles]
-
 
 def _t(name: str, role: str, axes: Mapping[int, str] | None = None, optional: bool = False) -> Tensor:
     return Tensor(name, role, dict(axes or {}), optional)
