@@ -208,7 +208,7 @@ def test_chain_graph_and_per_step_chain_draft_the_same_tokens(demo_pipeline):
 def test_target_reads_only_the_used_cache_slots(demo_pipeline, monkeypatch):
     """A mask as wide as the context (rounded up to a slot bucket) gives the logits and KV rows of the
     full-capacity mask."""
-    from dream_export.runtime.engine import SLOT_BUCKET
+    from dream_export.runtime.masks import SLOT_BUCKET
 
     target = demo_pipeline.engine.target
     assert target.used_slots
@@ -267,7 +267,7 @@ def test_cache_masks_step_in_slot_buckets_and_hide_the_padding():
     """Used-slot masks grow in SLOT_BUCKET steps (few distinct shapes for ONNX Runtime's memory plans), from
     one bucket (no zero-size cache slice) up to the capacity, and the padding slots are hidden from every
     query."""
-    from dream_export.runtime.engine import SLOT_BUCKET, cache_mask
+    from dream_export.runtime.masks import SLOT_BUCKET, cache_mask
 
     new = np.tril(np.ones((3, 3), bool))
     for committed in (0, 1, SLOT_BUCKET - 1, SLOT_BUCKET, SLOT_BUCKET + 5):

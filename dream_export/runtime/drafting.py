@@ -64,6 +64,7 @@ class DraftRunner:
         self.pending_pos, self.pending_emb = np.zeros(0, np.int64), self.no_feats()
 
     def embed(self, ids) -> np.ndarray:
+        """Embedding rows of token ids (the target's table)."""
         return self.embed_table[np.asarray(ids, dtype=np.int64)]
 
     # ---- the token stream ----------------------------------------------------------------------
@@ -150,10 +151,10 @@ class DraftRunner:
 
 
 class Drafter:
-    """Proposes each round's candidate tree (root first) for the target to verify; this base drafts nothing."""
+    """Proposes each round's candidate tree (root first) for the target to verify."""
 
-    name = "none"
-    nodes = 1  # the most nodes a proposed tree has, root included
+    name: str
+    nodes: int  # the most nodes a proposed tree has, root included
 
     def start(self, prompt_embeds: np.ndarray, image_mask: np.ndarray, vtc_keep: float | None,
               importance: np.ndarray | None, features: np.ndarray, root: int) -> None:
@@ -161,11 +162,11 @@ class Drafter:
 
     def fits(self, committed: int, capacity: int) -> bool:
         """Whether a round fits the target's KV cache (`committed` of `capacity` slots used) and the draft's."""
-        return committed + 1 < capacity
+        raise NotImplementedError
 
     def propose(self, root: int) -> VerifyTree:
         """The tree to verify, rooted at the token the target produced last."""
-        return VerifyTree.chain([root])
+        raise NotImplementedError
 
     def observe(self, features: np.ndarray, tokens: list[int]) -> None:
         """The accepted rows' target features and the round's new tokens (see `DraftRunner.observe`)."""
@@ -174,7 +175,13 @@ class Drafter:
 class NoDrafter(Drafter):
     """Plain autoregressive decoding: each round verifies the root alone and gains one token."""
 
-    name = "ar"
+    name, nodes = "ar", 1
+
+    def fits(self, committed: int, capacity: int) -> bool:
+        return committed + 1 < capacity
+
+    def propose(self, root: int) -> VerifyTree:
+        return VerifyTree.chain([root])
 
 
 class _SpeculativeDrafter(Drafter):

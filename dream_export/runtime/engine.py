@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,12 +66,24 @@ class EngineStats:
     def tau(self) -> float:
         return float(np.mean(self.rounds)) if self.rounds else 0.0
 
-    @contextmanager
-    def timed(self, stage: str):
-        """Add the block's wall time to `seconds[stage]`."""
-        t0 = time.perf_counter()
-        yield
-        self.seconds[stage] += time.perf_counter() - t0
+    def timed(self, stage: str) -> _Timer:
+        """A context manager adding the block's wall time to `seconds[stage]`."""
+        return _Timer(self.seconds, stage)
+
+
+class _Timer:
+    """`EngineStats.timed` (a plain class: a generator-based context manager costs more, every round)."""
+
+    __slots__ = ("seconds", "stage", "t0")
+
+    def __init__(self, seconds: dict, stage: str):
+        self.seconds, self.stage = seconds, stage
+
+    def __enter__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc) -> None:
+        self.seconds[self.stage] += time.perf_counter() - self.t0
 
 
 @dataclass
@@ -120,7 +131,8 @@ class SpecEngine:
         self.chain_depth = chain["steps"] + 1 if chain else DEFAULT_CHAIN_DEPTH
 
     def embed(self, ids) -> np.ndarray:
-        return self.embed_table[np.asarray(ids, dtype=np.int64)]
+        """Embedding rows of token ids."""
+        return self.draft.embed(ids)
 
     def next_logits(self, embeds: np.ndarray) -> np.ndarray:
         """The target's logits for the token after `embeds` [n,H], from a fresh prefill (diagnostics)."""
@@ -163,11 +175,10 @@ class SpecEngine:
                 tree = drafter.propose(st.root)
             with st.stats.timed("verify"):
                 out = self.verify(tree, st)
-            t0 = time.perf_counter()
-            path, bonus = self.accept(tree, out, st)
-            new = self.commit(tree, out, path, bonus, st)
-            drafter.observe(self.target.features(out)[row_index(np.array(path))], new)
-            st.stats.seconds["host"] += time.perf_counter() - t0
+            with st.stats.timed("host"):
+                path, bonus = self.accept(tree, out, st)
+                new = self.commit(tree, out, path, bonus, st)
+                drafter.observe(self.target.features(out)[row_index(np.array(path))], new)
             yield Round(new, len(path))
         # ended by EOS, max_new_tokens or the KV capacity (the pipeline reports finish_reason="capacity")
 
