@@ -153,9 +153,6 @@ class DraftRunner:
 class Drafter:
     """Proposes each round's candidate tree (root first) for the target to verify."""
 
-    name: str
-    nodes: int  # the most nodes a proposed tree has, root included
-
     def start(self, prompt_embeds: np.ndarray, image_mask: np.ndarray, vtc_keep: float | None,
               importance: np.ndarray | None, features: np.ndarray, root: int) -> None:
         """A new request, after its prefill (see `DraftRunner.start`)."""
@@ -175,8 +172,6 @@ class Drafter:
 class NoDrafter(Drafter):
     """Plain autoregressive decoding: each round verifies the root alone and gains one token."""
 
-    name, nodes = "ar", 1
-
     def fits(self, committed: int, capacity: int) -> bool:
         return committed + 1 < capacity
 
@@ -188,7 +183,7 @@ class _SpeculativeDrafter(Drafter):
     """Shared by the drafters that run a draft graph: the token stream lives in the `DraftRunner`."""
 
     def __init__(self, runner: DraftRunner, spec: TreeSpec):
-        self.runner, self.spec, self.nodes = runner, spec, spec.total
+        self.runner, self.spec = runner, spec
 
     def start(self, prompt_embeds, image_mask, vtc_keep, importance, features, root) -> None:
         self.runner.start(prompt_embeds, image_mask, vtc_keep, importance, features, root)
@@ -203,8 +198,6 @@ class _SpeculativeDrafter(Drafter):
 class ChainGraphDrafter(_SpeculativeDrafter):
     """A chain from the `draft_chain` graph: the context pass and every step in one call per round."""
 
-    name = "chain-graph"
-
     def propose(self, root: int) -> VerifyTree:
         ids = self.runner.out(self.runner.context_pass("draft_chain"), "chain_ids", "draft_chain")
         return VerifyTree.chain([root, *(int(i) for i in ids)][: self.spec.total])
@@ -217,8 +210,6 @@ class StepwiseChainDrafter(_SpeculativeDrafter):
     hold them equal); it only skips the per-step ancestor search and mask bookkeeping, a visible share
     of a draft call on a CPU.
     """
-
-    name = "chain-steps"
 
     def propose(self, root: int) -> VerifyTree:
         r = self.runner
@@ -242,8 +233,6 @@ class StepwiseChainDrafter(_SpeculativeDrafter):
 
 class TreeDrafter(_SpeculativeDrafter):
     """An EAGLE-2 dynamic tree from the `draft` graph: each layer's k-node frontier in one call."""
-
-    name = "tree"
 
     def propose(self, root: int) -> VerifyTree:
         r, spec = self.runner, self.spec
