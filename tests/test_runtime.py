@@ -127,7 +127,7 @@ def test_verify_step_host_bytes_do_not_grow_with_context(tmp_path_factory):
     # mask, one bool per (tree node, context slot): only that grows with the context
     print("host bytes per target call", per_step)
     assert per_step[1024] - per_step[64] <= 16 * (1024 - 64) * 1.1, per_step
-    assert per_step[1024] < 0.01 * eng.kv_k.nbytes, per_step
+    assert per_step[1024] < 0.01 * eng.target.key.nbytes, per_step
 
 
 def test_per_graph_threads_give_the_same_tokens(demo_bundle, demo_pipeline):
@@ -166,56 +166,108 @@ def test_bench_sweep_reports_tree_shapes_and_thread_counts(demo_bundle, tmp_path
     assert all(t["tree"] == out["sweep"][0]["tree"] for t in out["thread_sweep"])
 
 
-def test_chain_graph_and_per_step_chain_draft_the_same_tokens(demo_pipeline, monkeypatch):
+def _decode(pipe, img, prompt, drafter, max_new_tokens=60):
+    """Tokens, accepted per round and graph calls of one greedy request with the given drafter."""
+    from dream_export.runtime.engine import EngineStats
+
+    emb, mask, _ = pipe.prompt_embeds(img, prompt)
+    stats = EngineStats()
+    pipe.backend.reset_stats()
+    rounds = list(pipe.engine.generate(emb, mask, max_new_tokens, eos_id=pipe.eos_id, stats=stats, drafter=drafter))
+    return [t for r in rounds for t in r.tokens], stats.rounds, dict(pipe.backend.calls)
+
+
+def test_chain_graph_and_per_step_chain_draft_the_same_tokens(demo_pipeline):
     """One draft_chain call per round (context pass and chain) drafts exactly what per-step calls and the
-    k=1 tree draft do."""
+    k=1 tree draft do; plain decoding is the same loop without a draft."""
+    from dream_export.runtime.drafting import ChainGraphDrafter, NoDrafter, StepwiseChainDrafter, TreeDrafter
+
     eng = demo_pipeline.engine
-    assert "draft_chain" in demo_pipeline.backend.graphs and eng.chain_steps == 4
-    chain = TreeSpec.chain(eng.chain_steps + 1)
+    steps = demo_pipeline.bundle.graph("draft_chain")["steps"]
+    assert "draft_chain" in demo_pipeline.backend.graphs and eng.draft.chain_steps == steps
+    # the chain depth comes from the bundle: the chain graph's steps plus the context pass's token
+    chosen = eng.drafter("chain")
+    assert isinstance(chosen, ChainGraphDrafter) and chosen.spec == TreeSpec.chain(steps + 1)
+    assert isinstance(eng.drafter("chain", TreeSpec.chain(steps + 2)), StepwiseChainDrafter)
+    assert isinstance(eng.drafter("tree", TreeSpec(4, 6, 32)), TreeDrafter)
+    assert isinstance(eng.drafter("ar"), NoDrafter)
+    chain = TreeSpec.chain(steps + 1)
     for sc, s in _heldout(3):
         img = scenes.render(sc)
-        ar = demo_pipeline.generate(img, s.prompt, max_new_tokens=60, mode="ar").tokens
-        graph = demo_pipeline.generate(img, s.prompt, max_new_tokens=60, mode="chain", tree=chain)
-        calls = demo_pipeline.backend.calls
-        assert calls["draft_chain"] == len(graph.stats["rounds"]) and calls["draft"] == 0
-        with monkeypatch.context() as mp:
-            mp.setattr(eng, "chain_steps", 0)
-            steps = demo_pipeline.generate(img, s.prompt, max_new_tokens=60, mode="chain", tree=chain)
-            assert demo_pipeline.backend.calls["draft_chain"] == 0
-            mp.setattr(eng, "_draft_chain", eng._draft_tree)  # the general tree bookkeeping with k = 1
-            tree = demo_pipeline.generate(img, s.prompt, max_new_tokens=60, mode="tree", tree=chain)
-        assert graph.tokens == steps.tokens == tree.tokens == ar
-        assert graph.stats["rounds"] == steps.stats["rounds"] == tree.stats["rounds"]
+        ar, ar_rounds, ar_calls = _decode(demo_pipeline, img, s.prompt, NoDrafter())
+        assert set(ar_rounds) == {1} and ar_calls["target"] == len(ar) and not ar_calls.get("draft")
+        graph, graph_rounds, calls = _decode(demo_pipeline, img, s.prompt, ChainGraphDrafter(eng.draft, chain))
+        assert calls["draft_chain"] == len(graph_rounds) and not calls.get("draft")
+        stepwise, step_rounds, calls = _decode(demo_pipeline, img, s.prompt, StepwiseChainDrafter(eng.draft, chain))
+        assert not calls.get("draft_chain") and calls["draft"] == len(step_rounds) * steps + len(step_rounds)
+        tree, tree_rounds, _ = _decode(demo_pipeline, img, s.prompt, TreeDrafter(eng.draft, chain))  # k = 1
+        assert graph == stepwise == tree == ar
+        assert graph_rounds == step_rounds == tree_rounds
 
 
 def test_target_reads_only_the_used_cache_slots(demo_pipeline, monkeypatch):
     """A mask as wide as the context (rounded up to a slot bucket) gives the logits and KV rows of the
     full-capacity mask."""
-    from dream_export.runtime.engine import SLOT_BUCKET
+    from dream_export.runtime.masks import SLOT_BUCKET
 
-    eng = demo_pipeline.engine
-    assert eng.used_slots
+    target = demo_pipeline.engine.target
+    assert target.used_slots
     sc, s = _heldout(1)[0]
     emb, _, _ = demo_pipeline.prompt_embeds(scenes.render(sc), s.prompt)
     n = len(emb)
-    out = eng._target(emb, np.arange(n), np.tril(np.ones((n, n), bool)), np.arange(n), past=0)
-    eng._commit_target(out, np.arange(n), 0)
-    new = eng.embed([5, 6, 7])
+    out = target.run(emb, np.arange(n), np.tril(np.ones((n, n), bool)), np.arange(n), past=0)
+    target.commit(out, np.arange(n), 0)
+    new = demo_pipeline.engine.embed([5, 6, 7])
     tree = np.tril(np.ones((3, 3), bool))
-    narrow = eng._target(new, n + np.arange(3), tree, np.arange(3), past=n)
+    narrow = target.run(new, n + np.arange(3), tree, np.arange(3), past=n)
     width = -(-n // SLOT_BUCKET) * SLOT_BUCKET
-    assert n <= width < eng.cap and narrow[eng.tb["attn_importance"]].shape == (width + 3,)
-    monkeypatch.setattr(eng, "used_slots", False)
-    full = eng._target(new, n + np.arange(3), tree, np.arange(3), past=n)
+    assert n <= width < target.capacity and target.out(narrow, "attn_importance").shape == (width + 3,)
+    monkeypatch.setattr(target, "used_slots", False)
+    full = target.run(new, n + np.arange(3), tree, np.arange(3), past=n)
     for role in ("row_logits", "new_key", "hidden"):
-        np.testing.assert_allclose(narrow[eng.tb[role]], full[eng.tb[role]], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(target.out(narrow, role), target.out(full, role), rtol=1e-5, atol=1e-5)
+
+
+def test_vtc_keeps_the_image_tokens_the_reference_ranks_highest(demo_pipeline, demo_target, demo_draft):
+    """Visual-token compression keeps the image tokens the target's last layer attends to most, as the torch
+    reference ranks them, and then drafts exactly what the reference drafts with that stream."""
+    import torch
+
+    from dream_export.export.decoder import causal_mask
+    from dream_export.runtime.tree import causal
+    from dream_export.runtime.vtc import vtc_keep_indices
+
+    target = demo_pipeline.engine.target
+    for sc, s in _heldout(2):
+        img = scenes.render(sc)
+        emb, mask, _ = demo_pipeline.prompt_embeds(img, s.prompt)
+        n = len(emb)
+        got = target.prompt_importance(target.run(emb, np.arange(n), causal(n), [n - 1], past=0), n)
+        ref_emb, ref_mask = demo_target.prompt_embeds(img, s.prompt)
+        with torch.no_grad():
+            pk, pv = demo_target.side.decoder.empty_cache()
+            o = demo_target.side.decoder(ref_emb, torch.arange(n)[None], causal_mask(n), pk, pv, output_attentions=True)
+        want = o["attn"][-1][0].mean((0, 1)).numpy()  # mean attention each prompt position receives
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+        for keep in (0.75, 0.5):
+            kept = vtc_keep_indices(mask, got, keep)
+            ref_keep = vtc_keep_indices(ref_mask, want, keep)
+            assert np.array_equal(kept, ref_keep)
+            img_kept = np.intersect1d(kept, np.flatnonzero(mask))
+            dropped = np.setdiff1d(np.flatnonzero(mask), kept)
+            assert len(dropped) and want[img_kept].min() >= want[dropped].max()
+    # the last prompt end to end (the reference decoder is slow on a CPU)
+    res = demo_pipeline.generate(img, s.prompt, max_new_tokens=40, tree=TreeSpec(4, 6, 32), vtc_keep=0.5)
+    ref = generate(demo_target.side, ref_emb, 40, draft=demo_draft, spec=TreeSpec(4, 6, 32), eos_id=demo_target.eos_id,
+                   draft_keep=vtc_keep_indices(mask, want, 0.5))
+    assert res.tokens == ref.tokens and res.stats["tau"] == pytest.approx(ref.tau)
 
 
 def test_cache_masks_step_in_slot_buckets_and_hide_the_padding():
     """Used-slot masks grow in SLOT_BUCKET steps (few distinct shapes for ONNX Runtime's memory plans), from
     one bucket (no zero-size cache slice) up to the capacity, and the padding slots are hidden from every
     query."""
-    from dream_export.runtime.engine import SLOT_BUCKET, cache_mask
+    from dream_export.runtime.masks import SLOT_BUCKET, cache_mask
 
     new = np.tril(np.ones((3, 3), bool))
     for committed in (0, 1, SLOT_BUCKET - 1, SLOT_BUCKET, SLOT_BUCKET + 5):
