@@ -120,7 +120,7 @@ def test_sampling_acceptance_path_and_bonus_are_possible(case, seed):
 def test_commit_keeps_exactly_the_accepted_rows(case, seed):
     """KV rollback by compaction: the accepted rows land, in path order, right after the committed prefix,
     and no rejected row is written."""
-    from dream_export.runtime.engine import row_index
+    from dream_export.runtime.masks import row_index
 
     _, tree = case
     rng = np.random.default_rng(seed)
