@@ -315,15 +315,15 @@ def run_cmd(bundle: Path, image: Path, prompt: str, backend: str, mode: str, tre
     """Answer one (image, prompt) with the bundle, streaming text as rounds are accepted."""
     from PIL import Image
 
-    from dream_export.runtime.pipeline import Pipeline, Result
+    from dream_export.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(bundle, backend=backend, threads=threads, precision=precision)
-    res = Result("", [], "")
-    for delta in pipe.stream(Image.open(image), prompt, max_new_tokens=max_new_tokens, mode=mode, tree=tree_spec,
-                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, vtc_keep=vtc_keep,
-                             _result=res):
+    stream = pipe.stream(Image.open(image), prompt, max_new_tokens=max_new_tokens, mode=mode, tree=tree_spec,
+                         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, vtc_keep=vtc_keep)
+    for delta in stream:
         if not as_json:
             click.echo(delta, nl=False)
+    res = stream.result
     if as_json:
         _emit_json({"text": res.text, "tokens": res.tokens, "finish_reason": res.finish_reason, "stats": res.stats})
     else:
