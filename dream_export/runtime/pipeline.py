@@ -138,7 +138,7 @@ class Pipeline:
     # ---- request preparation -----------------------------------------------------------------
     def chat_ids(self, messages: Sequence[dict]) -> list[int]:
         """Prompt token ids of a conversation (see `dream_export.runtime.chat`), image tokens expanded."""
-        return self._encode(messages)[0]
+        return self._encode(messages)[0].tolist()
 
     def prompt_ids(self, prompt: str) -> list[int]:
         """Prompt token ids of one user turn: an image, then `prompt`."""
