@@ -691,6 +691,10 @@ from dream_export.calib.command import COMMANDS as _CALIB_COMMANDS  # noqa: E402
 
 for _cmd in _CALIB_COMMANDS: cli.add_command(_cmd)  # noqa: E701
 
+from dream_export.serve.command import COMMANDS as _SERVE_COMMANDS  # noqa: E402
+
+for _cmd in _SERVE_COMMANDS: cli.add_command(_cmd)  # noqa: E701
+
 
 def main() -> None:
     """Console-script entry point with the project's error policy."""
