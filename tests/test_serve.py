@@ -4,13 +4,11 @@ streams, concurrency, bad and over-capacity requests."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
-
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -22,6 +20,7 @@ from dream_export.cli import cli  # noqa: E402
 from dream_export.demo import scenes  # noqa: E402
 from dream_export.serve.app import ServeConfig, Service, create_app  # noqa: E402
 from dream_export.serve.local import BackgroundServer  # noqa: E402
+from dream_export.serve.protocol import data_url  # noqa: E402
 
 MAX_TOKENS = 48
 
@@ -31,14 +30,8 @@ def _sample(k: int):
     return scenes.render(scene), s.prompt
 
 
-def _data_url(img) -> str:
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def _messages(img, prompt: str, url: str | None = None) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url or _data_url(img)}},
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url or data_url(img)}},
                                          {"type": "text", "text": prompt}]}]
 
 

@@ -7,12 +7,11 @@ import threading
 import numpy as np
 import pytest
 
+from dream_export.cli import DEMO_DIR
 from dream_export.demo import scenes
 from dream_export.errors import UsageError
 from dream_export.runtime import ContextLengthError
 from dream_export.runtime.chat import ChatTemplate, normalize
-
-from dream_export.cli import DEMO_DIR
 
 
 def _image(k: int):

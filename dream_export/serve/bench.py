@@ -7,8 +7,6 @@ tokens/s per stream, p50/p95 of latency and TTFT.
 
 from __future__ import annotations
 
-import base64
-import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -17,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from dream_export.errors import MissingBackendError, UsageError
+from dream_export.serve.protocol import data_url
 
 
 @dataclass
@@ -26,16 +25,6 @@ class Sample:
     tokens: int
     tau: float
     replica: str
-
-
-def data_url(path: str | Path) -> str:
-    """An image file as a PNG data URL (what the server accepts without --allow-local-images)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    with Image.open(path) as im:
-        im.convert("RGB").save(buf, "PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def _client(url: str):

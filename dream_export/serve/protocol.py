@@ -115,6 +115,16 @@ def load_image(url: str, local_root: Path | None):
         raise UsageError(f"{source} is not a readable image ({e})") from e
 
 
+def data_url(image) -> str:
+    """A PIL image or an image file as a PNG data URL (for clients: what the server accepts by default)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    with (Image.open(image) if isinstance(image, (str, Path)) else image.copy()) as im:
+        im.convert("RGB").save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
 def conversation(req: ChatRequest, local_root: Path | None) -> list[dict]:
     """The request's messages as a `Pipeline.chat` conversation, images decoded."""
     out = []
