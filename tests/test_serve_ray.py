@@ -63,3 +63,14 @@ def test_two_replica_processes_answer_like_the_pipeline(demo_bundle, demo_pipeli
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_application_builder_for_config_files_and_kuberay(demo_bundle):
+    from dream_export.errors import UsageError
+
+    app = ray_app.app_builder({"bundle": str(demo_bundle), "replicas": "2", "max_replicas": "4", "threads": 1})
+    assert isinstance(app, serve.Application)
+    with pytest.raises(UsageError, match="replica_count"):
+        ray_app.app_builder({"bundle": str(demo_bundle), "replica_count": 2})
+    with pytest.raises(UsageError, match="max replicas"):
+        ray_app.app_builder({"bundle": str(demo_bundle), "replicas": 3, "max_replicas": 2})

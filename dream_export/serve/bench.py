@@ -25,6 +25,7 @@ class Sample:
     tokens: int
     tau: float
     replica: str
+    decode_s: float  # the pipeline's own time for the request (queueing and HTTP excluded)
 
 
 def _client(url: str):
@@ -49,7 +50,7 @@ def _one(client, model: str, messages: list, max_tokens: int) -> Sample:
     spec = (last.model_extra or {}).get("speculation", {}) if last is not None else {}
     tokens = last.usage.completion_tokens if last is not None and last.usage else 0
     return Sample(ttft if ttft is not None else latency, latency, tokens, spec.get("tau", 0.0),
-                  spec.get("replica", "?"))
+                  spec.get("replica", "?"), spec.get("total_seconds", 0.0))
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -70,6 +71,7 @@ def run_level(client, model: str, requests: list[list], concurrency: int, max_to
             "ttft_p50": _pct(ttft, 50), "ttft_p95": _pct(ttft, 95),
             "latency_p50": _pct(lat, 50), "latency_p95": _pct(lat, 95),
             "tau": float(np.mean([s.tau for s in samples])), "completion_tokens": tokens,
+            "pipeline_seconds": sum(s.decode_s for s in samples),
             "replicas": len({s.replica for s in samples}), "samples": [asdict(s) for s in samples]}
 
 
