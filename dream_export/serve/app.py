@@ -19,7 +19,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from dream_export.errors import DreamExportError, UsageError
@@ -186,7 +186,7 @@ def create_app(service: Service) -> FastAPI:
                                             "kv_capacity": service.pipe.kv_capacity}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(req: proto.ChatRequest):
+    async def chat_completions(req: proto.ChatRequest, request: Request):
         if req.model and req.model != service.name:
             return _error_response(404, f"model {req.model!r} is not served here (this server serves "
                                         f"{service.name!r})", code="model_not_found", param="model")
@@ -197,17 +197,32 @@ def create_app(service: Service) -> FastAPI:
             return JSONResponse(proto.completion(cid, service.name, result), headers=headers)
         cancel = threading.Event()
         events = service.feed(stream, cancel)
-        try:  # the first event decides the status: errors before the first token are still a 400
-            first = await events.get()
-        except asyncio.CancelledError:
-            cancel.set()
-            raise
+        # the first event decides the status: errors before the first token are still a 400
+        first = await _first_event(events, request, cancel)
+        if first is None:  # the client left while its request waited: the worker skips it
+            return Response(status_code=499)
         if first[0] == "error":
             raise first[1]
         return StreamingResponse(_chunks(cid, service.name, first, events, cancel), media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache"})
 
     return app
+
+
+async def _first_event(events: asyncio.Queue, request: Request, cancel: threading.Event) -> tuple | None:
+    """The stream's first event, or None (and `cancel` set) if the client disconnects before it."""
+    get = asyncio.ensure_future(events.get())
+    try:
+        while not get.done():
+            await asyncio.wait({get}, timeout=0.2)
+            if not get.done() and await request.is_disconnected():
+                cancel.set()
+                return None
+        return get.result()
+    finally:
+        if not get.done():
+            get.cancel()
+            cancel.set()
 
 
 async def _chunks(cid: str, model: str, first: tuple, events: asyncio.Queue,
