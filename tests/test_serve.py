@@ -192,3 +192,54 @@ def test_local_image_files_only_when_allowed(service, tmp_path):
                                         max_tokens=MAX_TOKENS, temperature=0.0)
         assert got.choices[0].message.content == _ask(c, allowed.name, img, prompt).choices[0].message.content
         _bad(c, allowed, "outside the allowed directory", messages=_messages(img, prompt, "file:///etc/hostname"))
+
+
+def test_bench_serve_reports_each_concurrency_level(server, tmp_path):
+    rows = []
+    for k in range(2):
+        img, prompt = _sample(k)
+        img.save(tmp_path / f"{k}.png")
+        rows.append(json.dumps({"image": f"{k}.png", "prompt": prompt}))
+    (tmp_path / "d.jsonl").write_text("\n".join(rows))
+    out = CliRunner().invoke(cli, ["bench-serve", server, "--data", str(tmp_path / "d.jsonl"), "-c", "1", "-c", "2",
+                                   "--requests", "4", "--max-tokens", "16", "--json", str(tmp_path / "b.json"),
+                                   "--plot", str(tmp_path / "b.png")])
+    assert out.exit_code == 0, out.output
+    levels = json.loads((tmp_path / "b.json").read_text())["levels"]
+    assert [lv["concurrency"] for lv in levels] == [1, 2] and all(lv["requests"] == 4 for lv in levels)
+    for lv in levels:
+        assert 0 < lv["ttft_p50"] <= lv["latency_p50"] <= lv["latency_p95"] and lv["requests_per_s"] > 0
+        assert lv["completion_tokens"] == sum(s["tokens"] for s in lv["samples"]) > 0
+    assert (tmp_path / "b.png").stat().st_size > 0
+
+
+def test_serve_command_starts_and_stops_on_sigterm(demo_bundle):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "dream_export.cli", "serve", str(demo_bundle), "--port", str(port),
+                             "--model-name", "demo"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        c = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=60)
+        for _ in range(600):  # bounded wait for start-up (loading the bundle)
+            try:
+                assert [m.id for m in c.models.list().data] == ["demo"]
+                break
+            except openai.APIConnectionError:
+                assert proc.poll() is None, proc.stdout.read().decode()
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the server did not start")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    # a graceful shutdown (uvicorn then re-raises the signal, so the exit status may be -SIGTERM)
+    assert "Finished server process" in proc.stdout.read().decode()
