@@ -76,8 +76,9 @@ class Stream(Iterator[str]):
                 self.result = stop.value
             raise
 
-    def collect(self) -> Result:
-        """Decode to the end and return the `Result` (not yet iterated: without per-round detokenizing)."""
+    def collect(self) -> Result | None:
+        """Decode to the end and return the `Result` (None if the stream was closed first). A stream not
+        yet iterated decodes without detokenizing every round."""
         self._start(False)
         for _ in self:
             pass
