@@ -342,15 +342,15 @@ def run_cmd(bundle: Path, image: Path, prompt: str, backend: str, mode: str, tre
     """Answer one (image, prompt) with the bundle, streaming text as rounds are accepted."""
     from PIL import Image
 
-    from dream_export.runtime.pipeline import Pipeline, Result
+    from dream_export.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(bundle, backend=backend, threads=threads, precision=precision)
-    res = Result("", [], "")
-    for delta in pipe.stream(Image.open(image), prompt, max_new_tokens=max_new_tokens, mode=mode, tree=tree_spec,
-                             temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, vtc_keep=vtc_keep,
-                             _result=res):
+    stream = pipe.stream(Image.open(image), prompt, max_new_tokens=max_new_tokens, mode=mode, tree=tree_spec,
+                         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, vtc_keep=vtc_keep)
+    for delta in stream:
         if not as_json:
             click.echo(delta, nl=False)
+    res = stream.result
     if as_json:
         _emit_json({"text": res.text, "tokens": res.tokens, "finish_reason": res.finish_reason, "stats": res.stats})
     else:
@@ -664,6 +664,10 @@ def _text_config(model_dir: Path):
 from dream_export.calib.command import COMMANDS as _CALIB_COMMANDS  # noqa: E402
 
 for _cmd in _CALIB_COMMANDS: cli.add_command(_cmd)  # noqa: E701
+
+from dream_export.serve.command import COMMANDS as _SERVE_COMMANDS  # noqa: E402
+
+for _cmd in _SERVE_COMMANDS: cli.add_command(_cmd)  # noqa: E701
 
 
 def main() -> None:

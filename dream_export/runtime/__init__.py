@@ -4,6 +4,7 @@ Nothing under this package may import torch or transformers: a robotics applicat
 bundles never installs them.
 """
 
-from dream_export.runtime.pipeline import Pipeline, Result  # noqa: E402
+from dream_export.runtime.chat import ContextLengthError  # noqa: E402
+from dream_export.runtime.pipeline import Pipeline, Result, Stream  # noqa: E402
 
-__all__ = ["Pipeline", "Result"]
+__all__ = ["ContextLengthError", "Pipeline", "Result", "Stream"]

@@ -1,16 +1,25 @@
-"""The public runtime API: load a bundle once, answer (image, prompt) requests, optionally streamed.
+"""The public runtime API: load a bundle once, answer requests or conversations, optionally streamed.
 
     from dream_export.runtime import Pipeline
     pipe = Pipeline.load("out/demo/bundle")
     result = pipe.generate(image, "How many circles are there?")
     print(result.text, result.stats["tau"])
+
+    answer = pipe.chat([{"role": "system", "content": "Answer briefly."},
+                        {"role": "user", "content": [{"type": "image", "image": image},
+                                                     {"type": "text", "text": "Describe the scene."}]}])
+    stream = pipe.stream(image, "Describe the scene.")
+    for delta in stream:
+        print(delta, end="")
+    print(stream.result.stats["tau"])
 """
 
 from __future__ import annotations
 
+import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,20 +29,20 @@ from dream_export.errors import UsageError
 from dream_export.runtime.accept import SamplingParams
 from dream_export.runtime.backends import Backend, make_backend
 from dream_export.runtime.bundle import Bundle
+from dream_export.runtime.chat import ChatTemplate, ContextLengthError, normalize
 from dream_export.runtime.engine import EngineStats, SpecEngine
 from dream_export.runtime.tree import TreeSpec
 
 MODES = ("tree", "chain", "ar")
-# For checkpoints saved without a chat template: the image placeholder, then the text, as a base model
-# would be prompted.
-DEFAULT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% for p in m['content'] %}"
-                    "{% if p['type'] == 'image' %}{{ image_token }}\n{% else %}{{ p['text'] }}{% endif %}"
-                    "{% endfor %}{% endfor %}")
+# Streamed text holds back a trailing run of whitespace (the answer is stripped at the end) and of U+FFFD
+# (an incomplete UTF-8 sequence the next token may complete), so deltas join to exactly `Result.text`.
+_UNSETTLED = re.compile(r"[\s\ufffd]+$")
 
 
 @dataclass
 class Result:
-    """One answer: text, token ids, why it stopped, and speculation statistics."""
+    """One answer: text, token ids, why it stopped ("stop", "length" or "capacity"), and statistics
+    (prompt_tokens, tokens, tau, tokens_per_s, per-stage seconds, ...)."""
 
     text: str
     tokens: list[int]
@@ -41,11 +50,56 @@ class Result:
     stats: dict = field(default_factory=dict)
 
 
+class Stream(Iterator[str]):
+    """One answer's text deltas as speculation rounds are accepted; they join to exactly `result.text`.
+
+    `result` is None until the iteration has finished, then the final `Result`. Closing the stream early
+    (`close()`, leaving a `with` block, or garbage collection) stops decoding and frees the pipeline for
+    the next request; iterate and close from one thread.
+    """
+
+    def __init__(self, run: Callable[[bool], Generator[str, None, Result]], prompt_tokens: int):
+        self._run, self._gen = run, None
+        self.prompt_tokens = prompt_tokens
+        self.result: Result | None = None
+
+    def _start(self, deltas: bool) -> Generator[str, None, Result]:
+        if self._gen is None:
+            self._gen = self._run(deltas)
+        return self._gen
+
+    def __next__(self) -> str:
+        try:
+            return next(self._start(True))
+        except StopIteration as stop:
+            if stop.value is not None:
+                self.result = stop.value
+            raise
+
+    def collect(self) -> Result | None:
+        """Decode to the end and return the `Result` (None if the stream was closed first). A stream not
+        yet iterated decodes without detokenizing every round."""
+        self._start(False)
+        for _ in self:
+            pass
+        return self.result
+
+    def close(self) -> None:
+        """Stop decoding now (no `result` when it had not finished)."""
+        if self._gen is not None:
+            self._gen.close()
+
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class Pipeline:
     """Bundle + backend + tokenizer + image preprocessing; thread-safe, reusable across requests."""
 
     def __init__(self, bundle: Bundle, backend: Backend):
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
         from safetensors.numpy import load_file
         from tokenizers import Tokenizer
 
@@ -57,8 +111,6 @@ class Pipeline:
         table = load_file(str(bundle.root / emb["file"]))[emb["tensor"]].astype(np.float32)
         self.embed_table = table * np.float32(emb.get("scale", 1.0))
         self.tokenizer = Tokenizer.from_file(str(bundle.root / "tokenizer.json"))
-        env = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
-        self.template = env.from_string(m.get("chat_template") or DEFAULT_TEMPLATE)
         self.preprocess = ImagePreprocessor.from_dict(m["preprocess"])
         tok = m["tokens"]
         self.image_token_id, self.eos_id = tok["image_token_id"], tok["eos_id"]
@@ -66,7 +118,10 @@ class Pipeline:
         self.bos_token = self.tokenizer.id_to_token(tok["bos_id"]) if tok.get("bos_id") is not None else ""
         self.eos_token = self.tokenizer.id_to_token(self.eos_id)
         self.n_image_tokens = tok["image_tokens_per_image"]
+        self.template = ChatTemplate(m.get("chat_template"), self.bos_token, self.eos_token, self.image_token,
+                                     self.n_image_tokens)
         self.engine = SpecEngine(bundle, backend, self.embed_table)
+        self.kv_capacity = self.engine.cap
         self._lock = threading.Lock()
         self.precision = "fp32"
 
@@ -82,40 +137,53 @@ class Pipeline:
         return pipe
 
     # ---- request preparation -----------------------------------------------------------------
+    def chat_ids(self, messages: Sequence[dict]) -> list[int]:
+        """Prompt token ids of a conversation (see `dream_export.runtime.chat`), image tokens expanded."""
+        return self._encode(messages)[0].tolist()
+
     def prompt_ids(self, prompt: str) -> list[int]:
-        """Chat-templated prompt with the image placeholder expanded to the image's token count."""
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        text = self.template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
-                                    eos_token=self.eos_token, image_token=self.image_token)
-        text = text.replace(self.image_token, self.image_token * self.n_image_tokens)
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        """Prompt token ids of one user turn: an image, then `prompt`."""
+        return self.chat_ids(_turn(..., prompt))  # any non-None image: only its placeholder is rendered
+
+    def _encode(self, messages: Sequence[dict]) -> tuple[np.ndarray, list]:
+        norm, images = normalize(messages)
+        text = self.template.render(norm)
+        return np.array(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64), images
+
+    def chat_embeds(self, messages: Sequence[dict]) -> tuple[np.ndarray, np.ndarray, float]:
+        """Merged prompt embeddings [n,H], image-token mask [n] and the vision time in seconds."""
+        return self._embed(*self._encode(messages))
 
     def prompt_embeds(self, image, prompt: str) -> tuple[np.ndarray, np.ndarray, float]:
-        """Merged prompt embeddings [n,H], image-token mask [n] and the vision time in seconds."""
-        if image is None:
-            raise UsageError("an image is required (the bundle's prompts are image + text)")
-        ids = np.array(self.prompt_ids(prompt), dtype=np.int64)
+        """`chat_embeds` of one user turn: `image` (None: text only), then `prompt`."""
+        return self.chat_embeds(_turn(image, prompt))
+
+    def _embed(self, ids: np.ndarray, images: list) -> tuple[np.ndarray, np.ndarray, float]:
+        # The vision graph runs once per image (exported graphs take one image per call) and the rows are
+        # spliced over the image tokens in order, as the HF model splices several images.
         t0 = time.perf_counter()
-        pixels = self.preprocess(image)
         vb = self.bundle.graph("vision")["bindings"]
-        feats = self.backend.run("vision", {vb["pixel_values"]: pixels})[vb["image_embeds"]][0]
+        feats = [self.backend.run("vision", {vb["pixel_values"]: self.preprocess(im)})[vb["image_embeds"]][0]
+                 for im in images]
         vision_s = time.perf_counter() - t0
         emb = self.embed_table[ids]
         mask = ids == self.image_token_id
-        if mask.sum() != feats.shape[0]:
-            raise UsageError(f"prompt has {int(mask.sum())} image tokens but the image gives {feats.shape[0]}")
-        emb[mask] = feats
+        rows = sum(f.shape[0] for f in feats)
+        if mask.sum() != rows:
+            raise UsageError(f"prompt has {int(mask.sum())} image tokens but its {len(images)} image(s) give {rows}")
+        if feats:
+            emb[mask] = np.concatenate(feats)
         return emb, mask, vision_s
 
     # ---- generation --------------------------------------------------------------------------
-    def stream(self, image, prompt: str, max_new_tokens: int = 128, mode: str = "tree",
-               tree: TreeSpec | str | None = None, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-               seed: int | None = None, vtc_keep: float | None = None, stop: list[str] | None = None,
-               _result: Result | None = None, _deltas: bool = True) -> Iterator[str]:
-        """Yield text deltas as rounds are accepted; the final `Result` lands in `_result` when given.
+    def chat_stream(self, messages: Sequence[dict], max_new_tokens: int = 128, mode: str = "tree",
+                    tree: TreeSpec | str | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                    top_k: int = 0, seed: int | None = None, vtc_keep: float | None = None,
+                    stop: list[str] | None = None) -> Stream:
+        """Answer a conversation as a `Stream` of text deltas (its `result` holds the final `Result`).
 
-        `_deltas=False` (`generate`): without stop strings no text is needed before the end, so the
-        answer is detokenized once instead of after every round.
+        The request is checked now (messages, options, KV capacity: `UsageError`, `ContextLengthError`);
+        decoding starts on the first `next()`, one request at a time per pipeline.
         """
         if mode not in MODES:
             raise UsageError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -124,42 +192,79 @@ class Pipeline:
                 tree = TreeSpec.parse(tree)
             except ValueError as e:
                 raise UsageError(str(e)) from e
+        if max_new_tokens < 1:
+            raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         sampling = SamplingParams(temperature, top_k, top_p, seed)
+        ids, images = self._encode(messages)
+        if len(ids) + 1 > self.kv_capacity:
+            raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the KV capacity {self.kv_capacity}")
+
+        def run(deltas: bool) -> Generator[str, None, Result]:
+            return self._decode(ids, images, deltas, max_new_tokens, mode, tree, sampling, vtc_keep, stop or [])
+
+        return Stream(run, len(ids))
+
+    def chat(self, messages: Sequence[dict], **options) -> Result:
+        """Answer a conversation (options as for `chat_stream`)."""
+        return self.chat_stream(messages, **options).collect()
+
+    def stream(self, image, prompt: str, **options) -> Stream:
+        """`chat_stream` of one user turn: `image` (None: text only), then `prompt`."""
+        return self.chat_stream(_turn(image, prompt), **options)
+
+    def generate(self, image, prompt: str, **options) -> Result:
+        """Answer one (image, prompt) request (options as for `chat_stream`)."""
+        return self.stream(image, prompt, **options).collect()
+
+    def _decode(self, ids: np.ndarray, images: list, deltas: bool, max_new_tokens: int, mode: str,
+                tree: TreeSpec | None, sampling: SamplingParams, vtc_keep: float | None,
+                stop: list[str]) -> Generator[str, None, Result]:
+        """Decode under the pipeline lock, yielding settled text deltas when `deltas`; returns the `Result`.
+
+        Without deltas and stop strings no text is needed before the end, so the answer is detokenized
+        once instead of after every round.
+        """
         with self._lock:
             t0 = time.perf_counter()
-            emb, mask, vision_s = self.prompt_embeds(image, prompt)
+            emb, mask, vision_s = self._embed(ids, images)
             self.backend.reset_stats()
             stats = EngineStats()
             tokens: list[int] = []
-            text, finish = "", "capacity"
+            text, sent, finish = "", "", "capacity"
             t_dec = time.perf_counter()
-            per_round = _deltas or bool(stop)  # text is needed every round only to stream it or find a stop
+            per_round = deltas or bool(stop)  # text is needed every round only to stream it or find a stop
 
             def detok() -> str:
                 return self.tokenizer.decode([t for t in tokens if t != self.eos_id])
 
-            for rnd in self.engine.generate(emb, mask, max_new_tokens, mode, tree, sampling, self.eos_id, vtc_keep,
-                                            stats):
-                tokens += rnd.tokens
-                if per_round:
-                    new_text = detok()
-                    hit = next((s for s in (stop or []) if s in new_text), None)
-                    if hit is not None:
-                        new_text = new_text[: new_text.index(hit)]
-                    delta, text = new_text[len(text):], new_text
-                    if delta:
-                        yield delta
-                    if hit is not None:
+            rounds = self.engine.generate(emb, mask, max_new_tokens, mode, tree, sampling, self.eos_id, vtc_keep,
+                                          stats)
+            try:
+                for rnd in rounds:
+                    tokens += rnd.tokens
+                    if per_round:
+                        text = detok()
+                        hit = next((s for s in stop if s in text), None)
+                        if hit is not None:
+                            text = text[: text.index(hit)]
+                        settled = _UNSETTLED.sub("", text.lstrip())
+                        if deltas and len(settled) > len(sent) and settled.startswith(sent):
+                            yield settled[len(sent):]
+                            sent = settled
+                        if hit is not None:
+                            finish = "stop"
+                            break
+                    if tokens and tokens[-1] == self.eos_id:
                         finish = "stop"
                         break
-                if tokens and tokens[-1] == self.eos_id:
-                    finish = "stop"
-                    break
-                if len(tokens) >= max_new_tokens:
-                    finish = "length"
-                    break
-            if not per_round:
-                text = detok()
+                    if len(tokens) >= max_new_tokens:
+                        finish = "length"
+                        break
+            finally:
+                rounds.close()
+            text = text.strip() if per_round else detok().strip()
+            if deltas and len(text) > len(sent) and text.startswith(sent):
+                yield text[len(sent):]
             end = time.perf_counter()
             secs = dict(stats.seconds)
             secs["vision"] = vision_s
@@ -167,18 +272,16 @@ class Pipeline:
             # orchestration = decode wall time outside target/draft calls (tree building, masks, copies)
             decode_backend = sum(v for g, v in self.backend.seconds.items() if g != "vision") - secs["prefill"]
             n = len(tokens)
-            result = Result(text.strip(), tokens, finish, {
+            return Result(text, tokens, finish, {
+                "prompt_tokens": len(ids), "images": len(images),
                 "tau": stats.tau, "rounds": stats.rounds, "seconds": secs, "total_seconds": end - t0,
                 "decode_seconds": decode_s, "tokens": n, "tokens_per_s": n / max(end - t0, 1e-9),
                 "decode_tokens_per_s": max(n - 1, 0) / max(decode_s, 1e-9),
                 "host_seconds": max(decode_s - decode_backend, 0.0),
                 "backend_seconds": dict(self.backend.seconds), "mode": mode})
-            if _result is not None:
-                _result.__dict__.update(result.__dict__)
 
-    def generate(self, image, prompt: str, **kwargs) -> Result:
-        """Answer one request (see `stream` for the options)."""
-        res = Result("", [], "")
-        for _ in self.stream(image, prompt, _result=res, _deltas=False, **kwargs):
-            pass
-        return res
+
+def _turn(image, prompt: str) -> list[dict]:
+    """One user message: the image (when given), then the text."""
+    parts = [{"type": "image", "image": image}] if image is not None else []
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": prompt}]}]
