@@ -233,7 +233,7 @@ def test_vtc_keeps_the_image_tokens_the_reference_ranks_highest(demo_pipeline, d
     reference ranks them, and then drafts exactly what the reference drafts with that stream."""
     import torch
 
-    from dream_export.export.decoder import causal_mask
+    from dream_export.modeling.decoder import causal_mask
     from dream_export.runtime.tree import causal
     from dream_export.runtime.vtc import vtc_keep_indices
 

@@ -121,7 +121,7 @@ class Pipeline:
         self.template = ChatTemplate(m.get("chat_template"), self.bos_token, self.eos_token, self.image_token,
                                      self.n_image_tokens)
         self.engine = SpecEngine(bundle, backend, self.embed_table)
-        self.kv_capacity = self.engine.cap
+        self.kv_capacity = self.engine.target.capacity
         self._lock = threading.Lock()
         self.precision = "fp32"
 
