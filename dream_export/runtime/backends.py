@@ -2,50 +2,15 @@
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from dream_export.errors import MissingBackendError, UsageError
+from dream_export.runtime.backend_base import Backend, aligned_zeros
 from dream_export.runtime.bundle import GRAPHS, Bundle
 
-
-class Backend:
-    """Runs named graphs on numpy feeds; records time per graph for the stats."""
-
-    name = "abstract"
-    # graphs this backend can run; optional ones (draft_chain) are used only when listed here
-    graphs: frozenset[str] = frozenset(GRAPHS)
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
-        self.bytes_in: dict[str, int] = defaultdict(int)
-        self.resident: dict[str, dict[str, np.ndarray]] = {}
-
-    def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Run one graph. Inputs registered as resident are bound in place and not counted as copies."""
-        t0 = time.perf_counter()
-        out = self._run(graph, feeds, outputs)
-        self.seconds[graph] += time.perf_counter() - t0
-        self.calls[graph] += 1
-        resident = self.resident.get(graph, {})
-        self.bytes_in[graph] += sum(a.nbytes for n, a in feeds.items() if resident.get(n) is not a)
-        return out
-
-    def register_resident(self, graph: str, name: str, array: np.ndarray) -> None:
-        """Declare a runtime-owned buffer (KV cache) that the backend binds in place on every call."""
-        self.resident.setdefault(graph, {})[name] = array
-
-    def _run(self, graph, feeds, outputs):  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def reset_stats(self) -> None:
-        self.seconds.clear()
-        self.calls.clear()
-        self.bytes_in.clear()
+__all__ = ["Backend", "OnnxRuntimeBackend", "aligned_zeros", "graph_threads", "make_backend"]
 
 
 class OnnxRuntimeBackend(Backend):
