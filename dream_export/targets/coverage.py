@@ -18,8 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from dream_export.runtime.backend_base import Backend
-from dream_export.errors import UsageError
-from dream_export.runtime.trt_backend import Range, TensorRTBackend, choose_profile, profile_fits
+from dream_export.runtime.trt_backend import Range, TensorRTBackend, profile_fits
 
 # The request kinds every plan must serve: plain decoding, chains, the paper's default tree, lossless
 # sampling and visual-token compression (each a set of `Pipeline.generate` options).
@@ -191,31 +190,30 @@ def check_plan(manifest: dict, plan, calls: Iterable[GraphCall], max_examples: i
 
 @dataclass
 class _FeedPicker:
-    """Keeps the first call per (graph, profile) of the bundle's plan, up to `per_profile` each."""
+    """Keeps the first `per_kind` calls of each kind: a graph and the set of its profiles that accept the
+    call (a prefill fits the prefill profile, and the verify one when short; a verify call only the latter)."""
 
     profiles: dict[str, list[Range]]
-    per_profile: int
-    seen: dict[tuple[str, int], int] = field(default_factory=dict)
+    per_kind: int
+    seen: dict[tuple, int] = field(default_factory=dict)
 
     def __call__(self, call: GraphCall) -> bool:
-        profiles = self.profiles.get(call.graph)
-        if not profiles:
+        fits = frozenset(i for i, r in enumerate(self.profiles.get(call.graph, [])) if profile_fits(r, call.shapes))
+        if not fits:  # uncovered: check_plan reports it; it cannot be a verification feed
             return False
-        try:
-            key = (call.graph, choose_profile(profiles, call.shapes))
-        except UsageError:  # uncovered: check_plan reports it; it cannot be a verification feed
-            return False
-        if self.seen.get(key, 0) >= self.per_profile:
+        key = (call.graph, fits)
+        if self.seen.get(key, 0) >= self.per_kind:
             return False
         self.seen[key] = self.seen.get(key, 0) + 1
         return True
 
 
-def save_verify_feeds(bundle_dir: str | Path, out_dir: str | Path, per_profile: int = 1,
-                      max_bytes: int = 64 * 2**20, prompt: str = "What is in the picture?") -> dict[str, Path]:
-    """Record one short tree-mode request and save, per component, its first `per_profile` calls per
-    optimization profile of the bundle's plan (vision: its one call; target: prefill + verify; draft:
-    context pass + tree step) as `out_dir/<component>.json` in polygraphy's JSON input format (a list of
+def save_verify_feeds(bundle_dir: str | Path, out_dir: str | Path, per_kind: int = 1,
+                      max_bytes: int = 64 * 2**20,
+                      prompts: Iterable[str] = ("What is in the picture?", "Describe it.")) -> dict[str, Path]:
+    """Record a few short tree-mode and plain requests and save, per component, its first `per_kind` calls per
+    kind (the set of the plan's optimization profiles that accept a call: vision: its one call; target:
+    prefill + verify; draft: context pass + tree step) as `out_dir/<component>.json` in polygraphy's JSON input format (a list of
     {input: array}, `polygraphy run <onnx> --load-inputs <file>`).
 
     The feeds are the runtime's own inputs, caches included (the caches are fixed-size inputs of the
@@ -229,8 +227,9 @@ def save_verify_feeds(bundle_dir: str | Path, out_dir: str | Path, per_profile: 
     from dream_export.targets.bundle_builds import graph_profiles
 
     manifest = Bundle.open(bundle_dir).manifest
-    picker = _FeedPicker(_ranges(graph_profiles(manifest)), per_profile)
-    calls = record_calls(bundle_dir, [prompt], [{"mode": "tree", "tree": "4,4,16"}], max_new_tokens=8, keep=picker)
+    picker = _FeedPicker(_ranges(graph_profiles(manifest)), per_kind)
+    calls = record_calls(bundle_dir, prompts, [{"mode": "tree", "tree": "4,4,16"}, {"mode": "ar"}], max_new_tokens=16,
+                         keep=picker)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     saved: dict[str, Path] = {}
