@@ -19,28 +19,19 @@ from dream_export.targets.registry import all_targets
 
 try:
     from tests.bundle_fixture import cached_tiny_bundle
-    from tests.conftest import DEMO
+    from tests.coverage_fixture import cached_small_demo_bundle
 except ImportError:  # pragma: no cover
     from bundle_fixture import cached_tiny_bundle
-    from conftest import DEMO
-
-# a capacity small enough that a long prompt fills it within a fast test, with room for the 32-node tree
-SMALL_CAPACITY, SMALL_TREE = 96, 32
+    from coverage_fixture import cached_small_demo_bundle
 
 
-@pytest.fixture(scope="session")
-def small_demo_bundle(tmp_path_factory):
-    """The demo VLM + draft exported with a small KV capacity (once per session)."""
-    from dream_export.export.bundle import ExportOptions, export_bundle
-
-    out = tmp_path_factory.mktemp("demo-small") / "bundle"
-    export_bundle(DEMO / "vlm", DEMO / "draft", out, ExportOptions(kv_capacity=SMALL_CAPACITY, max_tree=SMALL_TREE),
-                  log=lambda _s: None)
-    return out
+def _tmp(request, name):
+    return request.getfixturevalue("tmp_path_factory").mktemp(name)
 
 
-BUNDLES = {"demo": lambda request: request.getfixturevalue("small_demo_bundle"),
-           "tiny-llava": lambda request: cached_tiny_bundle(request.getfixturevalue("tmp_path_factory").mktemp("t"))}
+# model families whose bundles the contract runs on: name -> bundle directory (built once per process)
+BUNDLES = {"demo": lambda request: cached_small_demo_bundle(_tmp(request, "demo-small")),
+           "tiny-llava": lambda request: cached_tiny_bundle(_tmp(request, "tiny"))}
 
 
 @pytest.fixture(scope="module", params=sorted(BUNDLES))
