@@ -536,8 +536,8 @@ def build_cmd(bundle: Path, target_name: str, precision: str, jetpack: str | Non
     from dream_export.runtime.bundle import Bundle
     from dream_export.runtime.engine_meta import DeviceInfo
     from dream_export.targets.bundle_builds import bundle_builds
-    from dream_export.targets.plan_files import bind_to_bundle
     from dream_export.targets.plan_check import check_build_plan, write_plan_check
+    from dream_export.targets.plan_files import bind_to_bundle
     from dream_export.targets.registry import get_target
     from dream_export.targets.trt_build import build_engines, detect_build_path, local_target
     from dream_export.targets.trtexec import write_build_bundle

@@ -142,8 +142,8 @@ def python_api(sources: list[str]) -> dict:
             cpp = args[0]
             end = decls[i + 1].start() if i + 1 < len(decls) else len(src)
             chunk = src[m.end():end]
-            # members chained on the declaration, plus `var.def(...)` statements on a named binding
-            members = set(_MEMBER_RE.findall(chunk.split(";")[0] if kind == "class_" and var is None else chunk))
+            # everything chained or def'd up to the next binding, except module functions (`m.def("x")`)
+            members = set(_MEMBER_RE.findall(re.sub(r"\bm\s*\.\s*def\(", "m_def(", chunk)))
             entry = classes.setdefault(py_name, {"bases": [], "members": set()})
             entry["members"] |= {name for _, name in members}
             cpp_to_py.setdefault(cpp, py_name)

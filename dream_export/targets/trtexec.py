@@ -382,8 +382,9 @@ def parse_trtexec_command(argv: list[str] | str, component: str | None = None,
     comp = component or Path(opts["onnx"]).stem
     # --buildOnly is the pre-8.6 spelling of --skipInference; everything we render for 8.6+ is 10.x.
     version = tensorrt or ("8.5" if "--buildOnly" in args and not guess_modern else "10.0")
+    # plans give every dynamic graph its shapes, so a command without any is a static graph's
     return GraphBuild(comp, profiles=[{n: tuple(m) for n, m in p.items()} for p in profiles],
-                      tensorrt=version, **opts)
+                      tensorrt=version, static=not profiles, **opts)
 
 
 def _to_mib(size: str) -> int:
