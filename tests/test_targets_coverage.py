@@ -15,6 +15,7 @@ import pytest
 from dream_export.errors import UsageError
 from dream_export.targets.bundle_builds import bundle_builds, graph_profiles
 from dream_export.targets.coverage import check_plan, record_calls, save_verify_feeds
+from dream_export.targets.memory import ENGINE_CONTEXTS
 from dream_export.targets.registry import all_targets
 
 try:
@@ -85,6 +86,8 @@ def test_profiles_stay_within_what_the_capacities_imply(recorded):
     cap, tree = manifest["kv_capacity"], manifest["max_tree"]
     dcap, ccap = manifest["draft_capacity"], manifest["cross_capacity"]
     p = graph_profiles(manifest)
+    # the memory planner reserves activations once per execution context, one per profile
+    assert {c: len(ps) for c, ps in p.items()} == ENGINE_CONTEXTS
     prefill, verify = ({n: mom[2] for n, mom in prof.items()} for prof in p["target"])
     assert prefill["inputs_embeds"][1] == cap - 1 and verify["inputs_embeds"][1] == tree
     assert prefill["attention_mask"][2] == min(32, cap) + cap - 1
