@@ -294,3 +294,37 @@ def test_every_tensorrt_attribute_exists_in_every_release_or_is_guarded(path):
     for version in trt_contract.table_versions():
         missing = sorted({k for k, guarded in uses if not guarded and not trt_contract.api_has(version, *k)}, key=str)
         assert missing == [], f"{path}: not in the TensorRT {version} bindings and unguarded: {missing}"
+
+
+def test_strongly_typed_int8_graph_runs_fp16_outside_the_quantized_linears(int8_bundles, fp16_bundle):
+    # TensorRT 9+ takes every type from a strongly typed graph: the Q/DQ twin `calibrate` writes for it
+    # must hold the non-quantized MatMuls (attention products, LM head) in FP16, with FP16 Q/DQ scales
+    import onnx
+    from polygraphy.json import load_json
+
+    from dream_export.export.fp16 import fp32_nodes
+    from dream_export.export.parity import compare_graphs
+    from dream_export.targets.registry import get_target
+
+    bundle = int8_bundles["10.3"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    builds, _ = bind_to_bundle(bundle_builds(manifest, get_target("jetson-orin-nano-8gb"), "int8"), manifest, bundle,
+                               "int8")
+    target = next(b for b in builds if b.component == "target")
+    assert target.strongly_typed and target.onnx == "onnx-int8/target.fp16.onnx"
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(bundle / target.onnx)))
+    f16 = onnx.TensorProto.FLOAT16
+    types = {v.name: v.type.tensor_type.elem_type for v in model.graph.value_info}
+    types |= {i.name: i.data_type for i in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    kept = fp32_nodes(model)
+    assert all(types[n.input[1]] == f16 for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear"))
+    plain = [n for n in model.graph.node if n.op_type == "MatMul" and n.name not in kept
+             and not any(getattr(producer.get(i), "op_type", "") == "DequantizeLinear" for i in n.input)]
+    assert len(plain) >= 48  # attention products of every layer and the LM head
+    assert all(types.get(i) == f16 for n in plain for i in n.input), [n.name for n in plain if types.get(n.input[0]) != f16]
+    # and it computes what the fp32 Q/DQ graph computes within the project's FP16 parity tolerance, on feeds
+    # the runtime recorded (prefill and verification)
+    parity = compare_graphs(bundle / "onnx-int8/target.onnx", bundle / target.onnx,
+                            load_json(fp16_bundle / "verify" / "target.json"), "fp16")
+    assert parity["ok"], parity

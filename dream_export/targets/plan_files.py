@@ -10,7 +10,9 @@
   holds); every other component keeps its fp32 graph; no `onnx-fp16/` is copied.
 - `dream-export calibrate --precision fp16` points every component at `onnx-fp16/<c>.onnx`.
 
-So an INT8 plan builds each calibrated component from its Q/DQ graph (`--stronglyTyped`, TensorRT 9+) or
+`calibrate` also writes `onnx-int8/<c>.fp16.onnx`, the Q/DQ graph with FP16 scales and FP16 everywhere it
+does not quantize (`calib.quantize.fp16_qdq`). So an INT8 plan builds each calibrated component from that
+graph (`--stronglyTyped`, TensorRT 9+: types come from the graph, so the rest runs FP16, not FP32) or
 from its fp32 graph plus the cache (implicit INT8, 8.x), and every other component as FP16; an FP16 plan
 uses the FP16 graph when the bundle has one, else the fp32 graph with `--fp16` (TensorRT picks FP16
 kernels itself). A plan that would need a file the bundle lacks is refused, naming the command that
@@ -71,7 +73,13 @@ def bind_to_bundle(builds: list[GraphBuild], manifest: dict, bundle: str | Path,
                         "calib_cache": None}
         if precision == "int8" and mine == "int8":
             if trt_contract.has_option(b.tensorrt, "--stronglyTyped"):
-                fields.update(onnx=entry["file"], strongly_typed=True)
+                # the Q/DQ graph's FP16 twin (calibrate writes it): strongly typed, the rest runs FP16
+                twin = calibration.get(b.component, {}).get("trt_strongly_typed_file")
+                if not twin or not (root / twin).exists():
+                    raise UsageError(f"{b.component}: {root} has no FP16 Q/DQ graph for TensorRT {b.tensorrt}'s "
+                                     f"strongly typed build (calibrated by an older dream-export); run "
+                                     f"`{_calibrate_hint(root, b.component, b.tensorrt)}`")
+                fields.update(onnx=twin, strongly_typed=True)
             else:
                 cache = calibration.get(b.component, {}).get("trt_cache") or f"calib/{b.component}.cache"
                 if not (root / cache).exists():
