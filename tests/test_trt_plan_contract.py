@@ -149,7 +149,8 @@ def _render(bundle: Path, target: str, jetpack: str | None, precision: str, out:
     tgt = get_target(target, jetpack)
     manifest = Bundle.open(bundle).manifest
     builds, _ = bind_to_bundle(bundle_builds(manifest, tgt, precision), manifest, bundle, precision)
-    verify = {b.component: verify_step(b, f"verify/{b.component}.json", reference_graph(manifest, b.component))
+    verify = {b.component: [verify_step(b, f"verify/{b.component}.json", reference_graph(manifest, b.component),
+                                        i if len(b.profiles) > 1 else None) for i in range(len(b.profiles))]
               for b in builds}
     _, sh = write_build_bundle(out, builds, tgt, root=os.path.relpath(bundle, out), verify=verify)
     return sh.read_text(), builds
@@ -166,7 +167,7 @@ def test_every_rendered_line_parses_and_names_existing_files(fp16_bundle, int8_b
             if argv[0] == "trtexec":
                 assert trt_contract.check_trtexec_argv(argv, version) == [], (target, jetpack, argv)
                 checked += 1
-            static = next(b for b in builds if b.component == comp).static
+            static = next(b for b in builds if b.component == comp.split(".")[0]).static
             if static:  # the vision graph: no shape flag in its build or timing line
                 assert not any(a.startswith(("--minShapes", "--optShapes", "--maxShapes", "--shapes")) for a in argv)
         result = check_script(bundle, text)
@@ -189,7 +190,7 @@ def test_int8_plans_refuse_bundles_without_the_files(fp16_bundle, int8_bundles, 
 def test_rendered_reference_command_runs_with_onnx_runtime_here(fp16_bundle, tmp_path):
     text, _ = _render(fp16_bundle, "jetson-orin-nano-8gb", "6.2", "fp16", fp16_bundle / "engines" / "x")
     refs = [argv for kind, _, argv in script_commands(text) if kind == "reference"]
-    assert len(refs) == 3
+    assert {argv[2] for argv in refs} == {"onnx/vision.onnx", "onnx/target.onnx", "onnx/draft.onnx"}
     polygraphy = shutil.which("polygraphy") or str(Path(sys.executable).with_name("polygraphy"))
     from polygraphy.json import load_json
 
@@ -328,3 +329,22 @@ def test_strongly_typed_int8_graph_runs_fp16_outside_the_quantized_linears(int8_
     parity = compare_graphs(bundle / "onnx-int8/target.onnx", bundle / target.onnx,
                             load_json(fp16_bundle / "verify" / "target.json"), "fp16")
     assert parity["ok"], parity
+
+
+def test_build_script_records_verification_results_as_json(tmp_path):
+    # build.sh's own verify_engine / write_verify, run by bash with stand-in commands for the two
+    # polygraphy runs (true: within tolerance, false: off): verify.json is valid JSON and a failure fails
+    from dream_export.targets.trtexec import _SCRIPT_BODY
+
+    functions = _SCRIPT_BODY[_SCRIPT_BODY.index("VERIFY_ROWS="):]
+    engine = tmp_path / "engines" / "t"
+    engine.mkdir(parents=True)
+    script = ('die() { echo "$*" >&2; exit 1; }\nTARGET=t\nTRT_FOUND=10.3\n' + functions +
+              f"verify_engine vision true ::: true run {engine}/vision.engine\n"
+              f"verify_engine target.p1 true ::: false run {engine}/target.engine\n"
+              f"write_verify {engine}/verify.json\n")
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 1 and "beyond tolerance" in r.stderr
+    result = json.loads((engine / "verify.json").read_text())
+    assert result["components"]["vision"]["ok"] is True and result["components"]["target.p1"]["ok"] is False
+    assert result["components"]["target.p1"]["log"].endswith("target.p1.verify.log")

@@ -28,16 +28,36 @@ def reference_graph(manifest: dict, component: str) -> str:
     return entry.get("fp32_file") or entry["file"]
 
 
-def record_verify_steps(bundle: str | Path, manifest: dict, builds: list[GraphBuild]) -> dict[str, VerifyStep]:
+def record_verify_steps(bundle: str | Path, manifest: dict, builds: list[GraphBuild]) -> dict[str, list[VerifyStep]]:
     """Record verification feeds with the bundle's runtime into `<bundle>/verify/` and pair each planned
-    engine with them and with its fp32 reference graph."""
+    engine with them and with its fp32 reference graph: one step per optimization profile the feeds fit
+    (`verify/<graph>.p<i>.json`), since polygraphy runs an engine in one profile at a time."""
+    from polygraphy.json import load_json, save_json
+
+    from dream_export.runtime.trt_backend import choose_profile
     from dream_export.targets.coverage import save_verify_feeds
 
     root = Path(bundle)
-    feeds = save_verify_feeds(root, root / "verify")
-    return {b.component: verify_step(b, str(Path(feeds[b.component]).resolve().relative_to(root.resolve())),
-                                     reference_graph(manifest, b.component))
-            for b in builds if b.component in feeds}
+    saved = save_verify_feeds(root, root / "verify")
+    steps: dict[str, list[VerifyStep]] = {}
+    for b in builds:
+        if b.component not in saved:
+            continue
+        ref = reference_graph(manifest, b.component)
+        if len(b.profiles) <= 1:
+            rel = Path(saved[b.component]).resolve().relative_to(root.resolve())
+            steps[b.component] = [verify_step(b, str(rel), ref)]
+            continue
+        ranges = [{n: (mom[0], mom[2]) for n, mom in p.items()} for p in b.profiles]
+        groups: dict[int, list] = {}
+        for feed in load_json(saved[b.component]):
+            groups.setdefault(choose_profile(ranges, {n: tuple(a.shape) for n, a in feed.items()}), []).append(feed)
+        steps[b.component] = []
+        for i, feeds in sorted(groups.items()):
+            rel = f"verify/{b.component}.p{i}.json"
+            save_json(feeds, root / rel, description=f"{b.component} inputs for optimization profile {i}")
+            steps[b.component].append(verify_step(b, rel, ref, i))
+    return steps
 
 
 def script_commands(text: str) -> list[tuple[str, str, list[str]]]:
@@ -90,7 +110,8 @@ def check_script(bundle: str | Path, text: str) -> dict:
 
 
 def check_build_plan(bundle: str | Path, manifest: dict, builds: list[GraphBuild],
-                     verify: dict[str, VerifyStep] | None, coverage: bool = True, script: str | None = None) -> dict:
+                     verify: dict[str, list[VerifyStep]] | None, coverage: bool = True,
+                     script: str | None = None) -> dict:
     """The plan's checks (module doc). `script`: the build.sh text written for the plan; None for an API
     build here (then the plan's own trtexec build commands are checked)."""
     root = Path(bundle)

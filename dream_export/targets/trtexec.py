@@ -400,7 +400,7 @@ def _to_mib(size: str) -> int:
 
 def write_build_bundle(out_dir: str | Path, builds: list[GraphBuild], target: Target | str,
                        meta: dict | None = None, root: str = ".",
-                       verify: dict[str, VerifyStep] | None = None) -> tuple[Path, Path]:
+                       verify: dict[str, list[VerifyStep]] | None = None) -> tuple[Path, Path]:
     """Write `build.json` and an executable `build.sh` into `out_dir` (the bundle root), atomically.
 
     build.sh checks that `trtexec` exists and that the device matches the plan (Jetson: the TensorRT
@@ -410,9 +410,10 @@ def write_build_bundle(out_dir: str | Path, builds: list[GraphBuild], target: Ta
     `FORCE=1 ./build.sh` skips the device checks. `root`: the bundle root relative to `out_dir`
     (the script changes there first, since every path in the plan is relative to the bundle).
 
-    After building, each component with a `verify` step is compared with ONNX Runtime on its recorded
-    feeds (`polygraphy run`, results in `<out_dir>/verify.json`) and timed with a per-layer profile
-    (`trtexec_profile_command` at its first profile's opt shapes). `SKIP_VERIFY=1` skips both.
+    After building, each component with `verify` steps (one per optimization profile its feeds use) is
+    compared with ONNX Runtime on its recorded feeds (`polygraphy run`, results in `<out_dir>/verify.json`)
+    and timed with a per-layer profile (`trtexec_profile_command` at its first profile's opt shapes).
+    `SKIP_VERIFY=1` skips both.
     """
     tgt = get_target(target) if isinstance(target, str) else target
     if tgt.trt_version is None:
@@ -440,7 +441,8 @@ def write_build_bundle(out_dir: str | Path, builds: list[GraphBuild], target: Ta
     plan = {"format": BUILD_FORMAT, "target": tgt.name, "display_name": tgt.display_name, "kind": tgt.kind,
             "sm": tgt.sm, "tensorrt_expected": expected, "jetpack": tgt.jetpack, "cuda": tgt.cuda,
             "builds": [b.to_dict() for b in builds], "commands": [shlex.join(c) for c in commands],
-            "checks": [shlex.join(c) for b in builds if b.component in verify for c in check_commands(b, verify[b.component])],
+            "checks": [shlex.join(c) for b in builds for step in verify.get(b.component, ())
+                       for c in check_commands(b, step)],
             "meta": meta or {}}
     json_path, sh_path = out / "build.json", out / "build.sh"
     atomic_write_text(json_path, json.dumps(plan, indent=2) + "\n")
@@ -465,7 +467,7 @@ def parse_build_script(text: str) -> list[GraphBuild]:
 
 
 def _render_script(tgt: Target, expected: str, builds: list[GraphBuild], commands: list[list[str]],
-                   root: str = ".", verify: dict[str, VerifyStep] | None = None) -> str:
+                   root: str = ".", verify: dict[str, list[VerifyStep]] | None = None) -> str:
     q = shlex.quote
     lines = [
         "#!/usr/bin/env bash",
@@ -491,10 +493,12 @@ def _render_script(tgt: Target, expected: str, builds: list[GraphBuild], command
                   "  command -v polygraphy >/dev/null 2>&1 || die \"polygraphy not found: pip install polygraphy "
                   "(in the venv that sees TensorRT), or SKIP_VERIFY=1\""]
         for b in builds:
-            if b.component in verify:
-                ref, run, timing = check_commands(b, verify[b.component])
-                lines += [f"  verify_engine {q(b.component)} {shlex.join(ref)} ::: {shlex.join(run)}",
-                          f"  time_engine {q(b.component)} {shlex.join(timing)}"]
+            for i, step in enumerate(verify.get(b.component, ())):
+                ref, run, timing = check_commands(b, step)
+                label = b.component if step.profile is None else f"{b.component}.p{step.profile}"
+                lines.append(f"  verify_engine {q(label)} {shlex.join(ref)} ::: {shlex.join(run)}")
+                if i == 0:
+                    lines.append(f"  time_engine {q(b.component)} {shlex.join(timing)}")
         lines += [f"  write_verify {q(_verify_json(builds[0].engine))}", "fi", ""]
     return "\n".join(lines)
 
@@ -502,19 +506,21 @@ def _render_script(tgt: Target, expected: str, builds: list[GraphBuild], command
 @dataclass(frozen=True)
 class VerifyStep:
     """How build.sh checks one engine after building it: recorded feeds (polygraphy JSON, relative to the
-    bundle), the graph ONNX Runtime runs as the reference, and the comparison tolerances."""
+    bundle), the graph ONNX Runtime runs as the reference, the comparison tolerances, and the optimization
+    profile the feeds fit (None: the engine has one; polygraphy otherwise runs profile 0 only)."""
 
     feeds: str
     reference_onnx: str
     rtol: float = 1e-2
     atol: float = 1e-2
+    profile: int | None = None
 
 
-def verify_step(build: GraphBuild, feeds: str, reference_onnx: str) -> VerifyStep:
+def verify_step(build: GraphBuild, feeds: str, reference_onnx: str, profile: int | None = None) -> VerifyStep:
     """The check for `build`: FP16 engines within 1e-2, INT8 engines within 1e-1 of the fp32 graph, on the
     median error of each output (a near-tie that swaps one top-k id is not a failure; a broken engine is)."""
     tol = 1e-1 if build.precision == "int8" else 1e-2
-    return VerifyStep(feeds, reference_onnx, tol, tol)
+    return VerifyStep(feeds, reference_onnx, tol, tol, profile if len(build.profiles) > 1 else None)
 
 
 def _verify_json(engine: str) -> str:
@@ -528,11 +534,13 @@ def polygraphy_reference_command(step: VerifyStep, out: str) -> list[str]:
 
 def check_commands(build: GraphBuild, step: VerifyStep) -> tuple[list[str], list[str], list[str]]:
     """(reference run, engine comparison, timing run) argv of build.sh's checks for one engine."""
-    ref_out = _sibling(build.engine, ".ort.json")
+    ref_out = _sibling(build.engine, ".ort.json" if step.profile is None else f".p{step.profile}.ort.json")
     ref = polygraphy_reference_command(step, ref_out)
     run = ["polygraphy", "run", build.engine, "--model-type", "engine", "--trt", "--load-inputs", step.feeds,
            "--load-outputs", ref_out, "--rtol", str(step.rtol), "--atol", str(step.atol),
            "--check-error-stat", "median"]
+    if step.profile is not None:  # polygraphy >= 0.38
+        run += ["--optimization-profile", str(step.profile)]
     shapes = {name: mom[1] for name, mom in build.profiles[0].items()} if build.profiles else {}
     return ref, run, trtexec_profile_command(build, shapes, 0)
 
@@ -656,7 +664,8 @@ verify_engine() {
   for arg in "$@"; do
     if [ "$arg" = ":::" ]; then seen=1; elif [ "$seen" = 0 ]; then ref+=("$arg"); else run+=("$arg"); fi
   done
-  local log="${run[2]%.engine}.verify.log" ok=false
+  local log="${run[2]%.engine}.${component#*.}.verify.log" ok=false
+  [ "${component#*.}" = "$component" ] && log="${run[2]%.engine}.verify.log"
   echo "==> verify $component: ${run[*]}"
   if "${ref[@]}" >"$log" 2>&1 && "${run[@]}" >>"$log" 2>&1; then ok=true; else tail -n 20 "$log" >&2 || true; fi
   VERIFY_ROWS="$VERIFY_ROWS${VERIFY_ROWS:+,}
