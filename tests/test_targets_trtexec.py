@@ -69,7 +69,7 @@ def test_int8_is_strongly_typed_qdq_on_tensorrt_10_and_calibrated_on_tensorrt_8(
     modern = make_build("vision", "int8", "jetson-agx-orin-64gb", VISION_PROFILES)
     argv = trtexec_command(modern)
     assert "--stronglyTyped" in argv and "--int8" not in argv and "--fp16" not in argv
-    assert argv[1] == "--onnx=onnx-int8/vision.onnx" and modern.precision == "int8"
+    assert argv[1] == "--onnx=onnx-int8/vision.fp16.onnx" and modern.precision == "int8"
 
     legacy = make_build("vision", "int8", "jetson-agx-xavier", VISION_PROFILES)  # JetPack 5.1: TensorRT 8.5
     argv8 = trtexec_command(legacy)

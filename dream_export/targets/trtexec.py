@@ -133,7 +133,7 @@ def make_build(component: str, precision: str, target: Target | str, profiles: l
     """A `GraphBuild` with the precision flags right for `target`'s TensorRT.
 
     - fp16: `--fp16` on the FP16 graph.
-    - int8 where trtexec has `--stronglyTyped` (9.0+): the Q/DQ graph, types from the graph.
+    - int8 where trtexec has `--stronglyTyped` (9.0+): the Q/DQ graph's FP16 twin, types from the graph.
     - int8 on TensorRT 8.x: implicit quantization, `--int8 --fp16 --calib=<cache>` on the fp32 graph the
       cache was measured on (its tensor names are the cache's keys; `--fp16` so layers without an INT8
       scale run in FP16, not FP32).
@@ -153,7 +153,9 @@ def make_build(component: str, precision: str, target: Target | str, profiles: l
     elif precision == "fp16":
         graph_dir, flags = "onnx-fp16", {"fp16": True}
     elif precision == "int8" and trt_contract.has_option(trt, "--stronglyTyped"):
+        # the Q/DQ graph's FP16 twin `calibrate` writes: strongly typed, the unquantized rest runs FP16
         graph_dir, flags = "onnx-int8", {"strongly_typed": True}
+        onnx = onnx or f"onnx-int8/{component}.fp16.onnx"
     elif precision == "int8":
         graph_dir = "onnx"
         flags = {"int8": True, "fp16": True, "calib_cache": calib_cache or f"calib/{component}.cache"}
@@ -379,7 +381,7 @@ def parse_trtexec_command(argv: list[str] | str, component: str | None = None,
         for name, mom in p.items():
             if any(s is None for s in mom):
                 raise UsageError(f"profile {i} input {name}: need all of --minShapes/--optShapes/--maxShapes")
-    comp = component or Path(opts["onnx"]).stem
+    comp = component or Path(opts["onnx"]).name.split(".")[0]  # onnx-int8/target.fp16.onnx -> target
     # --buildOnly is the pre-8.6 spelling of --skipInference; everything we render for 8.6+ is 10.x.
     version = tensorrt or ("8.5" if "--buildOnly" in args and not guess_modern else "10.0")
     # plans give every dynamic graph its shapes, so a command without any is a static graph's
