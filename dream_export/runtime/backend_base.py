@@ -65,6 +65,16 @@ class Backend:
         """Declare a runtime-owned buffer (KV cache) that the backend binds in place on every call."""
         self.resident.setdefault(graph, {})[name] = array
 
+    def write_rows(self, array: np.ndarray, axis: int, start: int, values: np.ndarray) -> None:
+        """Write `values` into a registered buffer at `start` along `axis` (a call's committed rows).
+
+        Backends that keep device copies of resident buffers override this to update them too; the
+        host buffer is always written, so it stays what the next call reads on the CPU.
+        """
+        index = [slice(None)] * array.ndim
+        index[axis] = slice(start, start + values.shape[axis])
+        array[tuple(index)] = values
+
     def _run(self, graph, feeds, outputs):  # pragma: no cover - interface
         raise NotImplementedError
 

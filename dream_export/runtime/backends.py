@@ -9,6 +9,7 @@ import numpy as np
 from dream_export.errors import MissingBackendError, UsageError
 from dream_export.runtime.backend_base import Backend, aligned_zeros
 from dream_export.runtime.bundle import GRAPHS, Bundle
+from dream_export.runtime.ort_device import ResidentBuffers, cache_device
 
 __all__ = ["Backend", "OnnxRuntimeBackend", "aligned_zeros", "graph_threads", "make_backend"]
 
@@ -20,7 +21,10 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, bundle: Bundle, threads: int | str | dict[str, int] = 2, providers: list[str] | None = None,
                  precision: str = "fp32", graph_files: dict[str, Path] | None = None,
-                 profile_dir: Path | None = None):
+                 profile_dir: Path | None = None, resident_device: str = "cpu"):
+        """resident_device: where registered caches live. "cpu" binds the host buffers (ONNX Runtime copies
+        them to a GPU provider on every call); "cuda" (with a CUDA/TensorRT provider first) keeps device
+        copies that are uploaded once and must then be written through `write_rows`."""
         super().__init__()
         try:
             import onnxruntime as ort
@@ -55,6 +59,12 @@ class OnnxRuntimeBackend(Backend):
         self.threads = per_graph
         self._ort = ort
         self._bound: dict[tuple[str, str], object] = {}
+        self._device_copies = None
+        if resident_device != "cpu":
+            if cache_device(providers) != resident_device:
+                raise UsageError(f"resident caches on {resident_device!r} need a provider that runs there first "
+                                 f"(got {providers})")
+            self._device_copies = ResidentBuffers(ort, resident_device, providers)
 
     def end_profiling(self) -> dict[str, Path]:
         """Stop ONNX Runtime's profiler (when enabled) and return each graph's trace file."""
@@ -62,9 +72,18 @@ class OnnxRuntimeBackend(Backend):
 
     def register_resident(self, graph: str, name: str, array: np.ndarray) -> None:
         super().register_resident(graph, name, array)
-        # An OrtValue over the numpy buffer itself: on CPU no copy is made per call, and the engine's
-        # in-place row writes are what the next call reads. (A CUDA build binds device memory here.)
-        self._bound[(graph, name)] = self._ort.OrtValue.ortvalue_from_numpy(array)
+        # On the host: an OrtValue over the numpy buffer itself (no copy per call; the engine's in-place
+        # row writes are what the next call reads). On a device: a copy uploaded once, kept current by
+        # `write_rows`.
+        if self._device_copies is not None:
+            self._bound[(graph, name)] = self._device_copies.value(array)
+        else:
+            self._bound[(graph, name)] = self._ort.OrtValue.ortvalue_from_numpy(array)
+
+    def write_rows(self, array: np.ndarray, axis: int, start: int, values: np.ndarray) -> None:
+        super().write_rows(array, axis, start, values)
+        if self._device_copies is not None:
+            self._device_copies.write_rows(array, axis, start, values)
 
     def _run(self, graph, feeds, outputs):
         sess = self.sessions[graph]

@@ -66,6 +66,9 @@ class RecordingBackend(Backend):
         super().register_resident(graph, name, array)
         self.inner.register_resident(graph, name, array)
 
+    def write_rows(self, array: np.ndarray, axis: int, start: int, values: np.ndarray) -> None:
+        self.inner.write_rows(array, axis, start, values)
+
     def _run(self, graph, feeds, outputs):
         resident = self.resident.get(graph, {})
         call = GraphCall(graph, {n: tuple(a.shape) for n, a in feeds.items()},
