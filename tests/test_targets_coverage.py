@@ -9,13 +9,14 @@ so another model family joins by adding its bundle to `BUNDLES`.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from dream_export.errors import UsageError
 from dream_export.targets.bundle_builds import bundle_builds, graph_profiles
 from dream_export.targets.coverage import check_plan, record_calls, save_verify_feeds
-from dream_export.targets.memory import ENGINE_CONTEXTS
+from dream_export.targets.memory import ENGINE_CONTEXTS, DraftDesc, describe_model, estimate
 from dream_export.targets.registry import all_targets
 
 try:
@@ -70,13 +71,18 @@ def test_recorded_calls_span_the_capacity_and_every_mode(recorded):
     assert max(prefill) >= manifest["kv_capacity"] - 4  # a prompt that fills the KV capacity
 
 
-def test_every_call_fits_a_profile_of_every_plan(recorded):
+def test_every_call_fits_a_profile_of_every_plan_and_the_memory_fits(recorded):
     manifest, calls = recorded
+    src = manifest["source"]
+    model = describe_model(json.loads((Path(src["target"]["path"]) / "config.json").read_text()))
+    draft = DraftDesc.from_config(json.loads((Path(src["draft"]["path"]) / "draft_config.json").read_text()))
     checked = 0
     for target, precision, builds in _plans(manifest):
         result = check_plan(manifest, builds, calls)
         assert result["calls"] == len(calls)
         assert result["uncovered"] == 0, (target, precision, result["examples"])
+        memory = estimate(model, target, precision, manifest["kv_capacity"], manifest["max_tree"], draft)
+        assert memory.fits, memory.format()
         checked += 1
     assert checked >= 10
 
