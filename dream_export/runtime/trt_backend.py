@@ -8,13 +8,17 @@ switch on the stream. Calls bind device addresses with `set_tensor_address` and 
 
 Runtime-owned caches (`register_resident`) are page-locked in place with `cudaHostRegister(...,
 Mapped)` and bound by their mapped device pointer: the engine's in-place row writes on the host are
-what the next call reads, with no per-call copy. TensorRT requires every bound address to be 256-byte
-aligned (`setTensorAddress`, include/NvInferRuntime.h); the mapping keeps a buffer's offset within
-its page, so only buffers allocated aligned (`backend_base.aligned_zeros`) are bound in place, others
-are copied per call with a warning. Which address each input gets is decided by pure functions
-(`map_resident`, `input_addresses`) that tests replay on recorded runtime calls. On Jetson (one memory for CPU and GPU) that is the
+what the next call reads, with no per-call copy. On Jetson (one memory for CPU and GPU) that is the
 native path. On a discrete GPU the engine then reads the cache across PCIe on every call; a
-device-resident cache needs the engine to commit rows through the backend, which it does not yet do.
+device-resident cache would keep a device copy written through `Backend.write_rows` (as the ONNX
+Runtime backend does for CUDA), which this backend does not yet do.
+
+TensorRT requires every bound address to be 256-byte aligned (`setTensorAddress`,
+include/NvInferRuntime.h); the mapping keeps a buffer's offset within its page, so only buffers
+allocated aligned (`backend_base.aligned_zeros`) are bound in place, others are copied per call with a
+warning. Which address each input gets is decided by pure functions (`map_resident`,
+`input_addresses`) that tests replay on recorded runtime calls; `set_input_shape` and
+`set_tensor_address` results are checked.
 A cache whose dtype differs from the engine's input (a float32 buffer for an fp16 engine) is cast
 and copied per call instead.
 """
