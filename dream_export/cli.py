@@ -501,7 +501,11 @@ def plan_cmd(model: Path, target_name: str, precision: str, kv_capacity: int | N
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--target", "target_name", required=True)
 @click.option("--precision", type=click.Choice(["fp16", "int8", "fp8"]), default="fp16", show_default=True,
-              help="Engine precision (TensorRT targets); --target cpu optimizes the fp32 graphs.")
+              help="Engine precision (TensorRT targets); --target cpu optimizes the fp32 graphs. fp8 is refused: "
+                   "nothing writes FP8 graphs yet.")
+@click.option("--jetpack", type=click.Choice(["5.1", "6.0", "6.1", "6.2", "7.0"]), default=None,
+              help="JetPack release of the Jetson (5.1: TensorRT 8.5, 6.0: 8.6, 6.1/6.2: 10.3); default: the "
+                   "target's newest.")
 @click.option("--dla", type=int, default=None, help="Run the vision engine on this DLA core (GPU fallback).")
 @click.option("--workspace", type=int, default=None, help="Workspace pool in MB (default: the target's).")
 @click.option("--timing-cache", default=None, help="Timing cache file, relative to the bundle.")
@@ -510,23 +514,29 @@ def plan_cmd(model: Path, target_name: str, precision: str, kv_capacity: int | N
 @click.option("--draft-weights", type=click.Choice(["int8", "fp32"]), default="int8", show_default=True,
               help="--target cpu: the draft's linear weights (int8 drafts faster on CPUs; the target verifies "
                    "every token, so answers do not change).")
-def build_cmd(bundle: Path, target_name: str, precision: str, dla: int | None, workspace: int | None,
-              timing_cache: str | None, opt_level: int | None, max_prompt: int | None, draft_weights: str) -> None:
+@click.option("--no-verify", is_flag=True, help="Skip recording verification feeds and the plan's coverage check.")
+def build_cmd(bundle: Path, target_name: str, precision: str, jetpack: str | None, dla: int | None,
+              workspace: int | None, timing_cache: str | None, opt_level: int | None, max_prompt: int | None,
+              draft_weights: str, no_verify: bool) -> None:
     """Build the TensorRT engines here, or write engines/<target>/build.sh + build.json for the device.
 
     Engines are specific to GPU, TensorRT version and flags: when `tensorrt` imports and the local GPU
     has the target's SM, they are built here with the TensorRT Python API; otherwise the exact trtexec
-    builds are written for the device (copy the bundle there and run the printed command).
+    builds are written for the device (copy the bundle there and run the printed command). Either way
+    engines/<target>/plan_check.json records the plan's checks: recorded runtime calls no profile covers,
+    trtexec options the device's release does not know, files the plan names that the bundle lacks.
     """
     from dream_export.runtime.bundle import Bundle
     from dream_export.runtime.engine_meta import DeviceInfo
     from dream_export.targets.bundle_builds import bundle_builds
+    from dream_export.targets.plan_check import check_build_plan, write_plan_check
+    from dream_export.targets.plan_files import bind_to_bundle
     from dream_export.targets.registry import get_target
     from dream_export.targets.trt_build import build_engines, detect_build_path, local_target
     from dream_export.targets.trtexec import write_build_bundle
 
     b = Bundle.open(bundle)
-    tgt = get_target(target_name)
+    tgt = get_target(target_name, jetpack)
     if tgt.kind == "cpu":
         from dream_export.targets.cpu_build import build_cpu
 
@@ -536,7 +546,15 @@ def build_cmd(bundle: Path, target_name: str, precision: str, dla: int | None, w
         return
     options = dict(max_prompt=max_prompt, dla_core=dla, workspace_mb=workspace, timing_cache=timing_cache,
                    opt_level=opt_level)
-    builds = bundle_builds(b.manifest, tgt, precision, **options)  # validates the request on every host
+
+    def plan(target):
+        builds, notes = bind_to_bundle(bundle_builds(b.manifest, target, precision, **options), b.manifest, bundle,
+                                       precision)
+        for note in notes:
+            click.echo(f"note: {note}")
+        return builds
+
+    builds = plan(tgt)  # validates the request on every host
     out = bundle / "engines" / tgt.name
     path = detect_build_path(tgt)
     click.echo(f"build path: {'TensorRT Python API on this host' if path.api else 'build.sh for the device'} "
@@ -545,15 +563,26 @@ def build_cmd(bundle: Path, target_name: str, precision: str, dla: int | None, w
         assert path.tensorrt is not None and path.gpu is not None
         here = local_target(tgt, path.tensorrt)
         device = DeviceInfo(path.tensorrt, path.gpu[1], path.gpu[0])
-        record = build_engines(bundle_builds(b.manifest, here, precision, **options), bundle, here, device, out,
-                               log=click.echo)
-        click.echo(f"built {len(builds)} engines ({precision}) into {out}, recorded in {record}; run them with "
+        local = plan(here)
+        record = build_engines(local, bundle, here, device, out, log=click.echo)
+        write_plan_check(out, check_build_plan(bundle, b.manifest, local, verify=None, coverage=not no_verify))
+        click.echo(f"built {len(local)} engines ({precision}) into {out}, recorded in {record}; run them with "
                    "`--backend tensorrt`")
         return
+    verify = None
+    if not no_verify:
+        from dream_export.targets.plan_check import record_verify_steps
+
+        click.echo("recording verification feeds with ONNX Runtime...")
+        verify = record_verify_steps(bundle, b.manifest, builds)
     json_path, sh_path = write_build_bundle(out, builds, tgt, meta={"bundle_format": b.manifest["format_version"]},
-                                            root="../..")
+                                            root="../..", verify=verify)
+    check = write_plan_check(out, check_build_plan(bundle, b.manifest, builds, verify, coverage=not no_verify,
+                                                   script=sh_path.read_text()))
     click.echo(f"wrote {sh_path} and {json_path} ({len(builds)} engines, {precision}, TensorRT "
-               f"{'.'.join(map(str, tgt.trt_version))} on {tgt.display_name})")
+               f"{'.'.join(map(str, tgt.trt_version))} on {tgt.display_name}"
+               f"{', JetPack ' + tgt.jetpack if tgt.jetpack else ''})")
+    click.echo(f"plan check: {json.dumps({k: check[k] for k in ('calls', 'uncovered', 'unknown_options', 'missing_files')})}")
     click.echo(f"copy {bundle} to the device and run `bash {bundle.name}/engines/{tgt.name}/build.sh` there")
 
 

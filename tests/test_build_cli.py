@@ -24,27 +24,38 @@ def bundle(tmp_path_factory):
     return cached_tiny_bundle(tmp_path_factory.mktemp("tiny"))
 
 
-@pytest.mark.parametrize("target,precision", [("jetson-orin-nano-8gb", "fp16"), ("h100", "fp16"),
-                                              ("jetson-agx-orin-64gb", "int8")])
-def test_build_script_parses_back_to_the_plan(bundle, target, precision):
-    r = run("build", str(bundle), "--target", target, "--precision", precision)
+@pytest.mark.parametrize("target,jetpack", [("jetson-orin-nano-8gb", None), ("h100", None),
+                                            ("jetson-orin-nano-8gb", "5.1")])
+def test_build_script_parses_back_to_the_plan(bundle, target, jetpack):
+    r = run("build", str(bundle), "--target", target, *(["--jetpack", jetpack] if jetpack else []))
     assert r.returncode == 0, r.stderr
     out = bundle / "engines" / target
     plan = json.loads((out / "build.json").read_text())
+    assert plan["tensorrt_expected"] == {"5.1": "8.5", None: "10.3" if target != "h100" else "10.0"}[jetpack]
+    check = json.loads((out / "plan_check.json").read_text())
+    assert check["calls"] > 200 and (check["uncovered"], check["unknown_options"], check["missing_files"]) == (0, 0, 0)
+    assert set(check["verified_components"]) == {"vision", "target", "draft"}
     parsed = parse_build_script((out / "build.sh").read_text())
     assert [b.component for b in parsed] == ["vision", "target", "draft"]
     for b, d in zip(parsed, plan["builds"], strict=True):
-        assert b.to_dict()["profiles"] == d["profiles"]
+        assert b.static == d["static"] == (b.component == "vision")  # the vision graph is static
+        # a static graph's command names no shapes (trtexec refuses them); the plan keeps its one shape
+        assert b.to_dict()["profiles"] == ([] if b.static else d["profiles"])
         assert (b.fp16, b.int8, b.strongly_typed) == (d["fp16"], d["int8"], d["strongly_typed"])
-        assert GraphBuild.from_dict(d).to_dict() == b.to_dict()
+        assert GraphBuild.from_dict({**d, "profiles": b.to_dict()["profiles"]}).to_dict() == b.to_dict()
     target_build = next(d for d in plan["builds"] if d["component"] == "target")
+    if jetpack == "5.1":  # trtexec 8.5 builds one profile: prefill and verify merged
+        assert len(target_build["profiles"]) == 1
+        return
     assert len(target_build["profiles"]) == 2  # prefill and verify
     m = json.loads((bundle / "manifest.json").read_text())
     verify = target_build["profiles"][1]["inputs_embeds"]["max"]
     assert verify[1] == m["max_tree"]
-    # the target reads only the used cache slots: masks range from the new rows alone to a full cache
+    # the target reads only the used cache slots: a prefill's mask spans one 32-slot bucket of the empty
+    # cache plus the prompt (at most kv_capacity - 1 tokens, one slot stays for the answer)
     mask = target_build["profiles"][0]["attention_mask"]
-    assert mask["min"][2] == 1 and mask["max"][2] == m["kv_capacity"]
+    bucket = min(32, m["kv_capacity"])
+    assert mask["min"][2] == bucket + 1 and mask["max"][2] == bucket + m["kv_capacity"] - 1
     assert target_build["profiles"][1]["attention_mask"]["max"][2] == m["kv_capacity"] + m["max_tree"]
 
 
@@ -53,6 +64,14 @@ def test_build_refuses_impossible_requests_with_reason(bundle):
     assert r.returncode == 2 and "DLA" in r.stderr and "Traceback" not in r.stderr
     r = run("build", str(bundle), "--target", "jetson-orin-nano-8gb", "--precision", "fp8")
     assert r.returncode == 2 and "fp8" in r.stderr
+    r = run("build", str(bundle), "--target", "h100", "--precision", "fp8")
+    assert r.returncode == 2 and "onnx-fp8" in r.stderr and "Traceback" not in r.stderr
+    r = run("build", str(bundle), "--target", "jetson-orin-nano-8gb", "--precision", "int8", "--no-verify")
+    assert r.returncode == 2 and "dream-export calibrate" in r.stderr and "--precision int8" in r.stderr
+    r = run("build", str(bundle), "--target", "h100", "--jetpack", "6.0")
+    assert r.returncode == 2 and "not a Jetson" in r.stderr
+    r = run("build", str(bundle), "--target", "jetson-agx-xavier", "--jetpack", "6.2")
+    assert r.returncode == 2 and "does not run JetPack 6.2" in r.stderr
 
 
 LLAVA_7B = {"model_type": "llava",

@@ -9,7 +9,7 @@ import pytest
 
 from dream_export.errors import UsageError
 from dream_export.targets import DraftDesc, describe_model, estimate, get_target, plan_memory
-from dream_export.targets.memory import GiB
+from dream_export.targets.memory import ENGINE_CONTEXTS, GiB, _activation_bytes
 
 # LLaVA-1.5-7B: Vicuna-7B decoder + CLIP ViT-L/14 at 336 px, written out in full.
 LLAVA_15_7B = {
@@ -48,9 +48,10 @@ def test_7b_language_model_is_about_13_5_gb_in_fp16(llava7b):
     assert llava7b.lm_params() == pytest.approx(6.74e9, rel=0.005)  # the "7B" of Vicuna-7B
     plan = estimate(llava7b, "jetson-agx-orin-64gb", "fp16", kv_capacity=4096, tree_size=32)
     b = plan.breakdown()
-    # decoder + LM head (the graph) + the embedding table the runtime keeps = the LM's fp16 weights
-    assert b["target_weights"] + b["embedding_table"] == pytest.approx(13.5e9, rel=0.01)
-    assert b["embedding_table"] == 32064 * 4096 * 2
+    # decoder + LM head (the graph) + the embedding table = the LM's fp16 weights; the runtime keeps
+    # its embedding table in fp32 (twice the fp16 table)
+    assert b["target_weights"] + b["embedding_table"] // 2 == pytest.approx(13.5e9, rel=0.01)
+    assert b["embedding_table"] == 32064 * 4096 * 4
     # CLIP ViT-L/14-336 is ~0.30B parameters; with the 2-layer projector ~0.65 GB in fp16
     assert b["vision_weights"] == pytest.approx(0.65e9, rel=0.05)
 
@@ -58,10 +59,13 @@ def test_7b_language_model_is_about_13_5_gb_in_fp16(llava7b):
 def test_kv_cache_and_draft_sizes_follow_the_formulas(llava7b):
     plan = estimate(llava7b, "jetson-agx-orin-64gb", "fp16", kv_capacity=2048, tree_size=32)
     b = plan.breakdown()
-    assert b["kv_cache"] == 2 * 32 * 32 * 128 * 2048 * 2  # 2 x layers x kv_heads x head_dim x capacity x fp16
+    # 2 x layers x kv_heads x head_dim x capacity x 4: the runtime's caches are fp32 numpy buffers
+    assert b["kv_cache"] == 2 * 32 * 32 * 128 * 2048 * 4
+    # DREAM's 3 blocks' K/V (two self-attention, one cross-attention) + per-position target features
+    assert b["draft_cache"] == (2 * 3 * 32 * 128 + 4096) * (2048 + 32) * 4
     # three decoder blocks at width 4096 + its own copy of the 32064 x 4096 LM head, in fp16
     assert b["draft_weights"] == pytest.approx((3 * 202.4e6 + 32064 * 4096) * 2, rel=0.01)
-    # int8 keeps the KV cache in fp16 and roughly halves the decoder weights (LM head stays fp16)
+    # int8 keeps the same fp32 runtime caches and roughly halves the decoder weights (LM head stays fp16)
     q = estimate(llava7b, "jetson-agx-orin-64gb", "int8", kv_capacity=2048, tree_size=32).breakdown()
     assert q["kv_cache"] == b["kv_cache"]
     assert q["target_weights"] == pytest.approx(32 * 202.4e6 + 32064 * 4096 * 2, rel=0.01)
@@ -72,7 +76,7 @@ def test_fits_agx_orin_64gb_in_fp16_with_the_largest_capacity_and_tree(llava7b):
     assert plan.fits and (plan.kv_capacity, plan.tree_size) == (4096, 64)
     assert plan.target == "jetson-agx-orin-64gb"
     assert plan.usable_bytes == int(60 * GiB)  # 64 GiB minus the OS reserve
-    assert 15 * GiB < plan.device_bytes < 30 * GiB
+    assert 15 * GiB < plan.device_bytes < 40 * GiB
     assert "kv_cache" in plan.format() and plan.to_dict()["device_bytes"] == plan.device_bytes
 
 
@@ -106,9 +110,26 @@ def test_ladder_picks_the_largest_capacity_that_fits(llava7b):
 def test_discrete_gpus_keep_the_embedding_table_in_host_ram(llava7b):
     plan = plan_memory(llava7b, "l4", "fp16")
     emb = next(i for i in plan.items if i.name == "embedding_table")
-    assert not emb.on_device and plan.host_bytes == emb.bytes
+    # so are the runtime's caches: the TensorRT backend maps host buffers, it does not copy them
+    caches = {i.name: i for i in plan.items if i.name in ("kv_cache", "draft_cache")}
+    assert not emb.on_device and not any(i.on_device for i in caches.values())
+    assert plan.host_bytes == emb.bytes + sum(i.bytes for i in caches.values())
     jetson = plan_memory(llava7b, "jetson-agx-orin-64gb", "fp16", kv_capacity=plan.kv_capacity)
     assert next(i for i in jetson.items if i.name == "embedding_table").on_device
+
+
+def test_activations_count_every_execution_context_of_every_engine(llava7b):
+    # the backend makes one context per optimization profile and TensorRT sizes each for the engine's
+    # largest profile: the target's and the draft's activations are reserved twice
+    assert ENGINE_CONTEXTS == {"vision": 1, "target": 2, "draft": 2}
+    plan = estimate(llava7b, "jetson-orin-nano-8gb", "fp16", kv_capacity=2048, tree_size=32)
+    item = next(i for i in plan.items if i.name == "activations")
+    per_engine = _activation_bytes(llava7b, DraftDesc.from_model(llava7b), "fp16", 2048, 32)
+    assert item.bytes == per_engine["vision"] + 2 * per_engine["target"] + 2 * per_engine["draft"]
+    assert "2x target" in item.note and "2x draft" in item.note
+    # the draft's context pass runs over a whole prompt, so its largest profile holds capacity-many
+    # positions' logits (fp32 over the 32064-token vocabulary)
+    assert per_engine["draft"] > 2048 * 32064 * 4
 
 
 def test_fp8_is_refused_before_sizing_on_targets_without_fp8(llava7b):
@@ -138,7 +159,7 @@ def test_explicit_head_dim_and_gqa_are_honoured():
     assert m.text.head_dim == 256 != 2560 // 8
     assert m.text.tie_word_embeddings
     kv = estimate(m, "jetson-thor", "fp16", 1024, 32).breakdown()["kv_cache"]
-    assert kv == 2 * 34 * 4 * 256 * 1024 * 2
+    assert kv == 2 * 34 * 4 * 256 * 1024 * 4
 
 
 def test_draft_from_draft_config_json():

@@ -20,7 +20,6 @@ import pytest
 from dream_export.errors import UsageError
 from dream_export.targets import (
     GraphBuild,
-    get_target,
     make_build,
     merge_profiles,
     parse_build_script,
@@ -70,25 +69,26 @@ def test_int8_is_strongly_typed_qdq_on_tensorrt_10_and_calibrated_on_tensorrt_8(
     modern = make_build("vision", "int8", "jetson-agx-orin-64gb", VISION_PROFILES)
     argv = trtexec_command(modern)
     assert "--stronglyTyped" in argv and "--int8" not in argv and "--fp16" not in argv
-    assert argv[1] == "--onnx=onnx-int8/vision.onnx" and modern.precision == "int8"
+    assert argv[1] == "--onnx=onnx-int8/vision.fp16.onnx" and modern.precision == "int8"
 
     legacy = make_build("vision", "int8", "jetson-agx-xavier", VISION_PROFILES)  # JetPack 5.1: TensorRT 8.5
     argv8 = trtexec_command(legacy)
     assert "--stronglyTyped" not in argv8
     assert {"--int8", "--fp16", "--calib=calib/vision.cache"} <= set(argv8)
-    assert argv8[1] == "--onnx=onnx-fp16/vision.onnx"
+    assert argv8[1] == "--onnx=onnx/vision.onnx"  # the fp32 graph: the cache holds its tensor names
     assert "--memPoolSize=workspace:2048" in argv8  # 8.x reads a bare number as MiB
     assert argv8[-1] == "--buildOnly" and "--profile=0" not in argv8  # a single profile needs no group
 
 
-def test_tensorrt_8_refuses_several_profiles_until_they_are_merged():
+def test_tensorrt_8_builds_one_merged_profile():
+    # trtexec 8.5/8.6 has no --profile: make_build merges, a hand-made multi-profile build is refused
     b = make_build("target", "fp16", "jetson-xavier-nx", TARGET_PROFILES)
-    with pytest.raises(UsageError, match="merge"):
-        trtexec_command(b)
     merged = merge_profiles(TARGET_PROFILES)
+    assert b.profiles == [merged]
     assert merged["inputs_embeds"] == ((1, 1, H), (1, 512, H), (1, 4096, H))
-    assert "--maxShapes=inputs_embeds:1x4096x4096,position_ids:1x4096" in trtexec_command(
-        make_build("target", "fp16", "jetson-xavier-nx", [merged]))
+    assert "--maxShapes=inputs_embeds:1x4096x4096,position_ids:1x4096" in trtexec_command(b)
+    with pytest.raises(UsageError, match="merge"):
+        trtexec_command(GraphBuild("target", "a.onnx", "a.engine", TARGET_PROFILES, fp16=True, tensorrt="8.6"))
 
 
 def test_dla_flags_and_limits():
@@ -110,15 +110,14 @@ def test_bad_plans_are_refused_with_reasons():
         make_build("target", "fp16", "cpu", TARGET_PROFILES)
     with pytest.raises(UsageError, match="unknown component"):
         GraphBuild("decoder", "a.onnx", "a.engine", [])
-    fp8 = make_build("target", "fp8", "h100", TARGET_PROFILES)
-    assert fp8.strongly_typed and fp8.onnx == "onnx-fp8/target.onnx" and fp8.precision == "fp8"
+    with pytest.raises(UsageError, match="no dream-export command writes"):  # nothing writes onnx-fp8/
+        make_build("target", "fp8", "h100", TARGET_PROFILES)
 
 
 @pytest.mark.parametrize("target,precision", [("jetson-orin", "fp16"), ("jetson-orin", "int8"),
-                                              ("h100", "fp8"), ("jetson-agx-xavier", "int8")])
+                                              ("h100", "int8"), ("jetson-agx-xavier", "int8")])
 def test_command_round_trips_to_the_same_build(target, precision):
-    profiles = (lambda p: [merge_profiles(p)]) if get_target(target).trt_version < (10, 0) else (lambda p: p)
-    b = make_build("target", precision, target, profiles(TARGET_PROFILES), dla_core=None, layer_info=True)
+    b = make_build("target", precision, target, TARGET_PROFILES, dla_core=None, layer_info=True)
     back = parse_trtexec_command(trtexec_command(b), tensorrt=b.tensorrt)
     assert back == b
     # and from a shell line, with the component taken from the ONNX file name

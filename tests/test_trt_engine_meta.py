@@ -126,3 +126,26 @@ def test_tensorrt_backend_and_build_modules_import_without_torch():
             "dream_export.targets.trt_build, dream_export.targets.latency, dream_export.targets.measure; print('ok')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+@pytest.mark.parametrize("reported", ["N/A", "[N/A]", "", "Orin"])
+def test_jetpack_6_na_compute_cap_falls_back_to_the_registry(reported):
+    # JetPack 6's nvidia-smi prints N/A for compute_cap; an engine recorded that way is judged by the
+    # target's registry SM (8.7 for Orin), never compared as the string "N/A"
+    from dream_export.runtime.engine_meta import valid_sm
+
+    assert valid_sm(reported) is None and valid_sm("8.7") == "8.7"
+    meta = {**JETSON_META, "compute_cap": reported}
+    assert mismatch_reasons(meta, ORIN) == []
+    assert any("SM 8.7" in r for r in mismatch_reasons(meta, DeviceInfo("10.3.0.30", "9.0", "H100")))
+
+
+def test_engine_metadata_does_not_import_the_build_plans():
+    # runtime -> targets.trtexec -> ... -> runtime was a cycle; the metadata format lives in the runtime now
+    import subprocess
+    import sys
+
+    code = ("import sys, dream_export.runtime.engine_meta as m; "
+            "assert 'dream_export.targets.trtexec' not in sys.modules, sorted(sys.modules); print(m.ENGINE_META_FORMAT)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "dream-export-engine/1", r.stderr

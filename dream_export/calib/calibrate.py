@@ -137,9 +137,14 @@ def _int8(src: Bundle, comp: str, feeds, method, exclude, smooth_alpha, trt_vers
     write_cache(tmp / cache, amax, trt_version)
     atomic_write_text(tmp / f"calib/{comp}.amax.json", json.dumps(amax, indent=1, sort_keys=True))
     lint = lint_qdq(tmp / rel)
+    # TensorRT 9+ builds Q/DQ graphs strongly typed: its twin with FP16 everywhere else is what it builds
+    from dream_export.calib.quantize import fp16_qdq
+
+    trt_rel = f"onnx-int8/{comp}.fp16.onnx"
+    kept = fp16_qdq(tmp / rel, tmp / trt_rel, work / "fp16")
     info = {"file": rel, "fp32_file": src.graph(comp)["file"], **sel.summary(), **res.info,
             "trt_cache": cache, "trt_cache_tensors": len(amax), "trt_lint_ok": lint["ok"],
-            "smoothquant": res.smoothquant}
+            "smoothquant": res.smoothquant, "trt_strongly_typed_file": trt_rel, "trt_kept_fp32": kept}
     return rel, info, lint
 
 

@@ -78,3 +78,29 @@ def quantize_graph(src: str | Path, dst: str | Path, feeds: list[dict[str, np.nd
     ops = [n.op_type for n in q.graph.node]
     result.info = {"quantize_linear": ops.count("QuantizeLinear"), "dequantize_linear": ops.count("DequantizeLinear")}
     return result
+
+
+# Q/DQ ops take FP16 scales (and so give FP16 outputs) from opset 19 on.
+_FP16_QDQ_OPSET = 19
+
+
+def fp16_qdq(src: str | Path, dst: str | Path, work_dir: str | Path) -> dict:
+    """Write an FP16 twin of the Q/DQ graph `src` to `dst`: the Q/DQ scales become FP16 (so each DQ feeds
+    its INT8 linear an FP16 tensor) and every op the calibration did not quantize runs in FP16, except
+    what `export/fp16.py` keeps FP32 (norm statistics, softmax, rotary angles, gates). For TensorRT's
+    strongly typed builds, which take every type from the graph: from the fp32 Q/DQ graph, the LM head,
+    attention products and the rest would run in FP32. Graph inputs and outputs keep their dtypes.
+    Returns what stayed FP32 (counts by reason)."""
+    import onnx
+    from onnx import version_converter
+
+    from dream_export.export.fp16 import convert_graph
+
+    model = onnx.load(str(src))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < _FP16_QDQ_OPSET:
+        model = version_converter.convert_version(model, _FP16_QDQ_OPSET)
+    tmp = Path(work_dir) / "qdq_opset19.onnx"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, str(tmp), save_as_external_data=True, location=tmp.name + ".data")
+    return convert_graph(tmp, dst)

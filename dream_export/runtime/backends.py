@@ -2,50 +2,16 @@
 
 from __future__ import annotations
 
-import time
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from dream_export.errors import MissingBackendError, UsageError
+from dream_export.runtime.backend_base import Backend, aligned_zeros
 from dream_export.runtime.bundle import GRAPHS, Bundle
+from dream_export.runtime.ort_device import ResidentBuffers, cache_device
 
-
-class Backend:
-    """Runs named graphs on numpy feeds; records time per graph for the stats."""
-
-    name = "abstract"
-    # graphs this backend can run; optional ones (draft_chain) are used only when listed here
-    graphs: frozenset[str] = frozenset(GRAPHS)
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.calls: dict[str, int] = defaultdict(int)
-        self.bytes_in: dict[str, int] = defaultdict(int)
-        self.resident: dict[str, dict[str, np.ndarray]] = {}
-
-    def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
-        """Run one graph. Inputs registered as resident are bound in place and not counted as copies."""
-        t0 = time.perf_counter()
-        out = self._run(graph, feeds, outputs)
-        self.seconds[graph] += time.perf_counter() - t0
-        self.calls[graph] += 1
-        resident = self.resident.get(graph, {})
-        self.bytes_in[graph] += sum(a.nbytes for n, a in feeds.items() if resident.get(n) is not a)
-        return out
-
-    def register_resident(self, graph: str, name: str, array: np.ndarray) -> None:
-        """Declare a runtime-owned buffer (KV cache) that the backend binds in place on every call."""
-        self.resident.setdefault(graph, {})[name] = array
-
-    def _run(self, graph, feeds, outputs):  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def reset_stats(self) -> None:
-        self.seconds.clear()
-        self.calls.clear()
-        self.bytes_in.clear()
+__all__ = ["Backend", "OnnxRuntimeBackend", "aligned_zeros", "graph_threads", "make_backend"]
 
 
 class OnnxRuntimeBackend(Backend):
@@ -55,7 +21,10 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, bundle: Bundle, threads: int | str | dict[str, int] = 2, providers: list[str] | None = None,
                  precision: str = "fp32", graph_files: dict[str, Path] | None = None,
-                 profile_dir: Path | None = None):
+                 profile_dir: Path | None = None, resident_device: str = "cpu"):
+        """resident_device: where registered caches live. "cpu" binds the host buffers (ONNX Runtime copies
+        them to a GPU provider on every call); "cuda" (with a CUDA/TensorRT provider first) keeps device
+        copies that are uploaded once and must then be written through `write_rows`."""
         super().__init__()
         try:
             import onnxruntime as ort
@@ -90,6 +59,12 @@ class OnnxRuntimeBackend(Backend):
         self.threads = per_graph
         self._ort = ort
         self._bound: dict[tuple[str, str], object] = {}
+        self._device_copies = None
+        if resident_device != "cpu":
+            if cache_device(providers) != resident_device:
+                raise UsageError(f"resident caches on {resident_device!r} need a provider that runs there first "
+                                 f"(got {providers})")
+            self._device_copies = ResidentBuffers(ort, resident_device, providers)
 
     def end_profiling(self) -> dict[str, Path]:
         """Stop ONNX Runtime's profiler (when enabled) and return each graph's trace file."""
@@ -97,9 +72,18 @@ class OnnxRuntimeBackend(Backend):
 
     def register_resident(self, graph: str, name: str, array: np.ndarray) -> None:
         super().register_resident(graph, name, array)
-        # An OrtValue over the numpy buffer itself: on CPU no copy is made per call, and the engine's
-        # in-place row writes are what the next call reads. (A CUDA build binds device memory here.)
-        self._bound[(graph, name)] = self._ort.OrtValue.ortvalue_from_numpy(array)
+        # On the host: an OrtValue over the numpy buffer itself (no copy per call; the engine's in-place
+        # row writes are what the next call reads). On a device: a copy uploaded once, kept current by
+        # `write_rows`.
+        if self._device_copies is not None:
+            self._bound[(graph, name)] = self._device_copies.value(array)
+        else:
+            self._bound[(graph, name)] = self._ort.OrtValue.ortvalue_from_numpy(array)
+
+    def write_rows(self, array: np.ndarray, axis: int, start: int, values: np.ndarray) -> None:
+        super().write_rows(array, axis, start, values)
+        if self._device_copies is not None:
+            self._device_copies.write_rows(array, axis, start, values)
 
     def _run(self, graph, feeds, outputs):
         sess = self.sessions[graph]

@@ -21,7 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dream_export.errors import IncompatibleArtifactError, MissingBackendError
-from dream_export.targets.trtexec import ENGINE_META_FORMAT
+
+# The metadata format both build paths write (build.sh renders it from here too). It lives in this
+# runtime module, not with the build plans, so the runtime imports nothing from `targets`' plan code.
+ENGINE_META_FORMAT = "dream-export-engine/1"
 
 
 @dataclass(frozen=True)
@@ -62,10 +65,18 @@ def _version_parts(version: str) -> list[int] | None:
         return None
 
 
+def valid_sm(text: str | None) -> str | None:
+    """`text` when it reads as a compute capability ("8.7"), else None: JetPack 6's nvidia-smi prints
+    "N/A" / "[N/A]" for compute_cap, which must never be recorded or compared as an SM."""
+    sm = str(text or "").strip()
+    major, dot, minor = sm.partition(".")
+    return sm if dot and major.isdigit() and minor.isdigit() else None
+
+
 def _recorded_sm(meta: dict) -> str:
-    """The SM the engine was built for; build.sh on a Jetson may not read it (no compute_cap in
-    nvidia-smi there), and then the target's registry SM stands in."""
-    sm = str(meta.get("compute_cap") or meta.get("sm") or "").strip()
+    """The SM the engine was built for; when the build could not read one (an older build.sh on a
+    Jetson recorded nvidia-smi's "N/A"), the target's registry SM stands in."""
+    sm = valid_sm(meta.get("compute_cap")) or valid_sm(meta.get("sm"))
     if sm:
         return sm
     from dream_export.targets.registry import get_target  # pure data, no heavy imports
@@ -130,9 +141,31 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _probe_libcudart() -> tuple[str, str] | None:
+    """(GPU name, SM) from the CUDA runtime library through ctypes: every JetPack and CUDA install has
+    libcudart, while cuda-python may be missing and JetPack 6's nvidia-smi prints N/A for compute_cap."""
+    import ctypes
+    import ctypes.util
+
+    names = [n for n in (ctypes.util.find_library("cudart"), "libcudart.so", "libcudart.so.12", "libcudart.so.11.0")
+             if n]
+    for name in names:
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        major, minor = ctypes.c_int(0), ctypes.c_int(0)
+        # cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrComputeCapabilityMinor = 76 (driver_types.h)
+        if lib.cudaDeviceGetAttribute(ctypes.byref(major), 75, 0) or lib.cudaDeviceGetAttribute(ctypes.byref(minor), 76, 0):
+            return None
+        return "", f"{major.value}.{minor.value}"
+    return None
+
+
 def probe_gpu() -> tuple[str, str] | None:
-    """(GPU name, SM) of device 0 without torch: cuda-python when installed, else `nvidia-smi`; None
-    when neither finds a GPU. On a Jetson without compute_cap in nvidia-smi, cuda-python is needed."""
+    """(GPU name, SM) of device 0 without torch: cuda-python when installed, else the CUDA runtime
+    library (ctypes), else `nvidia-smi`; None when none finds a GPU. The SM never comes from an
+    nvidia-smi "N/A" (JetPack 6)."""
     try:
         cudart = load_cudart()
         err, prop = cudart.cudaGetDeviceProperties(0)
@@ -141,6 +174,9 @@ def probe_gpu() -> tuple[str, str] | None:
             return name, f"{prop.major}.{prop.minor}"
     except MissingBackendError:
         pass
+    found = _probe_libcudart()
+    if found is not None:
+        return found
     if shutil.which("nvidia-smi") is None:
         return None
     try:
@@ -150,7 +186,7 @@ def probe_gpu() -> tuple[str, str] | None:
         return None
     line = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else ""
     name, _, sm = line.rpartition(",")
-    return (name.strip(), sm.strip()) if name and sm.strip()[:1].isdigit() else None
+    return (name.strip(), sm.strip()) if name and valid_sm(sm) else None
 
 
 def probe_device() -> DeviceInfo:

@@ -10,20 +10,30 @@ Runtime-owned caches (`register_resident`) are page-locked in place with `cudaHo
 Mapped)` and bound by their mapped device pointer: the engine's in-place row writes on the host are
 what the next call reads, with no per-call copy. On Jetson (one memory for CPU and GPU) that is the
 native path. On a discrete GPU the engine then reads the cache across PCIe on every call; a
-device-resident cache needs the engine to commit rows through the backend, which it does not yet do.
+device-resident cache would keep a device copy written through `Backend.write_rows` (as the ONNX
+Runtime backend does for CUDA), which this backend does not yet do.
+
+TensorRT requires every bound address to be 256-byte aligned (`setTensorAddress`,
+include/NvInferRuntime.h); the mapping keeps a buffer's offset within its page, so only buffers
+allocated aligned (`backend_base.aligned_zeros`) are bound in place, others are copied per call with a
+warning. Which address each input gets is decided by pure functions (`map_resident`,
+`input_addresses`) that tests replay on recorded runtime calls; `set_input_shape` and
+`set_tensor_address` results are checked.
 A cache whose dtype differs from the engine's input (a float32 buffer for an fp16 engine) is cast
 and copied per call instead.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from dream_export.errors import IncompatibleArtifactError, MissingBackendError, UsageError
-from dream_export.runtime.backends import Backend
+from dream_export.runtime.backend_base import BIND_ALIGNMENT, Backend
 from dream_export.runtime.bundle import GRAPHS, Bundle
 from dream_export.runtime.engine_meta import (
     DeviceInfo,
@@ -37,16 +47,20 @@ from dream_export.runtime.engine_meta import (
 Range = dict[str, tuple[tuple[int, ...], tuple[int, ...]]]  # input -> (min shape, max shape)
 
 
+def profile_fits(rng: Range, shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Whether every input of the profile `rng` is in `shapes` with each dimension within [min, max]."""
+    return all(name in shapes and len(shapes[name]) == len(mn)
+               and all(a <= d <= b for a, d, b in zip(mn, shapes[name], mx, strict=True))
+               for name, (mn, mx) in rng.items())
+
+
 def choose_profile(ranges: list[Range], shapes: dict[str, tuple[int, ...]]) -> int:
     """Index of the optimization profile that accepts `shapes`: among those whose [min, max] hold every
     input, the one with the smallest maxima (the tightest profile is the one tuned for such calls: a
     one-token decode goes to the verify profile, not the prefill one). `UsageError` when none does."""
     best, best_volume = -1, None
     for i, rng in enumerate(ranges):
-        ok = all(name in shapes and len(shapes[name]) == len(mn)
-                 and all(a <= d <= b for a, d, b in zip(mn, shapes[name], mx, strict=True))
-                 for name, (mn, mx) in rng.items())
-        if ok:
+        if profile_fits(rng, shapes):
             volume = sum(int(np.prod(mx)) for _, mx in rng.values())
             if best_volume is None or volume < best_volume:
                 best, best_volume = i, volume
@@ -57,6 +71,54 @@ def choose_profile(ranges: list[Range], shapes: dict[str, tuple[int, ...]]) -> i
         raise UsageError(f"input shapes ({got}) fit no optimization profile of the engine ({spans}); rebuild the "
                          "engines with a larger --max-prompt or re-export with a larger --max-tree")
     return best
+
+
+Buffer = tuple[int, int]  # (data pointer, bytes) of a C-contiguous array in the engine's dtype
+
+
+def map_resident(array: np.ndarray, engine_dtype: np.dtype, register: Callable[[int, int], int]) -> int | None:
+    """Bind a runtime-owned buffer in place: `register(pointer, bytes)` page-locks and maps it and returns
+    its device address, which is returned for `set_tensor_address`. None when it cannot be bound in
+    place and is copied per call instead: its dtype differs from the engine's (cast per call), it is not
+    C-contiguous, or it is not `BIND_ALIGNMENT`-aligned (TensorRT refuses such addresses; the mapping
+    keeps the offset within the page, so the host address decides)."""
+    if array.dtype != engine_dtype or not array.flags.c_contiguous:
+        return None
+    if array.ctypes.data % BIND_ALIGNMENT:
+        warnings.warn(f"a runtime cache of {array.nbytes} bytes is not {BIND_ALIGNMENT}-byte aligned (address "
+                      f"{array.ctypes.data % BIND_ALIGNMENT} mod {BIND_ALIGNMENT}), which TensorRT requires: it is "
+                      "copied to the device on every call; allocate it with runtime.backends.aligned_zeros",
+                      stacklevel=3)
+        return None
+    address = int(register(array.ctypes.data, array.nbytes))
+    check_alignment("a mapped runtime cache", address)
+    return address
+
+
+def buffer_of(array: np.ndarray, engine_dtype: np.dtype) -> Buffer | None:
+    """(pointer, bytes) of a feed that can be bound as it is (C-contiguous, the engine's dtype), else None."""
+    if array.dtype != engine_dtype or not array.flags.c_contiguous:
+        return None
+    return array.ctypes.data, array.nbytes
+
+
+def input_addresses(inputs: list[str], feeds: dict[str, Buffer | None],
+                    mapped: dict[str, tuple[Buffer, int]]) -> dict[str, int | None]:
+    """The address each engine input is bound at: the mapped device address of a registered buffer when
+    the call passes exactly that memory (`feeds[name]` equals its (pointer, bytes)); None for inputs
+    staged through a device buffer of the backend (cudaMalloc: 256-byte aligned)."""
+    out: dict[str, int | None] = {}
+    for n in inputs:
+        reg = mapped.get(n)
+        out[n] = reg[1] if reg is not None and feeds.get(n) == reg[0] else None
+    return out
+
+
+def check_alignment(what: str, address: int) -> None:
+    """Refuse an address TensorRT would reject (`setTensorAddress` needs `BIND_ALIGNMENT` bytes)."""
+    if address % BIND_ALIGNMENT:
+        raise RuntimeError(f"{what} is at address {address:#x}, not {BIND_ALIGNMENT}-byte aligned as TensorRT's "
+                           "setTensorAddress requires")
 
 
 def find_engine_dir(bundle_root: Path, device: DeviceInfo) -> Path:
@@ -118,7 +180,9 @@ class TensorRTBackend(Backend):
         self._runtime = trt.Runtime(self._logger)
         self.engines: dict[str, _Engine] = {}
         self.meta: dict[str, dict] = {}
-        self._mapped: dict[tuple[str, str], int] = {}  # (graph, input) -> device pointer of a registered buffer
+        # (graph, input) -> ((host pointer, bytes), device address) of a buffer bound in place
+        self._mapped: dict[tuple[str, str], tuple[tuple[int, int], int]] = {}
+        self._pinned: dict[int, list[int]] = {}  # host pointer -> [device address, registrations]
         for g in GRAPHS:
             path = self.engine_dir / f"{g}.engine"
             self.meta[g] = check_engine(path, self.device, g)
@@ -153,18 +217,33 @@ class TensorRTBackend(Backend):
         return _Engine(engine, contexts, inputs, outputs, dtypes, ranges)
 
     def register_resident(self, graph: str, name: str, array: np.ndarray) -> None:
-        old = self.resident.get(graph, {}).get(name)
-        if (graph, name) in self._mapped and old is not None:  # a new engine replaces its caches
-            self._cudart.cudaHostUnregister(old.ctypes.data)
-            del self._mapped[(graph, name)]
+        old = self._mapped.pop((graph, name), None)
+        if old is not None:  # a new engine replaces its caches
+            self._unpin(old[0][0])
         super().register_resident(graph, name, array)
         eng = self.engines.get(graph)
-        if eng is None or name not in eng.dtypes or array.dtype != eng.dtypes[name] or not array.flags.c_contiguous:
-            return  # cast + copied per call
-        cudart = self._cudart
-        ptr = array.ctypes.data
-        self._call(cudart.cudaHostRegister(ptr, array.nbytes, cudart.cudaHostRegisterMapped))
-        self._mapped[(graph, name)] = int(self._call(cudart.cudaHostGetDevicePointer(ptr, 0)))
+        if eng is None or name not in eng.dtypes:
+            return
+        address = map_resident(array, eng.dtypes[name], self._pin)
+        if address is not None:
+            self._mapped[(graph, name)] = ((array.ctypes.data, array.nbytes), address)
+
+    def _pin(self, ptr: int, nbytes: int) -> int:
+        """Page-lock and map host memory once (a buffer may serve several graphs); its device address."""
+        if ptr not in self._pinned:
+            cudart = self._cudart
+            self._call(cudart.cudaHostRegister(ptr, nbytes, cudart.cudaHostRegisterMapped))
+            self._pinned[ptr] = [int(self._call(cudart.cudaHostGetDevicePointer(ptr, 0))), 0]
+        self._pinned[ptr][1] += 1
+        return self._pinned[ptr][0]
+
+    def _unpin(self, ptr: int) -> None:
+        entry = self._pinned.get(ptr)
+        if entry is not None:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self._cudart.cudaHostUnregister(ptr)
+                del self._pinned[ptr]
 
     # ---- calls -----------------------------------------------------------------------------------
     def _device_buffer(self, eng: _Engine, key: str, nbytes: int) -> int:
@@ -187,19 +266,21 @@ class TensorRTBackend(Backend):
         ctx = eng.contexts[choose_profile(eng.ranges, {n: tuple(feeds[n].shape) for n in eng.inputs})]
         keep = []  # host arrays must outlive the async copies queued from them
         h2d = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        mapped = {n: reg for (g, n), reg in self._mapped.items() if g == graph}
+        addresses = input_addresses(eng.inputs, {n: buffer_of(feeds[n], eng.dtypes[n]) for n in eng.inputs}, mapped)
         for n in eng.inputs:
             src = feeds[n]
-            ctx.set_input_shape(n, tuple(src.shape))
-            mapped = self._mapped.get((graph, n))
-            if mapped is not None and self.resident.get(graph, {}).get(n) is src:
-                ctx.set_tensor_address(n, mapped)
-                continue
-            arr = np.ascontiguousarray(src, dtype=eng.dtypes[n])
-            keep.append(arr)
-            dev = self._device_buffer(eng, n, arr.nbytes)
-            if arr.nbytes:
-                self._call(cudart.cudaMemcpyAsync(dev, arr.ctypes.data, arr.nbytes, h2d, self.stream))
-            ctx.set_tensor_address(n, dev)
+            if not ctx.set_input_shape(n, tuple(src.shape)):
+                raise UsageError(f"TensorRT refused shape {list(src.shape)} for input {n} of the {graph} engine "
+                                 "(see the TensorRT log)")
+            dev = addresses[n]
+            if dev is None:  # staged: copied into a device buffer of this backend
+                arr = np.ascontiguousarray(src, dtype=eng.dtypes[n])
+                keep.append(arr)
+                dev = self._device_buffer(eng, n, arr.nbytes)
+                if arr.nbytes:
+                    self._call(cudart.cudaMemcpyAsync(dev, arr.ctypes.data, arr.nbytes, h2d, self.stream))
+            self._bind(ctx, graph, n, dev)
         wanted = outputs or eng.outputs
         host: dict[str, np.ndarray] = {}
         for n in eng.outputs:
@@ -208,7 +289,7 @@ class TensorRTBackend(Backend):
                 raise IncompatibleArtifactError(f"{graph} engine output {n} has a data-dependent shape {shape}; "
                                                 "the exported graphs never do: rebuild from this bundle's ONNX")
             out = np.empty(shape, eng.dtypes[n])
-            ctx.set_tensor_address(n, self._device_buffer(eng, n, out.nbytes))
+            self._bind(ctx, graph, n, self._device_buffer(eng, n, out.nbytes))
             if n in wanted:
                 host[n] = out
         if not ctx.execute_async_v3(self._handle):
@@ -222,6 +303,12 @@ class TensorRTBackend(Backend):
         del keep
         return {n: host[n] for n in wanted}
 
+    @staticmethod
+    def _bind(ctx, graph: str, name: str, address: int) -> None:
+        check_alignment(f"{graph} engine tensor {name}", address)
+        if not ctx.set_tensor_address(name, address):
+            raise RuntimeError(f"TensorRT refused the address of {name} for the {graph} engine (see the TensorRT log)")
+
     def close(self) -> None:
         """Free device buffers and unregister the page-locked caches (also done at interpreter exit)."""
         cudart = self._cudart
@@ -229,6 +316,7 @@ class TensorRTBackend(Backend):
             for ptr, _ in eng.device_buffers.values():
                 cudart.cudaFree(ptr)
             eng.device_buffers.clear()
-        for (graph, name) in list(self._mapped):
-            cudart.cudaHostUnregister(self.resident[graph][name].ctypes.data)
+        for ptr in list(self._pinned):
+            cudart.cudaHostUnregister(ptr)
+        self._pinned.clear()
         self._mapped.clear()

@@ -1,12 +1,27 @@
 """TensorRT build plans for a bundle: optimization profiles derived from its manifest.
 
-The target engine gets two profiles (prefill up to the longest prompt; verification up to the
-bundle's tree limit), the draft engine two (context pass; k-wide tree step), the vision engine one
-static shape. Shapes come from the manifest's graph I/O and capacities, never from constants here.
+The profiles cover exactly the shapes the runtime (`dream_export.runtime.engine`) sends, and no more:
+
+- Graphs exported to read only the used cache slots (`"slots": "used"`) get masks over the used slots
+  rounded up to `SLOT_BUCKET` (at least one bucket, at most the capacity) plus the call's new rows, so a
+  mask spans `bucket + tokens` (prefill: an empty cache still gets one bucket) up to `capacity + tokens`.
+  Graphs that read the whole cache get `capacity + tokens` on every call.
+- Target: a prefill profile (1 .. the longest prompt, `kv_capacity - 1` tokens, one logit row) and a
+  decode profile (1 .. `max_tree` tokens and rows: plain decoding, chain and tree verification).
+- Draft: a context-pass profile (the prompt's tokens + the first answer token, all prompt features) and
+  a tree-step profile (1 .. `topk` frontier rows, one step's parent features).
+- Vision: its one static shape.
+
+The optional `draft_chain` graph gets no engine: the TensorRT backend runs chains as per-step draft
+calls (`TensorRTBackend.graphs`). The graph's embedding-table input (vocab x hidden, 0.5 GB in fp32
+for a 7B model) would be one more engine input to map, and its step count is fixed at export while
+TensorRT calls cost microseconds to launch: the unrolled graph pays on the CPU, where a call costs
+a session run.
 """
 
 from __future__ import annotations
 
+from dream_export.runtime.engine import SLOT_BUCKET
 from dream_export.targets.registry import Target
 from dream_export.targets.trtexec import GraphBuild, make_build
 
@@ -28,41 +43,70 @@ def _profile(entry: dict, lo: dict, opt: dict, hi: dict) -> dict:
             for io in entry["inputs"]}
 
 
+def mask_width(capacity: int, filled: int, used_slots: bool) -> int:
+    """Cache slots a mask spans over a cache holding `filled` rows (`runtime.engine.cache_mask`'s rule):
+    the filled rows rounded up to `SLOT_BUCKET`, at least one bucket and at most `capacity`, for graphs
+    that read only the used slots; the whole capacity otherwise."""
+    if not used_slots:
+        return capacity
+    return min(capacity, max(1, -(-filled // SLOT_BUCKET)) * SLOT_BUCKET)
+
+
 def target_symbols(manifest: dict, tokens: int, rows: int, past: int | None = None) -> dict[str, int]:
     """The target graph's symbolic dims for a call over `tokens` new tokens gathering `rows` logit rows
-    after `past` cached ones: the mask spans those (the whole cache, for graphs that read all of it)
-    plus the new tokens."""
+    after `past` cached ones (None: a full cache). The mask spans the cache slots the graph reads plus
+    the new tokens."""
     cap = manifest["kv_capacity"]
     used = manifest["graphs"]["target"].get("slots") == "used"
-    return {"tokens": tokens, "slots": (cap if past is None or not used else past) + tokens, "rows": rows}
+    return {"tokens": tokens, "slots": mask_width(cap, cap if past is None else past, used) + tokens, "rows": rows}
 
 
-def draft_symbols(manifest: dict, tokens: int, feats: int) -> dict[str, int]:
-    """The draft graph's symbolic dims for `tokens` positions appending `feats` target features."""
-    return {"tokens": tokens, "self_slots": manifest["draft_capacity"] + tokens, "feats": feats,
-            "cross_slots": manifest["cross_capacity"] + feats}
+def draft_symbols(manifest: dict, tokens: int, feats: int, self_past: int | None = None,
+                  cross_past: int | None = None) -> dict[str, int]:
+    """The draft graph's symbolic dims for `tokens` positions appending `feats` target features after
+    `self_past` / `cross_past` cached rows (None: full caches)."""
+    used = manifest["graphs"]["draft"].get("slots") == "used"
+    dcap, ccap = manifest["draft_capacity"], manifest["cross_capacity"]
+    return {"tokens": tokens, "feats": feats,
+            "self_slots": mask_width(dcap, dcap if self_past is None else self_past, used) + tokens,
+            "cross_slots": mask_width(ccap, ccap if cross_past is None else cross_past, used) + feats}
 
 
-def graph_profiles(manifest: dict, max_prompt: int | None = None, tree_k: int = 8) -> dict[str, list[dict]]:
-    """Optimization profiles per component, as {input: (min, opt, max)} dicts."""
+def longest_prompt(manifest: dict, max_prompt: int | None = None) -> int:
+    """The longest prompt the runtime prefills: one slot stays free for the first answer token."""
+    cap = manifest["kv_capacity"]
+    return max(1, min(max_prompt or cap - 1, cap - 1))
+
+
+def graph_profiles(manifest: dict, max_prompt: int | None = None) -> dict[str, list[dict]]:
+    """Optimization profiles per component, as {input: (min, opt, max)} dicts (see the module doc)."""
     g = manifest["graphs"]
-    cap, tree = manifest["kv_capacity"], manifest["max_tree"]
-    prompt = min(max_prompt or cap, cap)
+    cap, tree, topk = manifest["kv_capacity"], manifest["max_tree"], manifest["topk"]
+    prompt = longest_prompt(manifest, max_prompt)
     t = g["target"]
 
-    def tsym(tokens, rows, past=None):
+    def tsym(tokens, rows, past):
         return target_symbols(manifest, tokens, rows, past)
 
-    # the mask spans the context (from an empty cache to a full one) where the graph reads only that
-    target = [_profile(t, tsym(1, 1, 0), tsym(prompt // 2, 1, 0), tsym(prompt, 1, cap - prompt)),  # prefill
-              _profile(t, tsym(1, 1, 0), tsym(tree // 2, tree // 2, cap // 2), tsym(tree, tree, cap))]  # decode
+    target = [_profile(t, tsym(1, 1, 0), tsym(max(1, prompt // 2), 1, 0), tsym(prompt, 1, 0)),  # prefill
+              _profile(t, tsym(1, 1, 1), tsym(max(1, tree // 2), max(1, tree // 2), cap // 2),
+                       tsym(tree, tree, None))]  # decode / verify
     d = g["draft"]
+    uses_cross = manifest.get("draft", {}).get("uses_cross", True)
+    f0 = 1 if uses_cross else 0  # EAGLE-style drafts append no target features
 
-    def dsym(tokens, feats):
-        return draft_symbols(manifest, tokens, feats)
+    def dsym(tokens, feats, past):
+        return draft_symbols(manifest, tokens, feats if uses_cross else 0, past, past)
 
-    draft = [_profile(d, dsym(1, 0), dsym(prompt // 2, prompt // 2), dsym(prompt, prompt)),  # context pass
-             _profile(d, dsym(1, 1), dsym(tree_k // 2, tree_k // 2), dsym(tree_k, tree_k))]  # tree step
+    # context pass: the first round runs the whole prompt (+ the first answer token) over every prompt
+    # feature; later rounds run the accepted tokens (at most a tree's depth) over as many features
+    ctx_tokens = min(prompt + 1, manifest["draft_capacity"])
+    ctx_feats = min(max(prompt, tree), manifest["cross_capacity"])
+    step = min(topk, tree)
+    draft = [_profile(d, dsym(1, f0, 0), dsym(max(1, ctx_tokens // 2), max(f0, ctx_feats // 2), cap // 2),
+                      draft_symbols(manifest, ctx_tokens, ctx_feats if uses_cross else 0)),
+             _profile(d, dsym(1, f0, 1), dsym(max(1, step // 2), max(f0, step // 2), cap // 2),
+                      draft_symbols(manifest, step, step if uses_cross else 0))]  # tree / chain step
     v = g["vision"]
     vision = [_profile(v, {}, {}, {})]
     return {"vision": vision, "target": target, "draft": draft}

@@ -8,13 +8,18 @@ What is counted, and why:
 - vision weights: vision tower + projector.
 - draft weights: DREAM's three decoder blocks at target width, plus its own copy of the LM head —
   separate TensorRT engines cannot share weight memory, so the "shared" head is resident twice.
-- embedding table: the runtime keeps it (lookup + image splice on the host); it uses device memory only
-  on unified-memory devices (Jetson, CPU). On a discrete GPU it sits in host RAM and is not counted
-  against the GPU.
-- KV cache: 2 × layers × kv_heads × head_dim × capacity × bytes (batch 1); fp16 for every build but fp32
-  (INT8/FP8 builds quantize weights, not the cache).
-- draft caches: K/V of its two self-attention blocks plus the cross-attention K/V over target features.
-- activations: an upper-bound estimate for the largest optimization profile (see `_activation_bytes`).
+- embedding table: the runtime keeps it in fp32 (lookup + image splice on the host); it uses device
+  memory only on unified-memory devices (Jetson, CPU). On a discrete GPU it sits in host RAM and is not
+  counted against the GPU.
+- KV cache: 2 × layers × kv_heads × head_dim × capacity × 4 bytes (batch 1): the runtime allocates its
+  caches as fp32 numpy buffers for every precision (the graphs keep fp32 I/O, so the TensorRT backend
+  binds them in place). They are host memory mapped into the GPU: device memory on unified-memory
+  devices, host RAM on a discrete GPU.
+- draft caches: K/V of its self-attention blocks and of the cross-attention over target features, each
+  capacity + tree slots, plus the runtime's per-position target features; fp32 like the KV cache.
+- activations: an upper-bound estimate for each engine's largest optimization profile, times the
+  engine's execution contexts: the backend makes one per profile, and TensorRT gives each the engine's
+  device memory size, the maximum over all profiles (`getDeviceMemorySize`, NvInferRuntime.h).
 - TensorRT workspace: the target's default pool (--memPoolSize=workspace), counted once because the
   runtime runs one engine at a time.
 - runtime overhead: CUDA context and the TensorRT/cuBLAS libraries loaded into memory (an estimate).
@@ -339,6 +344,12 @@ def _gib(n: int) -> str:
 
 
 _WEIGHT_BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "fp8": 1}
+# The runtime's caches, features and embedding table are fp32 numpy buffers whatever the engines'
+# precision (runtime/engine.py, runtime/pipeline.py).
+_RUNTIME_BUFFER_BYTES = 4
+# Execution contexts per engine: `TensorRTBackend` makes one per optimization profile (vision: its one
+# static shape; target: prefill + verify; draft: context pass + tree step, `bundle_builds`).
+ENGINE_CONTEXTS: dict[str, int] = {"vision": 1, "target": 2, "draft": 2}
 
 
 def _act_bytes(precision: str) -> int:
@@ -346,31 +357,31 @@ def _act_bytes(precision: str) -> int:
     return 4 if precision == "fp32" else 2
 
 
-def _activation_bytes(model: ModelDesc, draft: DraftDesc, precision: str, capacity: int, tree: int) -> int:
-    """Upper-bound activation memory of the largest profile of each engine.
+def _activation_bytes(model: ModelDesc, draft: DraftDesc, precision: str, capacity: int, tree: int) -> dict[str, int]:
+    """Upper-bound activation memory of each engine's largest profile (engine -> bytes).
 
     TensorRT reuses activation buffers between layers, so the peak is a few layer-sized tensors, not
     one per layer. Per engine: two residual-stream-sized live sets (ping-pong) of
     tokens × (4·hidden + 2·intermediate) — q/k/v/o and gate/up widths — plus one layer's attention
     score matrix heads × tokens × keys (assumes TensorRT does not fuse attention; it often does, so
-    this errs on the safe side), plus fp32 logits at the gathered rows. The prefill profile's largest
-    token count is the KV capacity (a prompt may fill the cache).
+    this errs on the safe side), plus fp32 logits. The largest token count is the KV capacity for the
+    target's prefill profile and for the draft's context-pass profile (a prompt may fill the cache, and
+    the draft's first pass runs over the whole prompt); the target gathers logits at `tree` rows, the
+    draft computes them at every position (its top-k per token).
     """
     b = _act_bytes(precision)
     t = model.text
     stream = 2 * capacity * (4 * t.hidden_size + 2 * t.intermediate_size) * b
     scores = t.num_heads * capacity * capacity * b
-    logits = tree * t.vocab_size * 4
-    target = stream + scores + logits
-    d_stream = 2 * tree * (4 * draft.hidden_size + 2 * draft.intermediate_size) * b
-    d_scores = draft.num_heads * tree * (capacity + tree) * b
-    draft_act = d_stream + d_scores + tree * draft.vocab_size * 4
+    target = stream + scores + tree * t.vocab_size * 4
+    d_stream = 2 * capacity * (4 * draft.hidden_size + 2 * draft.intermediate_size) * b
+    d_scores = draft.num_heads * capacity * (capacity + tree) * b
+    draft_act = d_stream + d_scores + capacity * draft.vocab_size * 4
     vision = 0
     if model.vision is not None:
         v, n = model.vision, model.vision.tokens * model.vision.images_per_prompt
         vision = 2 * n * (4 * v.hidden_size + 2 * v.intermediate_size) * b + v.num_heads * n * v.tokens * b
-    # Engines run one after another, but each execution context owns its activations: sum them.
-    return target + draft_act + vision
+    return {"vision": vision, "target": target, "draft": draft_act}
 
 
 def estimate(model: ModelDesc, target: Target | str, precision: str, kv_capacity: int, tree_size: int,
@@ -387,10 +398,13 @@ def estimate(model: ModelDesc, target: Target | str, precision: str, kv_capacity
     decoder = t.num_layers * t.layer_params() * wb + t.hidden_size * 2
     head = t.vocab_size * t.hidden_size * head_b  # a tied head still exists in the graph as a MatMul
     draft_body, draft_head = draft.block_params()
-    kv_b = 4 if precision == "fp32" else 2
-    kv = 2 * t.num_layers * t.num_kv_heads * t.head_dim * kv_capacity * kv_b
-    draft_kv = 2 * draft.attention_blocks * draft.num_kv_heads * draft.head_dim * (kv_capacity + tree_size) * kv_b
-    emb_on_device = tgt.unified_memory
+    cb = _RUNTIME_BUFFER_BYTES
+    kv = 2 * t.num_layers * t.num_kv_heads * t.head_dim * kv_capacity * cb
+    slots = kv_capacity + tree_size
+    draft_kv = (2 * draft.attention_blocks * draft.num_kv_heads * draft.head_dim + t.hidden_size) * slots * cb
+    unified = tgt.unified_memory
+    acts = _activation_bytes(model, draft, precision, kv_capacity, tree_size)
+    contexts = " + ".join(f"{ENGINE_CONTEXTS[e]}x {e}" for e in acts if acts[e])
     workspace = (workspace_mb if workspace_mb is not None else tgt.default_workspace_mb) * 2**20
     items = [
         MemoryItem("target_weights", decoder + head, note=f"{t.num_layers} layers + LM head"),
@@ -398,12 +412,13 @@ def estimate(model: ModelDesc, target: Target | str, precision: str, kv_capacity
                    note="vision tower + projector"),
         MemoryItem("draft_weights", draft_body * wb + draft_head * head_b,
                    note=f"{draft.num_blocks} blocks + own LM head copy"),
-        MemoryItem("embedding_table", t.vocab_size * t.hidden_size * (4 if precision == "fp32" else 2),
-                   on_device=emb_on_device, note="kept by the runtime"),
-        MemoryItem("kv_cache", kv, note=f"capacity {kv_capacity}"),
-        MemoryItem("draft_cache", draft_kv, note=f"capacity {kv_capacity} + tree {tree_size}"),
-        MemoryItem("activations", _activation_bytes(model, draft, precision, kv_capacity, tree_size),
-                   note="upper bound, largest profile"),
+        MemoryItem("embedding_table", t.vocab_size * t.hidden_size * cb, on_device=unified,
+                   note="kept by the runtime (fp32)"),
+        MemoryItem("kv_cache", kv, on_device=unified, note=f"capacity {kv_capacity}, fp32 runtime buffers"),
+        MemoryItem("draft_cache", draft_kv, on_device=unified,
+                   note=f"capacity {kv_capacity} + tree {tree_size}, fp32 runtime buffers + target features"),
+        MemoryItem("activations", sum(ENGINE_CONTEXTS[e] * n for e, n in acts.items()),
+                   note=f"upper bound per context, largest profile; contexts: {contexts}"),
         MemoryItem("workspace", workspace, note="TensorRT workspace pool"),
         MemoryItem("runtime_overhead", _RUNTIME_OVERHEAD_CPU if tgt.kind == "cpu" else _RUNTIME_OVERHEAD_GPU,
                    note="CUDA context + libraries (estimate)"),

@@ -116,11 +116,16 @@ class Target:
             raise UsageError(f"{self.name} does not support {precision}{why}; "
                              f"it supports {', '.join(self.precisions)}")
 
+    @property
+    def jetpacks(self) -> tuple[str, ...]:
+        """The JetPack releases this Jetson runs (empty for other devices)."""
+        return _JETPACKS_BY_FAMILY[_family(self.name)] if self.kind == "jetson" else ()
+
     def with_jetpack(self, jetpack: str) -> Target:
         """The same device on another JetPack release: TensorRT and CUDA versions follow the release."""
         if self.kind != "jetson":
             raise UsageError(f"{self.name} is not a Jetson; JetPack does not apply")
-        allowed = _JETPACKS_BY_FAMILY[_family(self.name)]
+        allowed = self.jetpacks
         if jetpack not in allowed:
             raise UsageError(f"{self.name} does not run JetPack {jetpack}; supported: {', '.join(allowed)}")
         trt, cuda = JETPACK_STACKS[jetpack]

@@ -33,9 +33,9 @@ from pathlib import Path
 
 from dream_export.errors import DreamExportError, IncompatibleArtifactError, UsageError
 from dream_export.io import atomic_write_text
-from dream_export.runtime.engine_meta import DeviceInfo, meta_path, probe_gpu, sha256_file
+from dream_export.runtime.engine_meta import ENGINE_META_FORMAT, DeviceInfo, meta_path, probe_gpu, sha256_file
 from dream_export.targets.registry import Target
-from dream_export.targets.trtexec import BUILD_FORMAT, ENGINE_META_FORMAT, GraphBuild
+from dream_export.targets.trtexec import BUILD_FORMAT, GraphBuild
 
 Log = Callable[[str], None]
 
@@ -250,6 +250,9 @@ def build_engine(build: GraphBuild, bundle_root: str | Path, target: Target, dev
     if flags.explicit_batch:
         net_flags |= 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
     if flags.strongly_typed:
+        if not hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):  # 8.x bindings (engine_flags keeps it 9+)
+            raise IncompatibleArtifactError(f"{build.component}: TensorRT {trt.__version__} has no strongly typed "
+                                            "networks; build the fp32 graph with a calibration cache instead")
         net_flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(net_flags)
     parser = trt.OnnxParser(network, logger)
@@ -266,11 +269,13 @@ def build_engine(build: GraphBuild, bundle_root: str | Path, target: Target, dev
     if flags.int8:
         config.set_flag(trt.BuilderFlag.INT8)
     if build.builder_optimization_level is not None:
+        if not hasattr(config, "builder_optimization_level"):  # not in the TensorRT 8.5 bindings
+            raise UsageError(f"TensorRT {trt.__version__} has no builder optimization level (8.6+); drop --opt-level")
         config.builder_optimization_level = int(build.builder_optimization_level)
     if build.layer_info:
         config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     profiles = []
-    for p in build.profiles:
+    for p in [] if build.static else build.profiles:  # a static network takes no optimization profile
         prof = builder.create_optimization_profile()
         for name, (mn, op, mx) in p.items():
             prof.set_shape(name, mn, op, mx)
@@ -298,7 +303,7 @@ def build_engine(build: GraphBuild, bundle_root: str | Path, target: Target, dev
     timing = config.create_timing_cache(timing_path.read_bytes() if timing_path and timing_path.exists() else b"")
     config.set_timing_cache(timing, False)  # a cache from another device/version is refused, not misused
     monitor = _progress_monitor(trt, log, build.component)
-    if monitor is not None:
+    if monitor is not None and hasattr(config, "progress_monitor"):  # TensorRT 10+ (not in 8.5/8.6 bindings)
         config.progress_monitor = monitor
     t0 = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
