@@ -15,19 +15,6 @@ import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "dream_export"
 
-# KNOWN CYCLES, tolerated until the TensorRT work that owns these files removes them (then delete the entry:
-# the test guards the pair from then on). Each entry is the one import edge that closes the cycle.
-KNOWN_PACKAGE_EDGES: set[tuple[str, str]] = {
-    # runtime/engine_meta.py imports targets/trtexec.py (one constant) and targets/registry.py, while
-    # targets/trt_build.py imports runtime.engine_meta.
-    ("runtime", "targets"),
-}
-KNOWN_MODULE_EDGES: set[tuple[str, str]] = {
-    # runtime/backends.py builds the TensorRT backend, which subclasses runtime/backends.Backend.
-    ("dream_export.runtime.backends", "dream_export.runtime.trt_backend"),
-}
-
-
 def _module_name(path: Path) -> str:
     rel = path.relative_to(PKG.parent).with_suffix("")
     parts = list(rel.parts)
@@ -113,31 +100,15 @@ def _package_edges(mods: dict[str, set[str]]) -> dict[str, set[str]]:
     return edges
 
 
-def _without(edges: dict[str, set[str]], known: set[tuple[str, str]]) -> dict[str, set[str]]:
-    return {a: {b for b in bs if (a, b) not in known} for a, bs in edges.items()}
-
-
 def test_no_import_cycles_between_packages():
     edges = _package_edges(_modules())
-    assert not _cycles(_without(edges, KNOWN_PACKAGE_EDGES)), \
-        f"import cycles between packages: {_cycles(_without(edges, KNOWN_PACKAGE_EDGES))}"
+    assert not _cycles(edges), f"import cycles between packages: {_cycles(edges)}"
 
 
 def test_no_import_cycles_between_modules():
     mods = _modules()
     edges = {m: {i for i in imps if i in mods and i != m} for m, imps in mods.items()}
-    assert not _cycles(_without(edges, KNOWN_MODULE_EDGES)), \
-        f"import cycles between modules: {_cycles(_without(edges, KNOWN_MODULE_EDGES))}"
-
-
-def test_known_cycles_still_exist():
-    """An allow-list entry whose cycle is gone must be removed (it would hide a new one)."""
-    mods = _modules()
-    pkg = _package_edges(mods)
-    mod = {m: {i for i in imps if i in mods and i != m} for m, imps in mods.items()}
-    stale = [e for e in KNOWN_PACKAGE_EDGES if e[1] not in pkg.get(e[0], ())] + \
-            [e for e in KNOWN_MODULE_EDGES if e[1] not in mod.get(e[0], ())]
-    assert not stale, f"remove these from the known-cycle allow-list: {stale}"
+    assert not _cycles(edges), f"import cycles between modules: {_cycles(edges)}"
 
 
 def test_library_never_imports_the_demo():

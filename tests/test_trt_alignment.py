@@ -72,8 +72,6 @@ def test_every_address_the_backend_binds_for_recorded_calls_is_aligned(replay):
     assert all("256-byte aligned" in w and "aligned_zeros" in w for w in warned)
 
 
-@pytest.mark.xfail(strict=True, reason="SpecEngine allocates its caches with np.zeros (16 mod 256 for large arrays); "
-                                       "allocating them with runtime.backends.aligned_zeros binds them in place")
 def test_runtime_caches_are_bound_in_place(replay):
     bundle, calls, backend = replay
     bound, _ = _bound_addresses(bundle, calls, backend)

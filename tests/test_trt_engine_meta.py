@@ -8,19 +8,20 @@ import json
 import pytest
 
 from dream_export.errors import IncompatibleArtifactError, MissingBackendError, UsageError
+from dream_export.io import file_digest
 from dream_export.runtime.engine_meta import (
     DeviceInfo,
     check_engine,
     meta_path,
     mismatch_reasons,
-    sha256_file,
 )
 from dream_export.runtime.trt_backend import choose_profile, find_engine_dir
 
-# What build.sh writes on a Jetson (nvidia-smi there reports no compute_cap; trtexec gives major.minor).
+# What build.sh writes on a Jetson (nvidia-smi there reports no compute_cap: the SM comes from the registry;
+# trtexec gives major.minor).
 JETSON_META = {"format": "dream-export-engine/1", "component": "target", "engine": "target.engine",
                "sha256": "0" * 64, "bytes": 1234, "onnx": "onnx-fp16/target.onnx", "onnx_sha256": "1" * 64,
-               "target": "jetson-orin-nano-8gb", "tensorrt_version": "10.3", "compute_cap": "", "gpu": "Orin",
+               "target": "jetson-orin-nano-8gb", "tensorrt_version": "10.3", "compute_cap": "8.7", "gpu": "Orin",
                "built_at": "2025-01-01T00:00:00Z"}
 # What the TensorRT Python API path writes on an H100.
 H100_META = {**JETSON_META, "target": "h100", "tensorrt_version": "10.8.0.43", "compute_cap": "9.0",
@@ -55,7 +56,7 @@ def test_incomplete_or_foreign_metadata_is_refused():
                for r in mismatch_reasons({**JETSON_META, "tensorrt_version": "unknown"}, ORIN))
     assert any("format" in r for r in mismatch_reasons({**JETSON_META, "format": "other/1"}, ORIN))
     assert any("no compute capability" in r
-               for r in mismatch_reasons({**JETSON_META, "target": "my-board"}, ORIN))
+               for r in mismatch_reasons({**JETSON_META, "target": "my-board", "compute_cap": ""}, ORIN))
     assert any("not the draft graph" in r for r in mismatch_reasons(JETSON_META, ORIN, "draft"))
 
 
@@ -64,7 +65,7 @@ def test_check_engine_reads_the_file_and_its_digest(tmp_path):
     engine.write_bytes(b"serialized engine bytes")
     with pytest.raises(IncompatibleArtifactError, match="has no metadata"):
         check_engine(engine, ORIN, "target")
-    meta = {**JETSON_META, "sha256": sha256_file(engine)}
+    meta = {**JETSON_META, "sha256": file_digest(engine)}
     meta_path(engine).write_text(json.dumps(meta))
     assert check_engine(engine, ORIN, "target")["target"] == "jetson-orin-nano-8gb"
     engine.write_bytes(b"serialized engine bytes, edited")
@@ -129,15 +130,15 @@ def test_tensorrt_backend_and_build_modules_import_without_torch():
 
 
 @pytest.mark.parametrize("reported", ["N/A", "[N/A]", "", "Orin"])
-def test_jetpack_6_na_compute_cap_falls_back_to_the_registry(reported):
-    # JetPack 6's nvidia-smi prints N/A for compute_cap; an engine recorded that way is judged by the
-    # target's registry SM (8.7 for Orin), never compared as the string "N/A"
+def test_na_compute_cap_is_refused_with_the_remedy_never_compared(reported):
+    # JetPack 6's nvidia-smi prints N/A for compute_cap: build.sh records the CUDA runtime's or the
+    # registry's SM instead; metadata without a valid SM is refused with what to do, never compared as "N/A"
     from dream_export.runtime.engine_meta import valid_sm
 
     assert valid_sm(reported) is None and valid_sm("8.7") == "8.7"
     meta = {**JETSON_META, "compute_cap": reported}
-    assert mismatch_reasons(meta, ORIN) == []
-    assert any("SM 8.7" in r for r in mismatch_reasons(meta, DeviceInfo("10.3.0.30", "9.0", "H100")))
+    reasons = mismatch_reasons(meta, ORIN)
+    assert len(reasons) == 1 and "records no compute capability" in reasons[0] and "build.sh" in reasons[0]
 
 
 def test_engine_metadata_does_not_import_the_build_plans():

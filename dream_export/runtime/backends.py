@@ -134,7 +134,12 @@ def make_backend(name: str, bundle: Bundle, threads: int | str | dict[str, int] 
     if name in ("onnxruntime", "ort", "cpu"):
         return OnnxRuntimeBackend(bundle, threads, precision=precision)
     if name == "onnxruntime-cuda":
-        return OnnxRuntimeBackend(bundle, threads, ["CUDAExecutionProvider", "CPUExecutionProvider"], precision)
+        import onnxruntime as ort
+
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        # caches stay on the GPU (uploaded once, committed rows written in place) where CUDA really runs
+        device = cache_device(providers) if providers[0] in ort.get_available_providers() else "cpu"
+        return OnnxRuntimeBackend(bundle, threads, providers, precision, resident_device=device)
     if name == "tensorrt":
         # imported here: the module is only usable where tensorrt and cuda-python are installed
         from dream_export.runtime.trt_backend import TensorRTBackend

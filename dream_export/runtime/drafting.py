@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from dream_export.errors import UsageError
-from dream_export.runtime.backends import Backend
+from dream_export.runtime.backend_base import Backend, aligned_zeros
 from dream_export.runtime.bundle import Bundle
 from dream_export.runtime.masks import cache_mask
 from dream_export.runtime.tree import TreeDraft, TreeSpec, VerifyTree, causal, draft_step_masks
@@ -43,10 +43,9 @@ class DraftRunner:
         self.uses_prev = "prev_feat" in bundle.graph("draft")["bindings"]  # EAGLE-style drafts only
         self.used_slots = bundle.graph("draft").get("slots") == "used"
         nb, dkv, dd = d["draft_blocks"], d["draft_kv_heads"], d["draft_head_dim"]
-        self.self_k = np.zeros((nb, 1, dkv, self.self_capacity, dd), np.float32)
-        self.self_v = np.zeros_like(self.self_k)
-        self.cross_k = np.zeros((1, dkv, self.cross_capacity, dd), np.float32)
-        self.cross_v = np.zeros_like(self.cross_k)
+        # 256-byte aligned: TensorRT binds resident buffers by address (setTensorAddress requires it)
+        self.self_k, self.self_v = (aligned_zeros((nb, 1, dkv, self.self_capacity, dd)) for _ in range(2))
+        self.cross_k, self.cross_v = (aligned_zeros((1, dkv, self.cross_capacity, dd)) for _ in range(2))
         self.feats = np.zeros((m["kv_capacity"] + m["max_tree"], self.hidden), np.float32)  # per target position
         self.bindings = {"draft": bundle.graph("draft")["bindings"]}  # the draft-side graphs called
         # a whole chain round per call, when the bundle has the graph and the backend runs it
@@ -118,13 +117,13 @@ class DraftRunner:
     def commit(self, out: dict, graph: str, self_at: int, cross_at: int) -> None:
         """Write a call's new rows at slots `self_at` (self-attention) and `cross_at` (cross-attention):
         a context pass's after the committed rows, a tree or chain step's into the round's scratch."""
-        k = self.out(out, "new_self_key", graph)
-        self.self_k[:, :, :, self_at:self_at + k.shape[3]] = k
-        self.self_v[:, :, :, self_at:self_at + k.shape[3]] = self.out(out, "new_self_value", graph)
+        # through the backend, which keeps any device copy of the caches in step
+        write = self.backend.write_rows
+        write(self.self_k, 3, self_at, self.out(out, "new_self_key", graph))
+        write(self.self_v, 3, self_at, self.out(out, "new_self_value", graph))
         if self.uses_cross:
-            ck = self.out(out, "new_cross_key", graph)
-            self.cross_k[:, :, cross_at:cross_at + ck.shape[2]] = ck
-            self.cross_v[:, :, cross_at:cross_at + ck.shape[2]] = self.out(out, "new_cross_value", graph)
+            write(self.cross_k, 2, cross_at, self.out(out, "new_cross_key", graph))
+            write(self.cross_v, 2, cross_at, self.out(out, "new_cross_value", graph))
 
     def no_feats(self) -> np.ndarray:
         return np.zeros((0, self.hidden), np.float32)

@@ -13,7 +13,6 @@ Pure Python: no TensorRT and no CUDA import here except in `probe_device`, so th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dream_export.errors import IncompatibleArtifactError, MissingBackendError
+from dream_export.io import file_digest
 
 # The metadata format both build paths write (build.sh renders it from here too). It lives in this
 # runtime module, not with the build plans, so the runtime imports nothing from `targets`' plan code.
@@ -74,17 +74,10 @@ def valid_sm(text: str | None) -> str | None:
 
 
 def _recorded_sm(meta: dict) -> str:
-    """The SM the engine was built for; when the build could not read one (an older build.sh on a
-    Jetson recorded nvidia-smi's "N/A"), the target's registry SM stands in."""
-    sm = valid_sm(meta.get("compute_cap")) or valid_sm(meta.get("sm"))
-    if sm:
-        return sm
-    from dream_export.targets.registry import get_target  # pure data, no heavy imports
-
-    try:
-        return get_target(str(meta.get("target", ""))).sm or ""
-    except Exception:  # unknown target name: nothing to fall back on
-        return ""
+    """The SM the engine was built for ("" when the metadata holds none that reads as an SM). build.sh
+    records the CUDA runtime's SM, or on a Jetson the module's registry SM, where nvidia-smi prints
+    "N/A" (JetPack 6), so a valid build always records one."""
+    return valid_sm(meta.get("compute_cap")) or valid_sm(meta.get("sm")) or ""
 
 
 def mismatch_reasons(meta: dict, device: DeviceInfo, component: str | None = None,
@@ -110,7 +103,8 @@ def mismatch_reasons(meta: dict, device: DeviceInfo, component: str | None = Non
                        "(engines are not portable across TensorRT releases)")
     sm = _recorded_sm(meta)
     if not sm:
-        reasons.append("metadata records no compute capability (SM) and names no known target")
+        reasons.append("metadata records no compute capability (SM); rebuild with this version's build.sh, which "
+                       "reads it from the CUDA runtime or the target registry")
     elif sm != device.sm:
         where = f" ({meta['gpu']})" if meta.get("gpu") else ""
         reasons.append(f"engine was built for SM {sm}{where}, this GPU is SM {device.sm}"
@@ -124,21 +118,12 @@ def check_engine(engine: str | Path, device: DeviceInfo, component: str | None =
                  verify_digest: bool = True) -> dict:
     """Refuse (`IncompatibleArtifactError`, all reasons in one line) or return the engine's metadata."""
     meta = read_metadata(engine)
-    digest = sha256_file(engine) if verify_digest else None
+    digest = file_digest(engine) if verify_digest else None
     reasons = mismatch_reasons(meta, device, component, digest)
     if reasons:
         raise IncompatibleArtifactError(f"refusing {engine}: {'; '.join(reasons)}. Rebuild the engines on this "
                                         "device with `dream-export build` (or the bundle's build.sh)")
     return meta
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in chunks (engines and ONNX graphs run to gigabytes)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _probe_libcudart() -> tuple[str, str] | None:

@@ -13,6 +13,15 @@ import numpy as np
 SLOT_BUCKET = 32
 
 
+def mask_width(capacity: int, filled: int, used_slots: bool) -> int:
+    """Cache slots a mask spans over a cache holding `filled` rows: for graphs that read only the used
+    slots, `filled` rounded up to `SLOT_BUCKET`, at least one bucket and at most `capacity`; the whole
+    capacity otherwise. Build profiles size their masks by this same rule."""
+    if not used_slots:
+        return capacity
+    return min(capacity, max(1, -(-filled // SLOT_BUCKET)) * SLOT_BUCKET)
+
+
 def cache_mask(capacity: int, committed: int, scratch: np.ndarray | None, new: np.ndarray, used: bool) -> np.ndarray:
     """A graph's visibility mask [queries, W + new rows] over a runtime-owned cache and the call's new rows.
 
@@ -22,7 +31,7 @@ def cache_mask(capacity: int, committed: int, scratch: np.ndarray | None, new: n
     of `SLOT_BUCKET`, at least one bucket and at most the capacity.
     """
     s = 0 if scratch is None else scratch.shape[1]
-    width = min(capacity, max(1, -(-(committed + s) // SLOT_BUCKET)) * SLOT_BUCKET) if used else capacity
+    width = mask_width(capacity, committed + s, used)
     m = np.zeros((new.shape[0], width + new.shape[1]), bool)
     m[:, :committed] = True
     if s:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dream_export.runtime.backends import Backend
+from dream_export.runtime.backend_base import Backend, aligned_zeros
 from dream_export.runtime.bundle import Bundle
 from dream_export.runtime.masks import cache_mask, row_index
 
@@ -25,8 +25,9 @@ class TargetRunner:
         # cache could hold), where the graph was exported to read only those
         self.used_slots = bundle.graph("target").get("slots") == "used"
         self.eagle3_taps = m["draft"]["eagle3_taps"]
-        self.key = np.zeros((d["layers"], 1, d["kv_heads"], self.capacity, d["head_dim"]), np.float32)
-        self.value = np.zeros_like(self.key)
+        # 256-byte aligned: TensorRT binds resident buffers by address (setTensorAddress requires it)
+        shape = (d["layers"], 1, d["kv_heads"], self.capacity, d["head_dim"])
+        self.key, self.value = aligned_zeros(shape), aligned_zeros(shape)
         backend.register_resident("target", self.bindings["past_key"], self.key)
         backend.register_resident("target", self.bindings["past_value"], self.value)
 
@@ -47,9 +48,10 @@ class TargetRunner:
 
     def commit(self, out: dict, rows: np.ndarray, at: int) -> None:
         """Write the call's new KV rows `rows` (node indices) into slots `at`, `at + 1`, ..."""
-        n, pick = len(rows), row_index(rows)
-        self.key[:, :, :, at:at + n] = self.out(out, "new_key")[:, :, :, pick]
-        self.value[:, :, :, at:at + n] = self.out(out, "new_value")[:, :, :, pick]
+        pick = row_index(rows)
+        # through the backend, which keeps any device copy of the cache in step
+        self.backend.write_rows(self.key, 3, at, self.out(out, "new_key")[:, :, :, pick])
+        self.backend.write_rows(self.value, 3, at, self.out(out, "new_value")[:, :, :, pick])
 
     def features(self, out: dict) -> np.ndarray:
         """What the draft reads of each new row [N, F]: the final hidden state, or the EAGLE-3 taps."""

@@ -83,8 +83,8 @@ def bench_serve_cmd(url: str, data_path: Path, concurrency: tuple[int, ...], n_r
                     max_tokens: int, json_out: Path | None, plot_out: Path | None) -> None:
     """Load a running server with concurrent streaming clients: requests/s, time to first token,
     tokens/s per stream, p50/p95 latency."""
-    from dream_export.io import atomic_write_text
     from dream_export.core.prompts import read_prompts
+    from dream_export.io import atomic_write_text
     from dream_export.serve.bench import bench_serve, plot
 
     summary = bench_serve(url, read_prompts(data_path), list(concurrency), n_requests, max_tokens,

@@ -21,35 +21,15 @@ a session run.
 
 from __future__ import annotations
 
-from dream_export.runtime.engine import SLOT_BUCKET
+from dream_export.core.graph_spec import input_shapes
+from dream_export.runtime.masks import mask_width
 from dream_export.targets.registry import Target
 from dream_export.targets.trtexec import GraphBuild, make_build
 
 
-def _shape(entry: dict, name: str, sym: dict[str, int]) -> tuple[int, ...]:
-    for io in entry["inputs"]:
-        if io["name"] == name:
-            return tuple(sym[d] if isinstance(d, str) else int(d) for d in io["shape"])
-    raise KeyError(name)
-
-
-def input_shapes(entry: dict, sym: dict[str, int]) -> dict[str, tuple[int, ...]]:
-    """Concrete shape of every input of a manifest graph entry, with its symbolic dims set from `sym`."""
-    return {io["name"]: _shape(entry, io["name"], sym) for io in entry["inputs"]}
-
-
 def _profile(entry: dict, lo: dict, opt: dict, hi: dict) -> dict:
-    return {io["name"]: (_shape(entry, io["name"], lo), _shape(entry, io["name"], opt), _shape(entry, io["name"], hi))
-            for io in entry["inputs"]}
-
-
-def mask_width(capacity: int, filled: int, used_slots: bool) -> int:
-    """Cache slots a mask spans over a cache holding `filled` rows (`runtime.engine.cache_mask`'s rule):
-    the filled rows rounded up to `SLOT_BUCKET`, at least one bucket and at most `capacity`, for graphs
-    that read only the used slots; the whole capacity otherwise."""
-    if not used_slots:
-        return capacity
-    return min(capacity, max(1, -(-filled // SLOT_BUCKET)) * SLOT_BUCKET)
+    shapes = [input_shapes(entry, sym) for sym in (lo, opt, hi)]
+    return {name: tuple(s[name] for s in shapes) for name in shapes[0]}
 
 
 def target_symbols(manifest: dict, tokens: int, rows: int, past: int | None = None) -> dict[str, int]:

@@ -14,7 +14,8 @@ import time
 
 import numpy as np
 
-from dream_export.targets.bundle_builds import draft_symbols, input_shapes, target_symbols
+from dream_export.core.graph_spec import input_shapes
+from dream_export.targets.bundle_builds import draft_symbols, target_symbols
 from dream_export.targets.latency import CALL_US, LAUNCH_US, Call, Peaks
 
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "int32": np.int32, "bool": np.bool_}

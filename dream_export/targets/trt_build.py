@@ -19,12 +19,9 @@ first, so an interrupted build leaves an engine the runtime refuses rather than 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import json
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -32,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dream_export.errors import DreamExportError, IncompatibleArtifactError, UsageError
-from dream_export.io import atomic_write_text
-from dream_export.runtime.engine_meta import ENGINE_META_FORMAT, DeviceInfo, meta_path, probe_gpu, sha256_file
+from dream_export.io import atomic_write_bytes, atomic_write_text, file_digest
+from dream_export.runtime.engine_meta import ENGINE_META_FORMAT, DeviceInfo, meta_path, probe_gpu
 from dream_export.targets.registry import Target
 from dream_export.targets.trtexec import BUILD_FORMAT, GraphBuild
 
@@ -156,19 +153,6 @@ def engine_flags(build: GraphBuild, tensorrt_version: str, has_qdq: bool) -> Eng
 
 
 # ------------------------------------------------------------------------------------ building
-
-
-def _atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _progress_monitor(trt, log: Log, component: str):
@@ -312,17 +296,17 @@ def build_engine(build: GraphBuild, bundle_root: str | Path, target: Target, dev
                                "above; a larger --workspace or fewer tactics via --opt-level may help)")
     seconds = time.perf_counter() - t0
     if timing_path is not None:
-        _atomic_write_bytes(timing_path, bytes(config.get_timing_cache().serialize()))
+        atomic_write_bytes(timing_path, bytes(config.get_timing_cache().serialize()))
     engine_path = root / build.engine
     meta_file = meta_path(engine_path)
     meta_file.unlink(missing_ok=True)  # no metadata while the engine is being replaced
-    _atomic_write_bytes(engine_path, bytes(serialized))
+    atomic_write_bytes(engine_path, bytes(serialized))
     if build.layer_info:
         _write_layer_info(trt, logger, engine_path, root / build.layer_info)
     meta = {
         "format": ENGINE_META_FORMAT, "component": build.component, "engine": engine_path.name,
-        "sha256": sha256_file(engine_path), "bytes": engine_path.stat().st_size, "onnx": build.onnx,
-        "onnx_sha256": sha256_file(onnx_path), "target": target.name, "tensorrt_version": str(trt.__version__),
+        "sha256": file_digest(engine_path), "bytes": engine_path.stat().st_size, "onnx": build.onnx,
+        "onnx_sha256": file_digest(onnx_path), "target": target.name, "tensorrt_version": str(trt.__version__),
         "compute_cap": device.sm, "gpu": device.gpu,
         "built_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "builder": "tensorrt-python", "build_seconds": round(seconds, 1), "flags": flags.to_dict(),

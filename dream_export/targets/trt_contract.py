@@ -7,8 +7,8 @@ so a build plan can be checked here, without TensorRT, against what the device's
 
 from __future__ import annotations
 
+import dream_export.targets.trt_versions as tables
 from dream_export.errors import UsageError
-from dream_export.targets import trt_versions as tables
 
 # Options that trtexec reads as a group per optimization profile (9.0+: `getAndDelOptionBehind` after each
 # --profile) or collects (`getAndDelRepeatedOption`): the only ones a command may repeat.

@@ -30,10 +30,10 @@ import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
+import dream_export.targets.trt_contract as trt_contract
 from dream_export.errors import UsageError
 from dream_export.io import atomic_write_text
 from dream_export.runtime.engine_meta import ENGINE_META_FORMAT
-from dream_export.targets import trt_contract
 from dream_export.targets.registry import Target, get_target
 
 COMPONENTS: tuple[str, ...] = ("vision", "target", "draft")
