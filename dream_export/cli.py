@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from dream_export import __version__
-from dream_export.errors import DreamExportError, MissingBackendError, UsageError
+from dream_export.errors import DreamExportError, MissingBackendError, UsageError, from_os_error
 from dream_export.options import tree_option
 from dream_export.runtime.tree import TreeSpec
 
@@ -277,7 +277,10 @@ def _check(bundle: Path, target_dir: Path | None, draft_dir: Path | None, min_tr
     from dream_export.errors import IncompatibleArtifactError
     from dream_export.export.parity import check_bundle
     from dream_export.export.trt_lint import lint_bundle
+    from dream_export.runtime.bundle import Bundle
 
+    Bundle.open(bundle, verify=True)  # every file's sha256 against the manifest, before any parity run
+    click.echo(f"integrity: every file of {bundle} matches its recorded sha256")
     parity = check_bundle(bundle, target_dir, draft_dir, log=lambda _s: None, samples=_parity_samples(data_path))
     lint = lint_bundle(bundle, min_trt)
     for graph, variants in parity["graphs"].items():
@@ -321,6 +324,8 @@ def _sampling_options(f):
                      help="ONNX Runtime intra-op threads: a number, or per graph, e.g. target=2,draft=1."),
         click.option("--precision", default="fp32", show_default=True,
                      help="Graph variant: fp32, fp16 (export --precision fp16) or cpu (build --target cpu)."),
+        click.option("--verify", is_flag=True,
+                     help="Check every bundle file's sha256 before loading (sizes are always checked)."),
     ]):
         f = opt(f)
     return f
@@ -335,18 +340,19 @@ def _sampling_options(f):
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--top-k", default=0, show_default=True)
 @click.option("--seed", type=int, default=None)
+@click.option("--timeout", type=float, default=None,
+              help="Seconds: answer with the text so far (finish reason `timeout`) when decoding takes longer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (last line).")
 def run_cmd(bundle: Path, image: Path, prompt: str, backend: str, mode: str, tree_spec: TreeSpec, max_new_tokens: int,
-            vtc_keep: float | None, threads: str, precision: str, temperature: float, top_p: float, top_k: int,
-            seed: int | None, as_json: bool) -> None:
+            vtc_keep: float | None, threads: str, precision: str, verify: bool, temperature: float, top_p: float,
+            top_k: int, seed: int | None, timeout: float | None, as_json: bool) -> None:
     """Answer one (image, prompt) with the bundle, streaming text as rounds are accepted."""
-    from PIL import Image
-
     from dream_export.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(bundle, backend=backend, threads=threads, precision=precision)
-    stream = pipe.stream(Image.open(image), prompt, max_new_tokens=max_new_tokens, mode=mode, tree=tree_spec,
-                         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, vtc_keep=vtc_keep)
+    pipe = Pipeline.load(bundle, backend=backend, threads=threads, precision=precision, verify=verify)
+    stream = pipe.stream(image, prompt, max_new_tokens=max_new_tokens, mode=mode, tree=tree_spec,
+                         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, vtc_keep=vtc_keep,
+                         deadline_s=timeout)
     for delta in stream:
         if not as_json:
             click.echo(delta, nl=False)
@@ -368,7 +374,7 @@ def run_cmd(bundle: Path, image: Path, prompt: str, backend: str, mode: str, tre
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--sweep", is_flag=True, help="Also try several tree shapes, then thread counts for the fastest shape.")
 def bench_cmd(bundle: Path, data_path: Path, backend: str, mode: str, tree_spec: TreeSpec, max_new_tokens: int,
-              vtc_keep: float | None, threads: str, precision: str, limit: int | None, json_out: Path | None,
+              vtc_keep: float | None, threads: str, precision: str, verify: bool, limit: int | None, json_out: Path | None,
               plot_out: Path | None, sweep: bool) -> None:
     """Speculative vs autoregressive decoding on the same backend: speedup, tau, time split."""
     from dream_export.core.prompts import read_prompts
@@ -378,7 +384,7 @@ def bench_cmd(bundle: Path, data_path: Path, backend: str, mode: str, tree_spec:
     from dream_export.runtime.pipeline import Pipeline
 
     rows = read_prompts(data_path)[:limit]
-    pipe = Pipeline.load(bundle, backend=backend, threads=threads, precision=precision)
+    pipe = Pipeline.load(bundle, backend=backend, threads=threads, precision=precision, verify=verify)
     summary = bench(pipe, rows, max_new_tokens, tree_spec, mode, vtc_keep)
     if sweep:
         summary.update(sweep_shapes(pipe, rows, lambda th: Pipeline.load(bundle, backend=backend, threads=th,
@@ -679,10 +685,15 @@ def main() -> None:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
-        e.show()
+        # one line, like every expected failure: what was wrong (click names the option or path)
+        click.echo(f"error: {e.format_message()}"
+                   + (f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) else ""), err=True)
         sys.exit(2)
     except DreamExportError as e:
         click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:  # the file system refused (disk full, permissions): no bug, and nothing was kept
+        click.echo(f"error: {from_os_error(e)}", err=True)
         sys.exit(2)
     except Exception:
         if debug:
