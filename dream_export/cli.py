@@ -678,9 +678,14 @@ for _cmd in _SERVE_COMMANDS: cli.add_command(_cmd)  # noqa: E701
 
 def main() -> None:
     """Console-script entry point with the project's error policy."""
-    debug = "--debug" in sys.argv
+    report_errors(lambda: cli.main(standalone_mode=False), debug="--debug" in sys.argv)
+
+
+def report_errors(fn, debug: bool = False) -> None:
+    """Run `fn` under the project's error policy: an expected failure prints one line `error: ...` and
+    exits 2; anything else is a bug (exit 1, the traceback only with `debug`)."""
     try:
-        cli.main(standalone_mode=False)
+        fn()
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

@@ -30,6 +30,7 @@ from dream_export.runtime.accept import SamplingParams
 from dream_export.runtime.backends import Backend, make_backend
 from dream_export.runtime.bundle import Bundle
 from dream_export.runtime.chat import ChatTemplate, ContextLengthError, normalize
+from dream_export.runtime.drafting import Drafter
 from dream_export.runtime.engine import EngineStats, SpecEngine
 from dream_export.runtime.tree import TreeSpec
 
@@ -207,9 +208,10 @@ class Pipeline:
                                      "(prompt tokens, image tokens included, + 1); shorten the prompt or export "
                                      "with a larger --kv-capacity")
         pixels = [self.preprocess(im) for im in images]  # unreadable images fail here, before any decoding
+        drafter = self.engine.drafter(mode, tree)  # a tree larger than the bundle's max_tree fails here too
 
         def run(deltas: bool) -> Generator[str, None, Result]:
-            return self._decode(ids, pixels, deltas, max_new_tokens, mode, tree, sampling, vtc_keep, stop or [],
+            return self._decode(ids, pixels, deltas, max_new_tokens, mode, drafter, sampling, vtc_keep, stop or [],
                                 deadline_s)
 
         return Stream(run, len(ids))
@@ -229,7 +231,7 @@ class Pipeline:
         return self.stream(image, prompt, **options).collect()
 
     def _decode(self, ids: np.ndarray, pixels: list[np.ndarray], deltas: bool, max_new_tokens: int, mode: str,
-                tree: TreeSpec | None, sampling: SamplingParams, vtc_keep: float | None,
+                drafter: Drafter, sampling: SamplingParams, vtc_keep: float | None,
                 stop: list[str], deadline_s: float | None = None) -> Generator[str, None, Result]:
         """Decode under the pipeline lock, yielding settled text deltas when `deltas`; returns the `Result`.
 
@@ -249,8 +251,8 @@ class Pipeline:
             def detok() -> str:
                 return self.tokenizer.decode([t for t in tokens if t != self.eos_id])
 
-            rounds = self.engine.generate(emb, mask, max_new_tokens, mode, tree, sampling, self.eos_id, vtc_keep,
-                                          stats)
+            rounds = self.engine.generate(emb, mask, max_new_tokens, mode, None, sampling, self.eos_id, vtc_keep,
+                                          stats, drafter)
             try:
                 for rnd in rounds:
                     tokens += rnd.tokens
