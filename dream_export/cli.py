@@ -265,11 +265,10 @@ def _parity_samples(data_path: Path | None) -> list:
         from dream_export.demo.scenes import rendered_samples
 
         return rendered_samples(GREEDY_PROMPTS)
-    from PIL import Image
-
     from dream_export.core.prompts import read_prompts
+    from dream_export.runtime.preprocess import load_image
 
-    return [(Image.open(r["image"]).convert("RGB"), r["prompt"]) for r in read_prompts(data_path)[:GREEDY_PROMPTS]]
+    return [(load_image(r["image"]).convert("RGB"), r["prompt"]) for r in read_prompts(data_path)[:GREEDY_PROMPTS]]
 
 
 def _check(bundle: Path, target_dir: Path | None, draft_dir: Path | None, min_trt: str,
@@ -586,8 +585,6 @@ def profile_cmd(bundle: Path, data_path: Path, component: str, limit: int, threa
     """
     import tempfile
 
-    from PIL import Image
-
     from dream_export.core.prompts import read_prompts
     from dream_export.io import atomic_write_text
     from dream_export.runtime.backends import OnnxRuntimeBackend
@@ -604,7 +601,7 @@ def profile_cmd(bundle: Path, data_path: Path, component: str, limit: int, threa
         stages: dict[str, float] = {}
         rounds: list[int] = []
         for row in rows:
-            res = pipe.generate(Image.open(row["image"]), row["prompt"], tree=tree)
+            res = pipe.generate(row["image"], row["prompt"], tree=tree)
             rounds += res.stats["rounds"]
             for k, v in res.stats["seconds"].items():
                 stages[k] = stages.get(k, 0.0) + v
