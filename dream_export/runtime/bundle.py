@@ -33,7 +33,7 @@ class Bundle:
         root = Path(path)
         mpath = root / "manifest.json"
         if not root.is_dir():
-            raise UsageError(f"bundle {root} does not exist; create one with `dream-export export`")
+            raise UsageError(f"{root} is not a bundle (no such directory); create one with `dream-export export`")
         if not mpath.exists():
             raise UsageError(f"{root} is not a bundle (manifest.json missing); create one with `dream-export export`")
         try:
