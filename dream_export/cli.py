@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from dream_export import __version__
-from dream_export.errors import DreamExportError, MissingBackendError, UsageError
+from dream_export.errors import DreamExportError, MissingBackendError, UsageError, from_os_error
 from dream_export.options import tree_option
 from dream_export.runtime.tree import TreeSpec
 
@@ -265,11 +265,10 @@ def _parity_samples(data_path: Path | None) -> list:
         from dream_export.demo.scenes import rendered_samples
 
         return rendered_samples(GREEDY_PROMPTS)
-    from PIL import Image
-
     from dream_export.core.prompts import read_prompts
+    from dream_export.runtime.preprocess import load_image
 
-    return [(Image.open(r["image"]).convert("RGB"), r["prompt"]) for r in read_prompts(data_path)[:GREEDY_PROMPTS]]
+    return [(load_image(r["image"]).convert("RGB"), r["prompt"]) for r in read_prompts(data_path)[:GREEDY_PROMPTS]]
 
 
 def _check(bundle: Path, target_dir: Path | None, draft_dir: Path | None, min_trt: str,
@@ -277,7 +276,10 @@ def _check(bundle: Path, target_dir: Path | None, draft_dir: Path | None, min_tr
     from dream_export.errors import IncompatibleArtifactError
     from dream_export.export.parity import check_bundle
     from dream_export.export.trt_lint import lint_bundle
+    from dream_export.runtime.bundle import Bundle
 
+    Bundle.open(bundle, verify=True)  # every file's sha256 against the manifest, before any parity run
+    click.echo(f"integrity: every file of {bundle} matches its recorded sha256")
     parity = check_bundle(bundle, target_dir, draft_dir, log=lambda _s: None, samples=_parity_samples(data_path))
     lint = lint_bundle(bundle, min_trt)
     for graph, variants in parity["graphs"].items():
@@ -321,6 +323,8 @@ def _sampling_options(f):
                      help="ONNX Runtime intra-op threads: a number, or per graph, e.g. target=2,draft=1."),
         click.option("--precision", default="fp32", show_default=True,
                      help="Graph variant: fp32, fp16 (export --precision fp16) or cpu (build --target cpu)."),
+        click.option("--verify", is_flag=True,
+                     help="Check every bundle file's sha256 before loading (sizes are always checked)."),
     ]):
         f = opt(f)
     return f
@@ -335,18 +339,19 @@ def _sampling_options(f):
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--top-k", default=0, show_default=True)
 @click.option("--seed", type=int, default=None)
+@click.option("--timeout", type=float, default=None,
+              help="Seconds: answer with the text so far (finish reason `timeout`) when decoding takes longer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (last line).")
 def run_cmd(bundle: Path, image: Path, prompt: str, backend: str, mode: str, tree_spec: TreeSpec, max_new_tokens: int,
-            vtc_keep: float | None, threads: str, precision: str, temperature: float, top_p: float, top_k: int,
-            seed: int | None, as_json: bool) -> None:
+            vtc_keep: float | None, threads: str, precision: str, verify: bool, temperature: float, top_p: float,
+            top_k: int, seed: int | None, timeout: float | None, as_json: bool) -> None:
     """Answer one (image, prompt) with the bundle, streaming text as rounds are accepted."""
-    from PIL import Image
-
     from dream_export.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(bundle, backend=backend, threads=threads, precision=precision)
-    stream = pipe.stream(Image.open(image), prompt, max_new_tokens=max_new_tokens, mode=mode, tree=tree_spec,
-                         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, vtc_keep=vtc_keep)
+    pipe = Pipeline.load(bundle, backend=backend, threads=threads, precision=precision, verify=verify)
+    stream = pipe.stream(image, prompt, max_new_tokens=max_new_tokens, mode=mode, tree=tree_spec,
+                         temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, vtc_keep=vtc_keep,
+                         deadline_s=timeout)
     for delta in stream:
         if not as_json:
             click.echo(delta, nl=False)
@@ -368,7 +373,7 @@ def run_cmd(bundle: Path, image: Path, prompt: str, backend: str, mode: str, tre
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--sweep", is_flag=True, help="Also try several tree shapes, then thread counts for the fastest shape.")
 def bench_cmd(bundle: Path, data_path: Path, backend: str, mode: str, tree_spec: TreeSpec, max_new_tokens: int,
-              vtc_keep: float | None, threads: str, precision: str, limit: int | None, json_out: Path | None,
+              vtc_keep: float | None, threads: str, precision: str, verify: bool, limit: int | None, json_out: Path | None,
               plot_out: Path | None, sweep: bool) -> None:
     """Speculative vs autoregressive decoding on the same backend: speedup, tau, time split."""
     from dream_export.core.prompts import read_prompts
@@ -378,7 +383,7 @@ def bench_cmd(bundle: Path, data_path: Path, backend: str, mode: str, tree_spec:
     from dream_export.runtime.pipeline import Pipeline
 
     rows = read_prompts(data_path)[:limit]
-    pipe = Pipeline.load(bundle, backend=backend, threads=threads, precision=precision)
+    pipe = Pipeline.load(bundle, backend=backend, threads=threads, precision=precision, verify=verify)
     summary = bench(pipe, rows, max_new_tokens, tree_spec, mode, vtc_keep)
     if sweep:
         summary.update(sweep_shapes(pipe, rows, lambda th: Pipeline.load(bundle, backend=backend, threads=th,
@@ -609,8 +614,6 @@ def profile_cmd(bundle: Path, data_path: Path, component: str, limit: int, threa
     """
     import tempfile
 
-    from PIL import Image
-
     from dream_export.core.prompts import read_prompts
     from dream_export.io import atomic_write_text
     from dream_export.runtime.backends import OnnxRuntimeBackend
@@ -627,7 +630,7 @@ def profile_cmd(bundle: Path, data_path: Path, component: str, limit: int, threa
         stages: dict[str, float] = {}
         rounds: list[int] = []
         for row in rows:
-            res = pipe.generate(Image.open(row["image"]), row["prompt"], tree=tree)
+            res = pipe.generate(row["image"], row["prompt"], tree=tree)
             rounds += res.stats["rounds"]
             for k, v in res.stats["seconds"].items():
                 stages[k] = stages.get(k, 0.0) + v
@@ -701,17 +704,27 @@ for _cmd in _SERVE_COMMANDS: cli.add_command(_cmd)  # noqa: E701
 
 def main() -> None:
     """Console-script entry point with the project's error policy."""
-    debug = "--debug" in sys.argv
+    report_errors(lambda: cli.main(standalone_mode=False), debug="--debug" in sys.argv)
+
+
+def report_errors(fn, debug: bool = False) -> None:
+    """Run `fn` under the project's error policy: an expected failure prints one line `error: ...` and
+    exits 2; anything else is a bug (exit 1, the traceback only with `debug`)."""
     try:
-        cli.main(standalone_mode=False)
+        fn()
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
     except click.ClickException as e:
-        e.show()
+        # one line, like every expected failure: what was wrong (click names the option or path)
+        click.echo(f"error: {e.format_message()}"
+                   + (f" (see `{e.ctx.command_path} --help`)" if getattr(e, "ctx", None) else ""), err=True)
         sys.exit(2)
     except DreamExportError as e:
         click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:  # the file system refused (disk full, permissions): no bug, and nothing was kept
+        click.echo(f"error: {from_os_error(e)}", err=True)
         sys.exit(2)
     except Exception:
         if debug:

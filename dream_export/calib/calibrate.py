@@ -23,6 +23,8 @@ from dream_export.io import atomic_dir, atomic_write_text
 from dream_export.runtime.bundle import Bundle
 
 PRECISIONS = ("int8", "fp16")
+# Fewest calibration prompts accepted: activation ranges from fewer describe those prompts, not the data.
+MIN_PROMPTS = 4
 # Magnitudes at or above this are mask fill values, never activations worth a scale.
 _FILL = 1e30
 
@@ -73,6 +75,9 @@ def calibrate_bundle(bundle_dir: str | Path, data: str | Path, precision: str = 
     if out.resolve() == src.root.resolve():
         raise UsageError("--out must differ from the source bundle")
     rows = read_prompts(data)
+    if len(rows) < MIN_PROMPTS:
+        raise UsageError(f"{data} has {len(rows)} prompt(s); calibration needs at least {MIN_PROMPTS} (ranges "
+                         "recorded over fewer describe those prompts, not your data): add prompts to --data")
     t0 = time.time()
     log(f"recording graph inputs over {len(rows)} calibration prompts (seed {seed})...")
     cap = capture_feeds(src.root, rows, samples=samples, seed=seed, threads=threads, max_new_tokens=max_new_tokens,

@@ -102,11 +102,11 @@ def capture_feeds(bundle_dir: str | Path, rows: list[dict], samples: int = 64, s
     are visited in an order shuffled by `seed`, and the reservoir draws from the same seed, so a
     seed fixes the calibration set.
     """
-    from PIL import Image
     from tqdm import tqdm
 
     from dream_export.runtime.backends import OnnxRuntimeBackend
     from dream_export.runtime.pipeline import Pipeline
+    from dream_export.runtime.preprocess import load_image
 
     bundle = Bundle.open(bundle_dir)
     rec = RecordingBackend(OnnxRuntimeBackend(bundle, threads, precision=precision), bundle, samples, seed)
@@ -114,7 +114,7 @@ def capture_feeds(bundle_dir: str | Path, rows: list[dict], samples: int = 64, s
     order = np.random.default_rng(seed).permutation(len(rows))
     for i in tqdm(order, desc="calibration prompts", disable=not progress, mininterval=2):
         row = rows[int(i)]
-        pipe.generate(Image.open(row["image"]).convert("RGB"), row["prompt"], max_new_tokens=max_new_tokens,
+        pipe.generate(load_image(row["image"]).convert("RGB"), row["prompt"], max_new_tokens=max_new_tokens,
                       mode="tree", tree=tree)
     cap = rec.capture()
     cap.prompts = len(rows)

@@ -45,16 +45,16 @@ def run_prompts(bundle_dir: str | Path, rows: list[dict], tree: TreeSpec = DEFAU
     """Greedy speculative answers of one bundle: tokens, text and accepted lengths per prompt."""
     import time
 
-    from PIL import Image
     from tqdm import tqdm
 
     from dream_export.runtime.pipeline import Pipeline
+    from dream_export.runtime.preprocess import load_image
 
     pipe = Pipeline.load(bundle_dir, threads=threads)
     per, seconds, tokens = [], 0.0, 0
     for r in tqdm(rows, desc=desc or Path(bundle_dir).name, disable=not progress, mininterval=5):
         t0 = time.perf_counter()
-        res = pipe.generate(Image.open(r["image"]).convert("RGB"), r["prompt"], max_new_tokens=max_new_tokens,
+        res = pipe.generate(load_image(r["image"]).convert("RGB"), r["prompt"], max_new_tokens=max_new_tokens,
                             mode="tree", tree=tree)
         seconds += time.perf_counter() - t0
         tokens += len(res.tokens)

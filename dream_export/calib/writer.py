@@ -13,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+from dream_export.core.integrity import record
 from dream_export.errors import UsageError
 from dream_export.io import file_digest
 from dream_export.runtime.bundle import GRAPHS, Bundle
@@ -76,4 +77,6 @@ def default_out(bundle_dir: Path, precision: str) -> Path:
 
 
 def write_manifest(root: Path, manifest: dict) -> None:
+    """Record every file's size and sha256 (as export does), then write the manifest."""
+    manifest["files"] = record(root)
     (root / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from dream_export import __version__
 from dream_export.core.graph_spec import SPECS, GraphSpec
+from dream_export.core.integrity import record
+from dream_export.export.sources import check_sources
 from dream_export.io import atomic_dir, file_digest
 
 # 2: graph digests are full sha256 (64 hex digits; format 1 kept 16), so `pairs_with` and calibration
@@ -83,6 +85,7 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
     from dream_export.families import params_from_hf
 
     t0 = time.time()
+    check_sources(target_dir, draft_dir)  # readable, supported, made for each other: refuse before work
     draft = load_draft(draft_dir)
     taps = tuple(opts.taps) or tuple(draft.config.fuse_layers)
     target = load_target(target_dir, taps=taps)
@@ -181,6 +184,7 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
         manifest["preprocess"] = params_from_hf(proc.image_processor)
         manifest["chat_template"] = proc.chat_template
         manifest["export_seconds"] = round(time.time() - t0, 1)
+        manifest["files"] = record(tmp)  # size + sha256 of every file, verified on load and by `check`
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     log(f"exported bundle to {out} in {manifest['export_seconds']}s")
     return manifest

@@ -2,21 +2,42 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
+from dream_export.errors import UsageError
 from dream_export.runtime.tree import VerifyTree
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters."""
+    """Temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters.
+
+    The one place sampling options are validated (the CLI, the Python API and the server all build
+    one): an invalid value raises `UsageError` naming the option and the value.
+    """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        def bad(option: str, value, want: str) -> UsageError:
+            return UsageError(f"{option} (--{option.replace('_', '-')}) must be {want}, got {value!r}")
+
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise bad("temperature", self.temperature, "a number >= 0 (0: greedy)")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise bad("top_p", self.top_p, "in (0, 1] (1: no nucleus filter)")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0:
+            raise bad("top_k", self.top_k, "an integer >= 0 (0: no top-k filter)")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
+                                      or not 0 <= self.seed < 2**63):
+            raise bad("seed", self.seed, "an integer in [0, 2^63)")
 
     @property
     def greedy(self) -> bool:

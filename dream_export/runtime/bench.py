@@ -14,11 +14,12 @@ from dream_export.runtime.tree import TreeSpec
 def bench(pipe: Pipeline, rows: list[dict], max_new_tokens: int = 128, tree: TreeSpec | None = None,
           mode: str = "tree", vtc_keep: float | None = None, warmup: int = 1, progress: bool = True) -> dict:
     """Run every prompt with plain AR decoding and with speculation; aggregate as DREAM's evaluation does."""
-    from PIL import Image
     from tqdm import tqdm
 
+    from dream_export.runtime.preprocess import load_image
+
     tree = tree or TreeSpec()
-    images = [Image.open(r["image"]).convert("RGB") for r in rows]
+    images = [load_image(r["image"]).convert("RGB") for r in rows]  # unreadable files: UsageError
     for img, r in list(zip(images, rows, strict=True))[:warmup]:  # first calls allocate; keep them out
         pipe.generate(img, r["prompt"], max_new_tokens=8, mode="ar")
         pipe.generate(img, r["prompt"], max_new_tokens=8, mode=mode, tree=tree)

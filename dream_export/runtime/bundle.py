@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from dream_export.core import integrity
 from dream_export.errors import IncompatibleArtifactError, UsageError
 
 # The graphs every bundle has (the manifest names their I/O); `draft_chain` is optional.
@@ -23,17 +24,23 @@ class Bundle:
     manifest: dict
 
     @classmethod
-    def open(cls, path: str | Path) -> Bundle:
-        """Read and check `manifest.json`; refuse unknown formats and missing or edited graphs."""
+    def open(cls, path: str | Path, verify: bool = False) -> Bundle:
+        """Read and check `manifest.json`; refuse unknown formats and missing, truncated or edited files.
+
+        The size of every file the manifest records is always checked; `verify` also compares each
+        file's sha256 (reads the whole bundle). Nothing is written, so a read-only bundle opens.
+        """
         root = Path(path)
         mpath = root / "manifest.json"
+        if not root.is_dir():
+            raise UsageError(f"{root} is not a bundle (no such directory); create one with `dream-export export`")
         if not mpath.exists():
             raise UsageError(f"{root} is not a bundle (manifest.json missing); create one with `dream-export export`")
         try:
             manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as e:
-            raise IncompatibleArtifactError(f"{mpath} is not valid JSON ({e.msg})") from e
-        if manifest.get("format") != "dream-export-bundle":
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise IncompatibleArtifactError(f"{mpath} is not valid JSON ({e}); re-export the bundle") from e
+        if not isinstance(manifest, dict) or manifest.get("format") != "dream-export-bundle":
             raise IncompatibleArtifactError(f"{mpath} is not a dream-export manifest")
         version = manifest.get("format_version")
         if version not in SUPPORTED_FORMAT_VERSIONS:
@@ -50,6 +57,12 @@ class Bundle:
                 raise IncompatibleArtifactError(f"manifest lists no {name} graph")
             if not b.graph_path(name).exists():
                 raise IncompatibleArtifactError(f"{b.graph_path(name)} is missing from the bundle")
+        integrity.verify(root, manifest.get("files", {}), full=verify)
+        if verify:  # CPU builds record their own files (engines/cpu/build.json); TensorRT engines their metadata
+            for build in sorted(root.glob("engines/*/build.json")):
+                files = json.loads(build.read_text()).get("files")
+                if isinstance(files, dict):
+                    integrity.verify(build.parent, files, full=True)
         return b
 
     def graph(self, name: str) -> dict:

@@ -30,6 +30,7 @@ from dream_export.runtime.accept import SamplingParams
 from dream_export.runtime.backends import Backend, make_backend
 from dream_export.runtime.bundle import Bundle
 from dream_export.runtime.chat import ChatTemplate, ContextLengthError, normalize
+from dream_export.runtime.drafting import Drafter
 from dream_export.runtime.engine import EngineStats, SpecEngine
 from dream_export.runtime.tree import TreeSpec
 
@@ -41,7 +42,8 @@ _UNSETTLED = re.compile(r"[\s\ufffd]+$")
 
 @dataclass
 class Result:
-    """One answer: text, token ids, why it stopped ("stop", "length" or "capacity"), and statistics
+    """One answer: text, token ids, why it stopped ("stop", "length", "capacity": the KV cache is full, or
+    "timeout": the request's deadline passed, the text is what was decoded until then), and statistics
     (prompt_tokens, tokens, tau, tokens_per_s, per-stage seconds, ...)."""
 
     text: str
@@ -127,11 +129,12 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "onnxruntime", threads: int | str | dict[str, int] = 2,
-             precision: str = "fp32") -> Pipeline:
+             precision: str = "fp32", verify: bool = False) -> Pipeline:
         """Open a bundle directory with the named backend ('onnxruntime', 'onnxruntime-cuda', 'tensorrt'),
         CPU threads (a number, or per graph: "target=2,draft=1") and graph precision ('fp32', or a variant
-        the bundle carries such as 'fp16')."""
-        bundle = Bundle.open(path)
+        the bundle carries such as 'fp16'). File sizes are checked against the manifest; `verify` also
+        checks every file's sha256 (`IntegrityError` names a changed file)."""
+        bundle = Bundle.open(path, verify=verify)
         pipe = cls(bundle, make_backend(backend, bundle, threads, precision))
         pipe.precision = precision
         return pipe
@@ -152,25 +155,25 @@ class Pipeline:
 
     def chat_embeds(self, messages: Sequence[dict]) -> tuple[np.ndarray, np.ndarray, float]:
         """Merged prompt embeddings [n,H], image-token mask [n] and the vision time in seconds."""
-        return self._embed(*self._encode(messages))
+        ids, images = self._encode(messages)
+        return self._embed(ids, [self.preprocess(im) for im in images])
 
     def prompt_embeds(self, image, prompt: str) -> tuple[np.ndarray, np.ndarray, float]:
         """`chat_embeds` of one user turn: `image` (None: text only), then `prompt`."""
         return self.chat_embeds(_turn(image, prompt))
 
-    def _embed(self, ids: np.ndarray, images: list) -> tuple[np.ndarray, np.ndarray, float]:
+    def _embed(self, ids: np.ndarray, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
         # The vision graph runs once per image (exported graphs take one image per call) and the rows are
         # spliced over the image tokens in order, as the HF model splices several images.
         t0 = time.perf_counter()
         vb = self.bundle.graph("vision")["bindings"]
-        feats = [self.backend.run("vision", {vb["pixel_values"]: self.preprocess(im)})[vb["image_embeds"]][0]
-                 for im in images]
+        feats = [self.backend.run("vision", {vb["pixel_values"]: px})[vb["image_embeds"]][0] for px in pixels]
         vision_s = time.perf_counter() - t0
         emb = self.embed_table[ids]
         mask = ids == self.image_token_id
         rows = sum(f.shape[0] for f in feats)
         if mask.sum() != rows:
-            raise UsageError(f"prompt has {int(mask.sum())} image tokens but its {len(images)} image(s) give {rows}")
+            raise UsageError(f"prompt has {int(mask.sum())} image tokens but its {len(pixels)} image(s) give {rows}")
         if feats:
             emb[mask] = np.concatenate(feats)
         return emb, mask, vision_s
@@ -179,11 +182,13 @@ class Pipeline:
     def chat_stream(self, messages: Sequence[dict], max_new_tokens: int = 128, mode: str = "tree",
                     tree: TreeSpec | str | None = None, temperature: float = 0.0, top_p: float = 1.0,
                     top_k: int = 0, seed: int | None = None, vtc_keep: float | None = None,
-                    stop: list[str] | None = None) -> Stream:
+                    stop: list[str] | None = None, deadline_s: float | None = None) -> Stream:
         """Answer a conversation as a `Stream` of text deltas (its `result` holds the final `Result`).
 
-        The request is checked now (messages, options, KV capacity: `UsageError`, `ContextLengthError`);
-        decoding starts on the first `next()`, one request at a time per pipeline.
+        The request is checked now (messages, images, options, KV capacity: `UsageError`,
+        `ContextLengthError`); decoding starts on the first `next()`, one request at a time per pipeline
+        (concurrent requests wait their turn). `deadline_s`: seconds from the start of decoding after
+        which the answer ends with the text so far and finish reason "timeout".
         """
         if mode not in MODES:
             raise UsageError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -194,13 +199,20 @@ class Pipeline:
                 raise UsageError(str(e)) from e
         if max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if deadline_s is not None and not deadline_s > 0:
+            raise UsageError(f"deadline_s (--timeout) must be a number of seconds > 0, got {deadline_s!r}")
         sampling = SamplingParams(temperature, top_k, top_p, seed)
         ids, images = self._encode(messages)
         if len(ids) + 1 > self.kv_capacity:
-            raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the KV capacity {self.kv_capacity}")
+            raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the KV capacity {self.kv_capacity} "
+                                     "(prompt tokens, image tokens included, + 1); shorten the prompt or export "
+                                     "with a larger --kv-capacity")
+        pixels = [self.preprocess(im) for im in images]  # unreadable images fail here, before any decoding
+        drafter = self.engine.drafter(mode, tree)  # a tree larger than the bundle's max_tree fails here too
 
         def run(deltas: bool) -> Generator[str, None, Result]:
-            return self._decode(ids, images, deltas, max_new_tokens, mode, tree, sampling, vtc_keep, stop or [])
+            return self._decode(ids, pixels, deltas, max_new_tokens, mode, drafter, sampling, vtc_keep, stop or [],
+                                deadline_s)
 
         return Stream(run, len(ids))
 
@@ -209,16 +221,18 @@ class Pipeline:
         return self.chat_stream(messages, **options).collect()
 
     def stream(self, image, prompt: str, **options) -> Stream:
-        """`chat_stream` of one user turn: `image` (None: text only), then `prompt`."""
+        """`chat_stream` of one user turn: `image` (None: text only), then `prompt` (not empty)."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise UsageError(f"the prompt (--prompt) is empty ({prompt!r}); ask a question about the image")
         return self.chat_stream(_turn(image, prompt), **options)
 
     def generate(self, image, prompt: str, **options) -> Result:
         """Answer one (image, prompt) request (options as for `chat_stream`)."""
         return self.stream(image, prompt, **options).collect()
 
-    def _decode(self, ids: np.ndarray, images: list, deltas: bool, max_new_tokens: int, mode: str,
-                tree: TreeSpec | None, sampling: SamplingParams, vtc_keep: float | None,
-                stop: list[str]) -> Generator[str, None, Result]:
+    def _decode(self, ids: np.ndarray, pixels: list[np.ndarray], deltas: bool, max_new_tokens: int, mode: str,
+                drafter: Drafter, sampling: SamplingParams, vtc_keep: float | None,
+                stop: list[str], deadline_s: float | None = None) -> Generator[str, None, Result]:
         """Decode under the pipeline lock, yielding settled text deltas when `deltas`; returns the `Result`.
 
         Without deltas and stop strings no text is needed before the end, so the answer is detokenized
@@ -226,7 +240,7 @@ class Pipeline:
         """
         with self._lock:
             t0 = time.perf_counter()
-            emb, mask, vision_s = self._embed(ids, images)
+            emb, mask, vision_s = self._embed(ids, pixels)
             self.backend.reset_stats()
             stats = EngineStats()
             tokens: list[int] = []
@@ -237,8 +251,8 @@ class Pipeline:
             def detok() -> str:
                 return self.tokenizer.decode([t for t in tokens if t != self.eos_id])
 
-            rounds = self.engine.generate(emb, mask, max_new_tokens, mode, tree, sampling, self.eos_id, vtc_keep,
-                                          stats)
+            rounds = self.engine.generate(emb, mask, max_new_tokens, mode, None, sampling, self.eos_id, vtc_keep,
+                                          stats, drafter)
             try:
                 for rnd in rounds:
                     tokens += rnd.tokens
@@ -260,6 +274,9 @@ class Pipeline:
                     if len(tokens) >= max_new_tokens:
                         finish = "length"
                         break
+                    if deadline_s is not None and time.perf_counter() - t0 >= deadline_s:
+                        finish = "timeout"  # checked between rounds: a round is never cut in half
+                        break
             finally:
                 rounds.close()
             text = text.strip() if per_round else detok().strip()
@@ -273,7 +290,7 @@ class Pipeline:
             decode_backend = sum(v for g, v in self.backend.seconds.items() if g != "vision") - secs["prefill"]
             n = len(tokens)
             return Result(text, tokens, finish, {
-                "prompt_tokens": len(ids), "images": len(images),
+                "prompt_tokens": len(ids), "images": len(pixels),
                 "tau": stats.tau, "rounds": stats.rounds, "seconds": secs, "total_seconds": end - t0,
                 "decode_seconds": decode_s, "tokens": n, "tokens_per_s": n / max(end - t0, 1e-9),
                 "decode_tokens_per_s": max(n - 1, 0) / max(decode_s, 1e-9),

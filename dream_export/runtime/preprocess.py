@@ -148,17 +148,50 @@ def to_rgb(image: Any) -> np.ndarray:
     """uint8 [H, W, 3]. Transparency (an alpha band or a palette/`transparency` entry) is composited
     onto white, as HF's `convert_to_rgb` does for PIL images."""
     if isinstance(image, (str, Path)):
-        with Image.open(image) as im:
-            return to_rgb(im.copy())
+        return to_rgb(load_image(image))
     if isinstance(image, np.ndarray):
         return _array_to_rgb(image)
     if not isinstance(image, Image.Image):
         raise UsageError(f"expected a PIL image, a uint8 array or a path, got {type(image).__name__}")
+    _check_size(image.width, image.height, "the image")
+    if image.mode.startswith("I"):  # 16/32-bit grayscale: scale 0..65535 to 8 bits (convert() would clip)
+        image = Image.fromarray((np.clip(np.asarray(image, dtype=np.float64), 0, 65535) / 257).round()
+                                .astype(np.uint8))
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
     return np.asarray(image.convert("RGB"))
+
+
+# Largest image accepted (Pillow's decompression-bomb limit): beyond it, decoding alone can exhaust memory.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open and fully decode an image file. A missing, empty, truncated, non-image or oversized file
+    raises `UsageError` naming it (decoding now, not lazily, so the error comes before any work)."""
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                _check_size(im.width, im.height, str(path))
+                im.load()
+                return im.copy()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UsageError(f"{path} is too large to decode safely ({e}); resize it below {MAX_PIXELS} pixels") from e
+    except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+        reason = "empty file" if Path(path).is_file() and Path(path).stat().st_size == 0 else str(e)
+        raise UsageError(f"{path} is not a readable image ({reason}); pass a PNG, JPEG, WebP or BMP file") from e
+
+
+def _check_size(width: int, height: int, what: str) -> None:
+    if width < 1 or height < 1:
+        raise UsageError(f"{what} is {width}x{height} pixels; pass an image with at least one pixel")
+    if width * height > MAX_PIXELS:
+        raise UsageError(f"{what} is {width}x{height} pixels, more than the {MAX_PIXELS} accepted; resize it")
 
 
 def _array_to_rgb(arr: np.ndarray) -> np.ndarray:

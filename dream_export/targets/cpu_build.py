@@ -17,6 +17,7 @@ import os
 import platform
 from pathlib import Path
 
+from dream_export.core.integrity import record
 from dream_export.io import atomic_dir, atomic_write_text, file_digest
 
 DRAFT_GRAPHS = ("draft", "draft_chain")
@@ -60,6 +61,7 @@ def build_cpu(bundle_dir: str | Path, threads: int = 2, source_precision: str = 
                 src.unlink()
             plan["graphs"][name] = {"file": str(out_rel / f"{name}.onnx"), "sha256": file_digest(tmp / f"{name}.onnx")}
             log(f"optimized {name} graph for this CPU")
+        plan["files"] = record(tmp)  # what `check` verifies for this variant
         (tmp / "build.json").write_text(json.dumps(plan, indent=2))
     manifest = json.loads((root / "manifest.json").read_text())
     for name in names:
