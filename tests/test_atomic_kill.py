@@ -87,7 +87,7 @@ def _loads_and_verifies(bundle: Path, precision: str) -> list[int]:
     return pipe.generate(bundle.parent / "img0.png", "What is there?", max_new_tokens=3, mode="chain").tokens
 
 
-@pytest.mark.slow
+# In the default suite (about a minute on 2 idle cores): the acceptance names this test.
 @pytest.mark.parametrize("command", ["export", "calibrate", "build"])
 def test_sigkill_at_random_moments_keeps_the_previous_artifact(command, tiny, tmp_path, monkeypatch, capsys):
     w = tmp_path / "w"
