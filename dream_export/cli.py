@@ -531,6 +531,7 @@ def build_cmd(bundle: Path, target_name: str, precision: str, jetpack: str | Non
     engines/<target>/plan_check.json records the plan's checks: recorded runtime calls no profile covers,
     trtexec options the device's release does not know, files the plan names that the bundle lacks.
     """
+    from dream_export.io import atomic_dir
     from dream_export.runtime.bundle import Bundle
     from dream_export.runtime.engine_meta import DeviceInfo
     from dream_export.targets.bundle_builds import bundle_builds
@@ -580,15 +581,34 @@ def build_cmd(bundle: Path, target_name: str, precision: str, jetpack: str | Non
 
         click.echo("recording verification feeds with ONNX Runtime...")
         verify = record_verify_steps(bundle, b.manifest, builds)
-    json_path, sh_path = write_build_bundle(out, builds, tgt, meta={"bundle_format": b.manifest["format_version"]},
-                                            root="../..", verify=verify)
-    check = write_plan_check(out, check_build_plan(bundle, b.manifest, builds, verify, coverage=not no_verify,
-                                                   script=sh_path.read_text()))
+    # The plan (build.json, build.sh, plan_check.json) lands as one set: written into a temporary sibling
+    # that replaces engines/<target> in one rename; engines already there are hard-linked across, not copied.
+    with atomic_dir(out) as tmp:
+        if out.is_dir():
+            for f in out.iterdir():
+                if f.name not in ("build.json", "build.sh", "plan_check.json") and f.is_file():
+                    _link_or_copy(f, tmp / f.name)
+        _, sh_tmp = write_build_bundle(tmp, builds, tgt, meta={"bundle_format": b.manifest["format_version"]},
+                                       root="../..", verify=verify)
+        check = write_plan_check(tmp, check_build_plan(bundle, b.manifest, builds, verify, coverage=not no_verify,
+                                                       script=sh_tmp.read_text()))
+    json_path, sh_path = out / "build.json", out / "build.sh"
     click.echo(f"wrote {sh_path} and {json_path} ({len(builds)} engines, {precision}, TensorRT "
                f"{'.'.join(map(str, tgt.trt_version))} on {tgt.display_name}"
                f"{', JetPack ' + tgt.jetpack if tgt.jetpack else ''})")
     click.echo(f"plan check: {json.dumps({k: check[k] for k in ('calls', 'uncovered', 'unknown_options', 'missing_files')})}")
     click.echo(f"copy {bundle} to the device and run `bash {bundle.name}/engines/{tgt.name}/build.sh` there")
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link `src` to `dst` (same filesystem: no copy of multi-GB engines), else copy it."""
+    import os
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 @cli.command("profile")

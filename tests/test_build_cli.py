@@ -59,6 +59,26 @@ def test_build_script_parses_back_to_the_plan(bundle, target, jetpack):
     assert target_build["profiles"][1]["attention_mask"]["max"][2] == m["kv_capacity"] + m["max_tree"]
 
 
+def test_replanning_replaces_the_plan_as_a_set_and_keeps_built_engines(bundle, tmp_path):
+    """A plan (build.json, build.sh, plan_check.json) is written into a temporary sibling and swapped in whole;
+    engines already built into engines/<target> (copied back from the device) stay."""
+    import shutil
+    import stat
+
+    b = tmp_path / "b"
+    shutil.copytree(bundle, b)
+    out = b / "engines" / "h100"
+    assert run("build", str(b), "--target", "h100", "--no-verify").returncode == 0
+    (out / "target.engine").write_bytes(b"an engine built on the device")
+    before = (out / "build.sh").read_text()
+    r = run("build", str(b), "--target", "h100", "--no-verify", "--precision", "fp16", "--workspace", "1024")
+    assert r.returncode == 0, r.stderr
+    assert (out / "target.engine").read_bytes() == b"an engine built on the device"
+    assert (out / "build.sh").read_text() != before and "1024" in (out / "build.sh").read_text()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")], "no temporary sibling left"
+    assert stat.S_IMODE(out.stat().st_mode) & 0o055, "the plan directory is readable by others, like any other"
+
+
 def test_build_refuses_impossible_requests_with_reason(bundle):
     r = run("build", str(bundle), "--target", "jetson-orin-nano-8gb", "--dla", "0")
     assert r.returncode == 2 and "DLA" in r.stderr and "Traceback" not in r.stderr

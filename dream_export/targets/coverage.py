@@ -87,19 +87,20 @@ def default_image(size: int = 96) -> np.ndarray:
 
 
 def capacity_prompts(pipe, lengths: Iterable[int] | None = None) -> list[str]:
-    """Prompts whose templated token counts run from the shortest possible (no text) to the longest the
-    KV capacity takes (`kv_capacity - 1`: one slot stays for the first answer token), through one that
-    leaves just room for a round of the largest tree. Each is the longest text of repeated words whose
-    count does not pass the wanted length."""
+    """Prompts whose templated token counts run from the shortest a request may have (one character: an
+    empty prompt is refused) to the longest the KV capacity takes (`kv_capacity - 1`: one slot stays for
+    the first answer token), through one that leaves just room for a round of the largest tree. Each is
+    the longest text of repeated words whose count does not pass the wanted length."""
     m = pipe.bundle.manifest
     cap, tree = m["kv_capacity"], m["max_tree"]
-    base = len(pipe.prompt_ids(""))
+    shortest = "?"
+    base = len(pipe.prompt_ids(shortest))
     wanted = sorted(set(lengths or (base, (base + cap) // 2, cap - tree - 2, cap - 1)))
     prompts = []
     for n in wanted:
         if n < base:
             continue
-        text, words = "", ("red", "circle", "a", "the", "square", "blue")
+        text, words = shortest, ("red", "circle", "a", "the", "square", "blue")
         i = 0
         while True:
             longer = (text + " " + words[i % len(words)]).strip()
