@@ -48,6 +48,10 @@ def test_fp16_variants_registered_and_io_unchanged(fp16_bundle):
         assert _io(root / var["file"]) == _io(root / before["graphs"][name]["file"])  # keep_io_types
         weights = onnx.load(str(root / var["file"])).graph.initializer
         assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in weights)
+    # the integrity record gains the variant's files (Bundle.open checks their sizes, check their digests)
+    added = {k: after["files"].pop(k) for k in list(after["files"]) if k.startswith("onnx-fp16/")}
+    assert {f"onnx-fp16/{name}.onnx" for name in GRAPHS} <= set(added)
+    assert all(v["bytes"] == (root / k).stat().st_size for k, v in added.items())
     assert after == before  # nothing but the variants changed
     # the kept nodes really compute in FP32 in the written graph
     model = onnx.shape_inference.infer_shapes(onnx.load(str(root / "onnx-fp16" / "target.onnx")))

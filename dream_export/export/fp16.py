@@ -24,6 +24,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from dream_export.core.integrity import record
 from dream_export.errors import UsageError
 from dream_export.io import atomic_dir, atomic_write_text, file_digest
 from dream_export.runtime.bundle import GRAPHS
@@ -140,6 +141,8 @@ def convert_bundle(bundle_dir: str | Path, log=print) -> dict:
         path = root / OUT_DIR / f"{name}.onnx"
         manifest["graphs"][name].setdefault("variants", {})[VARIANT] = {
             "file": f"{OUT_DIR}/{name}.onnx", "sha256": file_digest(path)}
+    if "files" in manifest:  # the bundle's integrity record covers the new variant's files too
+        manifest["files"].update({f"{OUT_DIR}/{rel}": v for rel, v in record(root / OUT_DIR).items()})
     atomic_write_text(mpath, json.dumps(manifest, indent=2))
     log(f"wrote FP16 graphs to {root / OUT_DIR} (kept FP32: {summary})")
     return summary
