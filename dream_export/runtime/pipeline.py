@@ -88,7 +88,10 @@ class Pipeline:
         text = self.template.render(messages=messages, add_generation_prompt=True, bos_token=self.bos_token,
                                     eos_token=self.eos_token, image_token=self.image_token)
         text = text.replace(self.image_token, self.image_token * self.n_image_tokens)
-        return self.tokenizer.encode(text, add_special_tokens=False).ids
+        # the tokenizer's own special tokens (llava-hf: the BOS its template leaves out) as the HF
+        # processor added them at export
+        adds = bool(self.bundle.manifest["tokens"].get("add_special_tokens", False))
+        return self.tokenizer.encode(text, add_special_tokens=adds).ids
 
     def prompt_embeds(self, image, prompt: str) -> tuple[np.ndarray, np.ndarray, float]:
         """Merged prompt embeddings [n,H], image-token mask [n] and the vision time in seconds."""
