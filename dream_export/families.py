@@ -469,6 +469,30 @@ def require_exportable(vlm: VLM, image_processor: Any = None) -> None:
 # Families whose checkpoints (as the Hub ships them) pass export, check and the runtime end to end.
 EXPORTABLE = ("llava",)
 
+# The README's support table, one row per family: (checkpoints, vision input handling, what works).
+# tests/test_family_*.py back every claim: end to end for EXPORTABLE, the refusals for the others.
+SUPPORT = {
+    "llava": ("LLaVA-1.5 (llava-hf layout)", "CLIP shortest-edge resize + center crop, one image",
+              "train-draft, export, check (HF forward), runtime: token-equal to HF generate"),
+    "llava_next": ("LLaVA-1.6 / NeXT", "anyres tiles + image_sizes (HF processor in train-draft)",
+                   "train-draft; export refused (tiling and image_sizes not in the runtime/vision graph)"),
+    "idefics3": ("SmolVLM / Idefics3", "image splitting, pixel shuffle (HF processor in train-draft)",
+                 "train-draft; export refused (its image processor is not reproduced by the runtime)"),
+    "gemma3": ("Gemma3", "SigLIP fixed-size resize", "refused: decoder norms, scaling, sliding window and "
+               "bidirectional image attention are not in the traced decoder"),
+    "mistral3": ("Pixtral / Mistral3", "variable image size, [IMG_BREAK] rows",
+                 "not yet: under transformers 5 its processor needs torchvision (the whole ImportError is shown)"),
+    "qwen2_5_vl": ("Qwen2.5-VL", "dynamic resolution, image_grid_thw", "refused: 3-D mRoPE positions are not "
+                   "in the traced decoder"),
+}
+
+
+def support_table() -> str:
+    """The README's family support table (markdown), from `SUPPORT`."""
+    rows = ["| family (model_type) | checkpoints | vision input handling | status (tested) |", "|---|---|---|---|"]
+    rows += [f"| `{f}` | {c} | {v} | {s} |" for f, (c, v, s) in SUPPORT.items()]
+    return "\n".join(rows)
+
 
 def load_processor(path: str | Path) -> Any:
     """The checkpoint's `AutoProcessor`; an ImportError (transformers 5 builds some processors on

@@ -104,3 +104,15 @@ def test_placeholder_in_an_answer_is_cut_from_the_draft_data(tmp_path, tiny_vlm)
     assert meta["answers_cut_at_image_placeholder"] == 2
     ds = FeatureDataset(tmp_path / "f")
     assert all(int(s["loss_mask"].sum()) == 0 for s in ds.samples)
+
+
+def test_readme_support_table_is_the_generated_one():
+    from pathlib import Path
+
+    from dream_export.families import EXPORTABLE, SUPPORT, support_table, supported_families
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- support-table:start -->\n")[1].split("\n<!-- support-table:end -->")[0]
+    assert block == support_table()
+    assert tuple(SUPPORT) == supported_families()
+    assert EXPORTABLE == ("llava",)  # the families test_family_end_to_end covers
