@@ -28,8 +28,9 @@ def _invoke(*args: str) -> str:
     return res.output
 
 
-def _hf_answer(path, image) -> list[int]:
-    """Greedy answer of the HF model itself, prompted through its own processor and chat template."""
+def _hf_answer(path, image) -> tuple[list[int], list[int]]:
+    """(prompt ids, greedy answer) of the HF model itself, prompted through its own processor and chat
+    template."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -40,7 +41,7 @@ def _hf_answer(path, image) -> list[int]:
     enc = proc(text=PromptEncoder(proc).prompt_text(PROMPT), images=image, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=NEW_TOKENS, do_sample=False)
-    return out[0, enc["input_ids"].shape[1]:].tolist()
+    return enc["input_ids"][0].tolist(), out[0, enc["input_ids"].shape[1]:].tolist()
 
 
 @pytest.mark.parametrize("family", ["llava"])
@@ -68,7 +69,8 @@ def test_family_end_to_end(tmp_path, family):
     pipe = Pipeline.load(tmp_path / "bundle")
     accepted = []
     for img in images:
-        want = _hf_answer(target, img)
+        prompt_ids, want = _hf_answer(target, img)
+        assert pipe.prompt_ids(PROMPT) == prompt_ids  # the runtime's prompt, BOS included, is the processor's
         got = pipe.generate(img, PROMPT, max_new_tokens=NEW_TOKENS, mode="tree")
         assert len(want) >= 16
         assert got.tokens == want
