@@ -231,8 +231,11 @@ def eval_draft_cmd(target_dir: Path, drafts: tuple, data_path: Path, tree: TreeS
                    "(4: depth 5, whose 6-row verify is the fastest on CPUs).")
 @click.option("--min-trt", default="8.5", show_default=True, help="Oldest TensorRT the graphs must parse in.")
 @click.option("--skip-check", is_flag=True, help="Do not run parity and the TensorRT lint after exporting.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
+              show_default=True, help="Dtype the target's weights load in (auto: the checkpoint's own).")
 def export_cmd(target_dir: Path, draft_dir: Path, out: Path, kv_capacity: int, max_tree: int, taps: str,
-               no_attn_scores: bool, precision: str, chain_steps: int, min_trt: str, skip_check: bool) -> None:
+               no_attn_scores: bool, precision: str, chain_steps: int, min_trt: str, skip_check: bool,
+               dtype: str) -> None:
     """Export TARGET_DIR and its draft to a bundle: vision/target/draft ONNX graphs + manifest.
 
     Ends with `dream-export check` (parity against torch, TensorRT-readiness lint) unless --skip-check.
@@ -246,7 +249,7 @@ def export_cmd(target_dir: Path, draft_dir: Path, out: Path, kv_capacity: int, m
         raise click.BadParameter("--taps takes layer numbers, e.g. final,L3,L7") from e
     export_bundle(target_dir, draft_dir, out, ExportOptions(kv_capacity=kv_capacity, max_tree=max_tree,
                                                             taps=tap_layers, attn_scores=not no_attn_scores,
-                                                            chain_steps=chain_steps),
+                                                            chain_steps=chain_steps, dtype=dtype),
                   log=click.echo)
     if precision == "fp16":
         from dream_export.export.fp16 import convert_bundle

@@ -392,9 +392,11 @@ def family_of(config) -> str:
     return model_type
 
 
-def load_vlm(path: str | Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "eager",
+def load_vlm(path: str | Path, dtype: torch.dtype | str = torch.float32, attn_implementation: str = "eager",
              device: str | torch.device = "cpu") -> VLM:
     """Load a checkpoint directory through `from_pretrained` and wrap it in its family adapter.
+
+    `dtype="auto"` keeps the checkpoint's own dtype (its config's `dtype`/`torch_dtype`).
 
     Eager attention by default: it is the implementation that returns attention probabilities (for
     DREAM's entropy targets and visual-token ranking) and the one that exports to plain ONNX ops.
@@ -413,6 +415,106 @@ def load_vlm(path: str | Path, dtype: torch.dtype = torch.float32, attn_implemen
 def wrap_vlm(model: Any, path: str | Path | None = None) -> VLM:
     """Adapter over an already instantiated HF VLM (e.g. one being trained)."""
     return VLM(family_of(model.config), model, Path(path) if path is not None else None)
+
+
+def decoder_gaps(vlm: VLM) -> list[str]:
+    """What the explicit-KV decoder the export traces (`modeling.decoder.TargetDecoder`: Llama/Mistral
+    blocks, 1-D RoPE, causal or tree masks) does not reproduce of this checkpoint's decoder. Empty when
+    an export would compute what the HF model computes; otherwise export refuses rather than write a
+    silently wrong graph."""
+    f, gaps = vlm.facts, []
+    if f.norm != "rms":
+        gaps.append("(1+w) RMSNorm")
+    if f.embed_scale != 1.0:
+        gaps.append(f"embedding scale {f.embed_scale:g}")
+    if f.qk_norm:
+        gaps.append("q/k norms")
+    if f.sandwich_norm:
+        gaps.append("pre/post feed-forward norms")
+    if abs(f.attention_scale - f.head_dim**-0.5) > 1e-9 * f.attention_scale:
+        gaps.append(f"attention scale {f.attention_scale:g} (query_pre_attn_scalar)")
+    if f.sliding_window:
+        gaps.append(f"sliding-window layers ({f.sliding_window})")
+    if f.rope_kind != "default":
+        gaps.append("3-D mRoPE positions")
+    if vlm.spec.bidirectional_image_blocks:
+        gaps.append("bidirectional attention among image tokens")
+    return gaps
+
+
+def export_gaps(vlm: VLM, image_processor: Any) -> list[str]:
+    """Everything that keeps this checkpoint from exporting correctly: decoder features the traced decoder
+    lacks, vision inputs beyond pixel_values the vision graph does not take, and image preprocessing the
+    runtime does not reproduce."""
+    gaps = decoder_gaps(vlm)
+    if vlm.spec.required_vision_kwargs:
+        gaps.append(f"vision inputs {', '.join(vlm.spec.required_vision_kwargs)} (the vision graph takes "
+                    "pixel_values only)")
+    try:
+        params_from_hf(image_processor)
+    except UsageError as e:
+        gaps.append(str(e))
+    return gaps
+
+
+def require_exportable(vlm: VLM, image_processor: Any = None) -> None:
+    """UsageError naming what this checkpoint needs that the export does not reproduce (`export_gaps`;
+    without an image processor only `decoder_gaps`, what drafting needs)."""
+    gaps = decoder_gaps(vlm) if image_processor is None else export_gaps(vlm, image_processor)
+    if gaps:
+        raise UsageError(f"{vlm.family} checkpoints are not supported yet: the traced decoder and graphs would "
+                         f"not reproduce {'; '.join(gaps)}. Families that export: {', '.join(EXPORTABLE)}")
+
+
+# Families whose checkpoints (as the Hub ships them) pass export, check and the runtime end to end.
+EXPORTABLE = ("llava",)
+
+# The README's support table, one row per family: (checkpoints, vision input handling, what works).
+# tests/test_family_*.py back every claim: end to end for EXPORTABLE, the refusals for the others.
+SUPPORT = {
+    "llava": ("LLaVA-1.5 (llava-hf layout)", "CLIP shortest-edge resize + center crop, one image",
+              "train-draft, export, check (HF forward), runtime: token-equal to HF generate"),
+    "llava_next": ("LLaVA-1.6 / NeXT", "anyres tiles + image_sizes (HF processor in train-draft)",
+                   "train-draft; export refused (tiling and image_sizes not in the runtime/vision graph)"),
+    "idefics3": ("SmolVLM / Idefics3", "image splitting, pixel shuffle (HF processor in train-draft)",
+                 "train-draft; export refused (its image processor is not reproduced by the runtime)"),
+    "gemma3": ("Gemma3", "SigLIP fixed-size resize", "refused: decoder norms, scaling, sliding window and "
+               "bidirectional image attention are not in the traced decoder"),
+    "mistral3": ("Pixtral / Mistral3", "variable image size, [IMG_BREAK] rows",
+                 "not yet: under transformers 5 its processor needs torchvision (the whole ImportError is shown)"),
+    "qwen2_5_vl": ("Qwen2.5-VL", "dynamic resolution, image_grid_thw", "refused: 3-D mRoPE positions are not "
+                   "in the traced decoder"),
+}
+
+
+def support_table() -> str:
+    """The README's family support table (markdown), from `SUPPORT`."""
+    rows = ["| family (model_type) | checkpoints | vision input handling | status (tested) |", "|---|---|---|---|"]
+    rows += [f"| `{f}` | {c} | {v} | {s} |" for f, (c, v, s) in SUPPORT.items()]
+    return "\n".join(rows)
+
+
+def load_processor(path: str | Path) -> Any:
+    """The checkpoint's `AutoProcessor`; an ImportError (transformers 5 builds some processors on
+    torchvision) becomes a UsageError carrying the whole message, not just its last line."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(str(path))
+    except ImportError as e:
+        raise UsageError(f"loading the processor of {path} failed: {' '.join(str(e).split())}") from e
+
+
+def eos_ids(model: Any, tokenizer: Any = None) -> list[int]:
+    """Every token id that ends an answer, as HF `generate` decides: the generation config's (a list for
+    Gemma3: <eos> and <end_of_turn>), else the model config's, else the tokenizer's."""
+    for src in (getattr(model, "generation_config", None), model.config, model.config.get_text_config(),
+                tokenizer):
+        val = getattr(src, "eos_token_id", None) if src is not None else None
+        ids = [int(i) for i in (val if isinstance(val, (list, tuple)) else [val]) if i is not None]
+        if ids:
+            return list(dict.fromkeys(ids))
+    return []
 
 
 def _model_class(family: str):

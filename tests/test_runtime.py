@@ -277,3 +277,15 @@ def test_cache_masks_step_in_slot_buckets_and_hide_the_padding():
         assert m[:, :committed].all() and not m[:, committed:width].any() and (m[:, width:] == new).all()
     assert cache_mask(40, 39, None, new, used=True).shape == (3, 43)  # capped at the capacity
     assert cache_mask(40, 5, None, new, used=False).shape == (3, 43)  # full-width graphs: the capacity
+
+
+def test_any_of_the_eos_ids_ends_the_answer():
+    """Families with several end tokens (Gemma3: <eos> and <end_of_turn>) stop at whichever comes first."""
+    from dream_export.runtime.accept import SamplingParams
+    from dream_export.runtime.engine import EngineStats, RoundState
+
+    st = RoundState(SamplingParams(), frozenset({5, 7}), 10, EngineStats())
+    assert st.take([1, 2, 3]) == [1, 2, 3] and not st.done
+    assert st.take([4, 7, 5, 6]) == [4, 7] and st.stopped and st.done
+    st = RoundState(SamplingParams(), frozenset({5, 7}), 4, EngineStats())
+    assert st.take([1, 2, 3, 4, 5]) == [1, 2, 3, 4] and not st.stopped and st.done  # the length limit first

@@ -51,6 +51,18 @@ PROMPTS = {
 }
 
 
+# Chat templates as the families' Hub checkpoints ship them (trimmed to user turns with one image);
+# llava-hf's carries no BOS: its Llama tokenizer adds one.
+CHAT_TEMPLATES = {
+    "llava": ("{% for message in messages %}{{ message['role'].upper() + ': ' }}"
+              "{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+              "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] + ' ' }}"
+              "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"),
+}
+# Families whose tokenizer adds BOS itself (a post-processor in tokenizer.json), as on the Hub.
+ADDS_BOS = ("llava", "llava_next", "mistral3")
+
+
 def tiny_tokenizer(family: str):
     """A byte-level BPE tokenizer without merges (one token per byte) plus the family's special tokens.
 
@@ -67,6 +79,11 @@ def tiny_tokenizer(family: str):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in BASE_SPECIALS + specials])
+    if family in ADDS_BOS:
+        from tokenizers import processors
+
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                           special_tokens=[("<s>", vocab["<s>"])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>", extra_special_tokens=dict(named), model_max_length=512)
 
@@ -102,7 +119,8 @@ def _llava(tok):
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                                             **MEAN_STD)
     processor = LlavaProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
-                               vision_feature_select_strategy="default", num_additional_image_tokens=1)
+                               vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                               chat_template=CHAT_TEMPLATES["llava"])
     return LlavaForConditionalGeneration(config), processor
 
 

@@ -51,7 +51,9 @@ class PromptEncoder:
     def encode(self, images: list, prompts: list[str]) -> dict:
         """Batch of prompts (left padded, ready for `generate`)."""
         self.tokenizer.padding_side = "left"
-        return self.processor(text=[self.prompt_text(p) for p in prompts], images=images,
+        # one list of images per prompt: processors that accept several images per prompt (Gemma3)
+        # read a flat list as one prompt with all of them
+        return self.processor(text=[self.prompt_text(p) for p in prompts], images=[[im] for im in images],
                               return_tensors="pt", padding=True)
 
     def encode_train(self, image, prompt: str, answer: str) -> dict:

@@ -73,10 +73,21 @@ def target_identity(model_dir: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _merged_embeddings(model, inputs: dict):
-    """Prompt+answer embeddings with image features spliced in, exactly as the HF forward builds them."""
-    out = model(**inputs, output_hidden_states=True)
-    return out.hidden_states[0]
+def _with_answer(enc: dict, answer: list[int]):
+    """(input_ids [1,n+a], pixel_values, processor extras) of one prompt encoding followed by `answer`;
+    per-token extras (attention_mask, token_type_ids, ...) are extended over the answer as text tokens."""
+    import torch
+
+    ids = enc["input_ids"]
+    ans = torch.tensor([answer], dtype=ids.dtype)
+    extras = {}
+    for k, v in enc.items():
+        if k in ("input_ids", "pixel_values"):
+            continue
+        if torch.is_tensor(v) and v.shape == ids.shape:
+            v = torch.cat([v, torch.ones_like(ans) if k == "attention_mask" else torch.zeros_like(ans)], 1)
+        extras[k] = v
+    return torch.cat([ids, ans], 1), enc["pixel_values"], extras
 
 
 def generate_features(model, processor, rows: list[dict], out_dir: str | Path, cfg: DataConfig,
@@ -104,12 +115,15 @@ def generate_features(model, processor, rows: list[dict], out_dir: str | Path, c
                 f"{out_dir} holds features from another target or recipe ({old.get('target')}, "
                 f"{old.get('config')}); use a new directory")
     index_path.write_text(json.dumps(meta, indent=2))
+    from dream_export.families import eos_ids, wrap_vlm
+
     enc = PromptEncoder(processor)
-    lm = model.model.language_model
-    dec = TargetDecoder(lm, taps=cfg.taps)
-    img_id = model.config.image_token_id if hasattr(model.config, "image_token_id") else model.config.image_token_index
-    eos = processor.tokenizer.eos_token_id
+    vlm = wrap_vlm(model)
+    dec = TargetDecoder(vlm.language_model, taps=cfg.taps)
+    img_id = vlm.image_token_id
+    eos = set(eos_ids(model, processor.tokenizer))
     pad = processor.tokenizer.pad_token_id
+    cut_at_placeholder = 0
     shards = [rows[i:i + cfg.shard_size] for i in range(0, len(rows), cfg.shard_size)]
     from tqdm import tqdm
 
@@ -130,16 +144,21 @@ def generate_features(model, processor, rows: list[dict], out_dir: str | Path, c
                 gen = model.generate(**inputs, max_new_tokens=cfg.max_new_tokens, do_sample=False, pad_token_id=pad)
             plen = inputs["input_ids"].shape[1]
             for j in range(len(batch)):
-                valid = inputs["attention_mask"][j].bool()
-                prompt_ids = inputs["input_ids"][j][valid]
                 ans = gen[j, plen:].tolist()
-                if eos in ans:
-                    ans = ans[: ans.index(eos) + 1]
-                ids = torch.cat([prompt_ids, torch.tensor(ans, dtype=torch.long)])[None]
-                single = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                          "pixel_values": inputs["pixel_values"][j:j + 1]}
+                stop = next((i for i, t in enumerate(ans) if t in eos), None)
+                if stop is not None:
+                    ans = ans[: stop + 1]
+                if img_id in ans:
+                    # A target that writes its own image placeholder: that slot would take an image
+                    # feature in any forward, so the answer is kept only up to it.
+                    ans = ans[: ans.index(img_id)]
+                    cut_at_placeholder += 1
+                # One sample, encoded alone: the family's vision inputs (image_sizes, pixel masks,
+                # grids) belong to it, however the batch laid them out.
+                ids, pixels, extras = _with_answer(dict(enc.encode([images[j]], [batch[j]["prompt"]])), ans)
+                prompt_ids = ids[0, : ids.shape[1] - len(ans)]
                 with torch.no_grad():
-                    merged = _merged_embeddings(model, single)
+                    merged = vlm.merge(ids, pixels, **extras)
                     t = ids.shape[1]
                     pk, pv = dec.empty_cache()
                     o = dec(merged, torch.arange(t)[None], causal_mask(t), pk, pv, output_attentions=True,
@@ -173,6 +192,9 @@ def generate_features(model, processor, rows: list[dict], out_dir: str | Path, c
         save_file(tensors, str(tmp))
         tmp.replace(path)
     bar.close()
+    if cut_at_placeholder:
+        meta["answers_cut_at_image_placeholder"] = cut_at_placeholder
+        index_path.write_text(json.dumps(meta, indent=2))
     return meta
 
 

@@ -1,4 +1,5 @@
-"""Load a target VLM for drafting: its processor, explicit-KV decoder, embeddings and LM head."""
+"""Load a target VLM for drafting and export: its family adapter, processor, explicit-KV decoder,
+embeddings and LM head."""
 
 from __future__ import annotations
 
@@ -7,21 +8,34 @@ from pathlib import Path
 from typing import Any
 
 from dream_export.draft.reference import TargetSide
-from dream_export.errors import UsageError
+from dream_export.families import VLM, load_processor, load_vlm, require_exportable
 
 
 @dataclass
 class Target:
-    """A loaded target VLM: the HF model and processor, plus the decoding view of it."""
+    """A loaded target VLM: the HF model seen through its family adapter, its processor, and the
+    decoding view of it."""
 
     path: Path
-    model: Any
+    vlm: VLM
     processor: Any
     side: TargetSide
 
     @property
+    def model(self) -> Any:
+        """The HF *ForConditionalGeneration module."""
+        return self.vlm.model
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """Every id that ends an answer (see `families.eos_ids`)."""
+        from dream_export.families import eos_ids
+
+        return eos_ids(self.model, self.processor.tokenizer)
+
+    @property
     def eos_id(self) -> int:
-        return self.processor.tokenizer.eos_token_id
+        return self.eos_ids[0]
 
     def prompt_embeds(self, image, prompt: str):
         """Merged prompt embeddings [1,n,H] and the image-token mask [n] for one (image, prompt)."""
@@ -29,27 +43,27 @@ class Target:
 
         from dream_export.core.prompts import PromptEncoder
 
-        inputs = PromptEncoder(self.processor).encode([image], [prompt])
+        inputs = dict(PromptEncoder(self.processor).encode([image], [prompt]))
+        ids, pixels = inputs.pop("input_ids"), inputs.pop("pixel_values")
         with torch.no_grad():
-            merged = self.model(**inputs, output_hidden_states=True).hidden_states[0]
-        cfg = self.model.config
-        img_id = getattr(cfg, "image_token_id", None) or cfg.image_token_index
-        return merged, (inputs["input_ids"][0] == img_id).numpy()
+            merged = self.vlm.merge(ids, pixels, **inputs)
+        return merged, self.vlm.image_token_mask(ids)[0].cpu().numpy()
 
 
-def load_target(path: str | Path, taps: tuple[int, ...] = ()) -> Target:
-    """Load a target checkpoint through `from_pretrained` (the path a user's checkpoint takes)."""
+def load_target(path: str | Path, taps: tuple[int, ...] = (), dtype: Any = "float32") -> Target:
+    """Load a target checkpoint through `from_pretrained` (the path a user's checkpoint takes) and its
+    family adapter. `dtype`: a torch dtype or its name, or "auto" for the checkpoint's own dtype."""
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     from dream_export.modeling.decoder import TargetDecoder
 
     path = Path(path)
-    if not (path / "config.json").exists():
-        raise UsageError(f"{path} is not a model directory (config.json missing)")
-    AutoConfig.from_pretrained(str(path))
-    model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(str(path))
-    lm = model.model.language_model
-    side = TargetSide(TargetDecoder(lm, taps=taps), lm.embed_tokens, model.lm_head)
-    return Target(path, model, processor, side)
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    vlm = load_vlm(path, dtype=dtype)
+    # the draft's features and the exported graphs come from TargetDecoder: refuse what it gets wrong
+    require_exportable(vlm)
+    processor = load_processor(path)
+    side = TargetSide(TargetDecoder(vlm.language_model, taps=taps), vlm.embed_tokens, vlm.lm_head,
+                      softcap=vlm.facts.final_logit_softcapping)
+    return Target(path, vlm, processor, side)

@@ -36,6 +36,9 @@ class ExportOptions:
     taps: tuple[int, ...] = ()
     attn_scores: bool = True
     precision: str = "fp32"
+    # torch dtype the target loads in: "auto" keeps the checkpoint's own (graphs are traced in fp32
+    # either way; a narrower load halves the memory the weights take while loading)
+    dtype: str = "auto"
     # greedy steps after the context pass unrolled in the draft_chain graph (0: none); 4: chain depth 5,
     # the fastest on ONNX Runtime CPU (a verify of 6 rows fits the CPU matmul's 6-row block; 7 do not)
     chain_steps: int = 4
@@ -72,6 +75,16 @@ def _export(module, args, path: Path, spec: GraphSpec, outputs: list[str] | None
                           output_names=list(output_names), dynamic_axes=dynamic_axes, do_constant_folding=True)
 
 
+def _processor_adds_special_tokens(proc) -> bool:
+    """Whether the HF processor's tokenization adds the tokenizer's special tokens (llava-hf: a BOS the
+    chat template leaves out), so the runtime encodes prompts the same way."""
+    from dream_export.core.prompts import PromptEncoder
+
+    text = PromptEncoder(proc).prompt_text("?")
+    plain = proc.tokenizer(text, add_special_tokens=False)["input_ids"]
+    return proc.tokenizer(text)["input_ids"] != plain
+
+
 def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path, opts: ExportOptions,
                   log=print) -> dict:
     """Export vision, target and draft graphs, embeddings, tokenizer and manifest into bundle `out`."""
@@ -82,14 +95,18 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
     from dream_export.draft.target import load_target
     from dream_export.draft.train import load_draft
     from dream_export.export.graphs import DraftChainGraph, DraftGraph, TargetGraph, VisionGraph
-    from dream_export.families import params_from_hf
+    from dream_export.families import params_from_hf, require_exportable
 
     t0 = time.time()
     check_sources(target_dir, draft_dir)  # readable, supported, made for each other: refuse before work
     draft = load_draft(draft_dir)
     taps = tuple(opts.taps) or tuple(draft.config.fuse_layers)
-    target = load_target(target_dir, taps=taps)
+    target = load_target(target_dir, taps=taps, dtype=opts.dtype)
     model, proc = target.model, target.processor
+    # refuse before tracing anything: what the graphs or the runtime would not reproduce
+    require_exportable(target.vlm, proc.image_processor)
+    # the graphs are traced in fp32 whatever the load dtype (fp16 variants are converted from them)
+    model.float()
     dec = target.side.decoder
     cfg = model.config
     text = cfg.get_text_config()
@@ -115,8 +132,9 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
         "topk": opts.topk, "taps": list(taps),
         "draft": {"arch": dcfg.arch, "uses_cross": draft.uses_cross, "eagle3_taps": dcfg.arch == "eagle3"},
         "tokens": {"image_token_id": int(getattr(cfg, "image_token_id", None) or cfg.image_token_index),
-                   "bos_id": proc.tokenizer.bos_token_id, "eos_id": proc.tokenizer.eos_token_id,
-                   "pad_id": proc.tokenizer.pad_token_id},
+                   "bos_id": proc.tokenizer.bos_token_id, "eos_id": target.eos_ids[0], "eos_ids": target.eos_ids,
+                   "pad_id": proc.tokenizer.pad_token_id,
+                   "add_special_tokens": _processor_adds_special_tokens(proc)},
         "embeddings": {"file": "embeddings.safetensors", "tensor": "embed_tokens", "scale": 1.0},
         "precision": {"vision": opts.precision, "target": opts.precision, "draft": opts.precision},
         "graphs": {},

@@ -38,6 +38,7 @@ import numpy as np
 
 from dream_export.core.graph_spec import spec
 from dream_export.errors import UsageError
+from dream_export.export.feeds import TREE_PARENTS, ancestors, depths, ort_session
 from dream_export.io import atomic_write_text
 from dream_export.runtime.bundle import GRAPHS
 
@@ -52,7 +53,6 @@ GREEDY_PROMPTS = 8
 GREEDY_MIN = 0.95
 GREEDY_TIE = 0.05  # fp32 logit gap under which a divergence is a tie (FP16 logit error ~0.03 on the demo)
 GREEDY_TOKENS = 48
-TREE_PARENTS = (-1, 0, 0, 1, 1, 2, 3, 5)  # a small EAGLE-style tree: root, two children, grandchildren …
 
 
 # ----------------------------------------------------------------------------------------- modules
@@ -112,24 +112,6 @@ class _Modules:
 
 
 # ------------------------------------------------------------------------------------------- feeds
-
-
-def _ancestors(parents) -> np.ndarray:
-    """[N, N] bool: node i sees node j iff j is i or one of its ancestors."""
-    n = len(parents)
-    m = np.eye(n, dtype=bool)
-    for i, p in enumerate(parents):
-        while p >= 0:
-            m[i, p] = True
-            p = parents[p]
-    return m
-
-
-def _depths(parents) -> np.ndarray:
-    d = np.zeros(len(parents), np.int64)
-    for i, p in enumerate(parents):
-        d[i] = 0 if p < 0 else d[p] + 1
-    return d
 
 
 def _arg_names(name: str) -> list[str]:
@@ -215,7 +197,7 @@ class _Realistic:
         ref = dict(zip(_output_names(m, "target"), mods.run("target", prefill, _arg_names("target")), strict=True))
 
         # target tree verification over the committed prefix
-        anc = _ancestors(TREE_PARENTS)
+        anc = ancestors(TREE_PARENTS)
         tree_ids = np.random.default_rng(7).integers(0, d["vocab"], n_tree)
         with torch.no_grad():
             tree_emb = mods.embed(torch.from_numpy(tree_ids)[None]).float().numpy()
@@ -225,7 +207,7 @@ class _Realistic:
         tmask[0, :, :p] = True
         tmask[0, :, cap:] = anc
         self.cases["target"]["realistic-tree"] = {
-            "inputs_embeds": tree_emb, "position_ids": (p + _depths(TREE_PARENTS))[None], "attention_mask": tmask,
+            "inputs_embeds": tree_emb, "position_ids": (p + depths(TREE_PARENTS))[None], "attention_mask": tmask,
             "past_key": past_k, "past_value": past_v, "logit_rows": np.arange(n_tree)}
 
         # draft context pass: the prompt's embeddings, the target's features; query i sees features < i
@@ -258,7 +240,7 @@ class _Realistic:
         cmask[0, :, ccap:] = anc & ~np.eye(n_tree, dtype=bool)  # a node sees its ancestors' predicted features
         feats = dref["feature"][:, np.resize(np.arange(p), n_tree)].astype(np.float32)
         self.cases["draft"]["realistic-tree"] = {
-            "embeds": tree_emb, "positions": (p + _depths(TREE_PARENTS))[None], "self_mask": smask,
+            "embeds": tree_emb, "positions": (p + depths(TREE_PARENTS))[None], "self_mask": smask,
             "self_key": sk, "self_value": sv, "cross_key": ck, "cross_value": cv, "new_feats": feats,
             "cross_mask": cmask, "prev_feat": np.zeros((1, n_tree, d["hidden"]), np.float32)}
 
@@ -352,7 +334,7 @@ def compare_graphs(ref_path: str | Path, path: str | Path, feeds: list[dict[str,
                    threads: int = 1) -> dict:
     """Run a converted graph and its fp32 source in ONNX Runtime on the same feeds (e.g. recorded from the
     runtime); per float output the worst error relative to scale, per integer output the agreement."""
-    a, b = _session(Path(ref_path), threads), _session(Path(path), threads)
+    a, b = ort_session(Path(ref_path), threads), ort_session(Path(path), threads)
     names = [o.name for o in a.get_outputs()]
     have = {i.name for i in a.get_inputs()}
     tol = TOLERANCE[variant]
@@ -371,13 +353,32 @@ def compare_graphs(ref_path: str | Path, path: str | Path, feeds: list[dict[str,
             "id_agreement": {n: float(np.mean(v)) for n, v in agree.items()}}
 
 
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
+def _variant_files(m: dict, name: str) -> dict[str, str]:
+    """Precision variant → file (relative to the bundle) of graph `name`.
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    A calibrated bundle (`dream-export calibrate`) runs a converted graph as `file` and keeps the
+    exported one as `fp32_file`; INT8 graphs are judged by `calib-report`, not elementwise here.
+    """
+    entry = m["graphs"][name]
+    primary = m.get("precision", {}).get(name, "fp32")
+    files = {primary: entry["file"], **{k: v["file"] for k, v in entry.get("variants", {}).items()}}
+    if primary != "fp32" and entry.get("fp32_file"):
+        files["fp32"] = entry["fp32_file"]
+    return files
+
+
+def _hf_forward(root: Path, m: dict, target_dir: Path, samples: Sequence[tuple], variants: tuple[str, ...],
+                threads: int) -> dict:
+    """The bundle against the HF model's own forward (`hf_parity`), for each variant whose vision and
+    target graphs the bundle carries."""
+    from dream_export.export.hf_parity import hf_forward_parity
+
+    if not samples:
+        return {"ok": True, "skipped": "no (image, prompt) samples given"}
+    per_graph = {g: _variant_files(m, g) for g in ("vision", "target")}
+    files = {v: {g: per_graph[g][v] for g in per_graph} for v in variants
+             if all(v in per_graph[g] and (root / per_graph[g][v]).exists() for g in per_graph)}
+    return hf_forward_parity(root, m, target_dir, samples[0], files, threads)
 
 
 def check_bundle(bundle_dir: str | Path, target_dir: str | Path | None = None, draft_dir: str | Path | None = None,
@@ -417,13 +418,8 @@ def check_bundle(bundle_dir: str | Path, target_dir: str | Path | None = None, d
     for name in GRAPHS:
         cases = {f"random-seed{s}": _random_feeds(name, m, np.random.default_rng(s), emb_std) for s in seeds}
         cases.update(realistic.cases[name] if realistic else {})
-        entry = m["graphs"][name]
-        # a calibrated bundle (`dream-export calibrate`) runs a converted graph as `file` and keeps the
-        # exported one as `fp32_file`; INT8 graphs are judged by `calib-report`, not elementwise here
         primary = m.get("precision", {}).get(name, "fp32")
-        files = {primary: entry["file"], **{k: v["file"] for k, v in entry.get("variants", {}).items()}}
-        if primary != "fp32" and entry.get("fp32_file"):
-            files["fp32"] = entry["fp32_file"]
+        files = _variant_files(m, name)
         if primary not in TOLERANCE:
             report.setdefault("not_checked", {})[name] = (f"{primary} graph: judged by `dream-export calib-report` "
                                                           "(greedy agreement, τ, accuracy)")
@@ -437,7 +433,7 @@ def check_bundle(bundle_dir: str | Path, target_dir: str | Path | None = None, d
             if var not in files or not (root / files[var]).exists():
                 report["missing_variants"].append(f"{name}/{var}")
                 continue
-            sess = _session(root / files[var], threads)
+            sess = ort_session(root / files[var], threads)
             have = [i.name for i in sess.get_inputs()]  # ONNX prunes unused inputs (DREAM: prev_feat)
             out_names = [o.name for o in sess.get_outputs()]
             res: dict = {"file": files[var], "cases": {}}
@@ -473,6 +469,16 @@ def check_bundle(bundle_dir: str | Path, target_dir: str | Path | None = None, d
         if not g["ok"]:
             report["ok"] = False
             report["failures"].append(f"greedy/{var}: {g['message']}")
+    # the decisive reference: the checkpoint as transformers runs it, not our decoder re-implementation
+    hf = _hf_forward(root, m, target_dir, samples, variants, threads)
+    report["hf_forward"] = hf
+    if not hf["ok"]:
+        report["ok"] = False
+        report["failures"] += hf["failures"]
+    for var in variants:
+        if var in hf:
+            log(f"parity against the HF forward ({var}): max error {hf[var]['max_rel']:.2e} of scale "
+                f"(tolerance {hf['tolerance'][var]:.0e})")
     report["versions"] = {"torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__}
     atomic_write_text(root / "reports" / "parity.json", json.dumps(report, indent=2))
     log("parity OK" if report["ok"] else "parity FAILED:\n  " + "\n  ".join(report["failures"]))

@@ -13,7 +13,7 @@ Plain autoregressive decoding is the same loop with a drafter that proposes no d
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,7 +91,7 @@ class RoundState:
     """One request between rounds: the target cache's committed slots and the root the next round extends."""
 
     sampling: SamplingParams
-    eos_id: int | None
+    eos_ids: frozenset[int]  # every id that ends an answer (Gemma3: <eos> and <end_of_turn>)
     max_new_tokens: int
     stats: EngineStats
     committed: int = 0  # target KV slots in use; the root sits at this position
@@ -109,11 +109,12 @@ class RoundState:
 
     def take(self, tokens: list[int]) -> list[int]:
         """A round's new tokens, cut after EOS and at `max_new_tokens`, counted as yielded."""
-        if self.eos_id in tokens:
-            tokens = tokens[: tokens.index(self.eos_id) + 1]
+        end = next((i for i, t in enumerate(tokens) if t in self.eos_ids), None)
+        if end is not None:
+            tokens = tokens[: end + 1]
         tokens = tokens[: self.max_new_tokens - self.produced]
         self.produced += len(tokens)
-        self.stopped = bool(tokens) and tokens[-1] == self.eos_id
+        self.stopped = bool(tokens) and tokens[-1] in self.eos_ids
         return tokens
 
 
@@ -154,15 +155,17 @@ class SpecEngine:
 
     # ---- generation --------------------------------------------------------------------------
     def generate(self, prompt_embeds: np.ndarray, image_mask: np.ndarray, max_new_tokens: int, mode: str = "tree",
-                 spec: TreeSpec | None = None, sampling: SamplingParams | None = None, eos_id: int | None = None,
-                 vtc_keep: float | None = None, stats: EngineStats | None = None,
+                 spec: TreeSpec | None = None, sampling: SamplingParams | None = None,
+                 eos_id: int | Collection[int] | None = None, vtc_keep: float | None = None, stats: EngineStats | None = None,
                  drafter: Drafter | None = None) -> Iterator[Round]:
-        """Yield the tokens of each round until EOS, `max_new_tokens` or the KV capacity.
+        """Yield the tokens of each round until EOS (`eos_id`: one id or all that end an answer),
+        `max_new_tokens` or the KV capacity.
 
         `drafter` overrides the one `mode` and `spec` choose (see `drafter`).
         """
         drafter = drafter or self.drafter(mode, spec)
-        st = RoundState(sampling or SamplingParams(), eos_id, max_new_tokens,
+        eos_ids = frozenset(() if eos_id is None else [eos_id] if isinstance(eos_id, int) else eos_id)
+        st = RoundState(sampling or SamplingParams(), eos_ids, max_new_tokens,
                         stats if stats is not None else EngineStats())
         out = self.prefill(prompt_embeds, st)
         yield Round([st.root], 1)
@@ -192,7 +195,7 @@ class SpecEngine:
             out = self.target.run(prompt_embeds, np.arange(n), causal(n), [n - 1], past=0)
             self.target.commit(out, np.arange(n), 0)
         st.root = self._choose(out, 0, st)
-        st.committed, st.produced, st.stopped = n, 1, st.root == st.eos_id
+        st.committed, st.produced, st.stopped = n, 1, st.root in st.eos_ids
         return out
 
     def verify(self, tree: VerifyTree, st: RoundState) -> dict:

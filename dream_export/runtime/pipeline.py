@@ -116,6 +116,8 @@ class Pipeline:
         self.preprocess = ImagePreprocessor.from_dict(m["preprocess"])
         tok = m["tokens"]
         self.image_token_id, self.eos_id = tok["image_token_id"], tok["eos_id"]
+        # every id that ends an answer (generation_config's first; Gemma3 adds <end_of_turn>)
+        self.eos_ids = frozenset(tok.get("eos_ids") or [self.eos_id])
         self.image_token = self.tokenizer.id_to_token(self.image_token_id)
         self.bos_token = self.tokenizer.id_to_token(tok["bos_id"]) if tok.get("bos_id") is not None else ""
         self.eos_token = self.tokenizer.id_to_token(self.eos_id)
@@ -151,7 +153,10 @@ class Pipeline:
     def _encode(self, messages: Sequence[dict]) -> tuple[np.ndarray, list]:
         norm, images = normalize(messages)
         text = self.template.render(norm)
-        return np.array(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64), images
+        # the tokenizer's own special tokens (llava-hf: the BOS its template leaves out), as the HF
+        # processor added them at export
+        adds = bool(self.bundle.manifest["tokens"].get("add_special_tokens", False))
+        return np.array(self.tokenizer.encode(text, add_special_tokens=adds).ids, dtype=np.int64), images
 
     def chat_embeds(self, messages: Sequence[dict]) -> tuple[np.ndarray, np.ndarray, float]:
         """Merged prompt embeddings [n,H], image-token mask [n] and the vision time in seconds."""
@@ -249,9 +254,9 @@ class Pipeline:
             per_round = deltas or bool(stop)  # text is needed every round only to stream it or find a stop
 
             def detok() -> str:
-                return self.tokenizer.decode([t for t in tokens if t != self.eos_id])
+                return self.tokenizer.decode([t for t in tokens if t not in self.eos_ids])
 
-            rounds = self.engine.generate(emb, mask, max_new_tokens, mode, None, sampling, self.eos_id, vtc_keep,
+            rounds = self.engine.generate(emb, mask, max_new_tokens, mode, None, sampling, self.eos_ids, vtc_keep,
                                           stats, drafter)
             try:
                 for rnd in rounds:
@@ -268,7 +273,7 @@ class Pipeline:
                         if hit is not None:
                             finish = "stop"
                             break
-                    if tokens and tokens[-1] == self.eos_id:
+                    if tokens and tokens[-1] in self.eos_ids:
                         finish = "stop"
                         break
                     if len(tokens) >= max_new_tokens:

@@ -1,0 +1,126 @@
+"""Parity of a bundle against the Hugging Face model's own forward, not against our re-implementation.
+
+The reference is the checkpoint loaded through `from_pretrained` and run by transformers:
+
+* prefill: `model(**processor(...))` on the caller's (image, prompt): its logits at every prompt
+  position and its final-norm hidden states (`hidden_states[-1]`), against the bundle's vision graph
+  (fed the processor's pixels) spliced into the bundle's embedding table, then the target graph;
+* tree verify: a tree of draft tokens after the prompt under an ancestor mask; the reference runs the
+  HF decoder stack on prompt + tree with that mask (`families.VLM.decoder_forward`), the bundle runs
+  the target graph over the KV rows its own prefill produced.
+
+Errors are max |ONNX − HF| relative to max |HF| per output, for each precision variant the bundle
+carries; the graphs decide (everything downstream of them is exact integer work).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from dream_export.export.feeds import TREE_PARENTS, ancestors, depths, ort_session
+
+# fp32: ONNX Runtime vs transformers differ only in summation order and fused kernels. fp16: as the
+# graph-against-module parity (`parity.TOLERANCE`).
+HF_TOLERANCE = {"fp32": 1e-4, "fp16": 3e-2}
+def _reference(target_dir: Path, image, prompt: str, tree_ids: np.ndarray) -> dict:
+    """The HF model's prefill and tree-verify outputs, and the processor's ids and pixels."""
+    import torch
+
+    from dream_export.core.prompts import PromptEncoder
+    from dream_export.families import load_processor, load_vlm
+
+    vlm = load_vlm(target_dir, dtype=torch.float32)
+    proc = load_processor(target_dir)
+    enc = dict(proc(text=PromptEncoder(proc).prompt_text(prompt), images=image, return_tensors="pt"))
+    anc, depth = ancestors(TREE_PARENTS), depths(TREE_PARENTS)
+    with torch.no_grad():
+        out = vlm.model(**enc, output_hidden_states=True)
+        ids = enc["input_ids"]
+        p, n = ids.shape[1], len(tree_ids)
+        extras = {k: v for k, v in enc.items() if k not in ("input_ids", "pixel_values")}
+        merged = vlm.merge(ids, enc["pixel_values"], **extras)
+        full = torch.cat([merged, vlm.embed_text(torch.from_numpy(tree_ids)[None])], 1)
+        mask = torch.zeros(p + n, p + n, dtype=torch.bool)
+        mask[:p, :p] = torch.ones(p, p, dtype=torch.bool).tril()
+        mask[p:, :p] = True
+        mask[p:, p:] = torch.from_numpy(anc)
+        pos = torch.cat([torch.arange(p), p + torch.from_numpy(depth)])[None]
+        tree = vlm.decoder_forward(full, pos, mask[None]).hidden[:, p:]
+        tree_logits = vlm.logits(tree)
+    return {"ids": ids[0].numpy(), "pixels": enc["pixel_values"].float().numpy(),
+            "prefill": {"row_logits": out.logits[0].float().numpy(), "hidden": out.hidden_states[-1].float().numpy()},
+            "tree": {"row_logits": tree_logits[0].float().numpy(), "hidden": tree.float().numpy()},
+            "tree_mask": anc, "tree_depth": depth}
+
+
+def _run_bundle(root: Path, m: dict, files: dict[str, str], ref: dict, tree_ids: np.ndarray, threads: int) -> dict:
+    """The bundle's prefill and tree-verify outputs (vision + embedding splice + target graph)."""
+    from safetensors.numpy import load_file
+
+    vision, target = ort_session(root / files["vision"], threads), ort_session(root / files["target"], threads)
+    vin = {i.name: i.type for i in vision.get_inputs()}
+    (name, kind), = vin.items()
+    px = ref["pixels"].astype(np.float16 if "float16" in kind else np.float32)
+    feats = vision.run(None, {name: px})[0].astype(np.float32)
+    emb = m["embeddings"]
+    table = load_file(str(root / emb["file"]))[emb["tensor"]].astype(np.float32) * np.float32(emb.get("scale", 1.0))
+    ids = ref["ids"]
+    x = table[ids][None]
+    is_img = ids == m["tokens"]["image_token_id"]
+    x[0, is_img] = feats.reshape(-1, feats.shape[-1])[: int(is_img.sum())]
+    d, cap, p, n = m["dims"], m["kv_capacity"], len(ids), len(tree_ids)
+    kv = (d["layers"], 1, d["kv_heads"], cap, d["head_dim"])
+    have = {i.name for i in target.get_inputs()}
+    outs = [o.name for o in target.get_outputs()]
+
+    def run(feeds: dict) -> dict:
+        return dict(zip(outs, target.run(outs, {k: v for k, v in feeds.items() if k in have}), strict=True))
+
+    mask = np.zeros((1, p, cap + p), bool)
+    mask[0, :, cap:] = np.tril(np.ones((p, p), bool))
+    pre = run({"inputs_embeds": x, "position_ids": np.arange(p)[None], "attention_mask": mask,
+               "past_key": np.zeros(kv, np.float32), "past_value": np.zeros(kv, np.float32),
+               "logit_rows": np.arange(p)})
+    past_k, past_v = np.zeros(kv, np.float32), np.zeros(kv, np.float32)
+    past_k[..., :p, :], past_v[..., :p, :] = pre["new_key"], pre["new_value"]
+    tmask = np.zeros((1, n, cap + n), bool)
+    tmask[0, :, :p] = True
+    tmask[0, :, cap:] = ref["tree_mask"]
+    tree = run({"inputs_embeds": table[tree_ids][None], "position_ids": (p + ref["tree_depth"])[None],
+                "attention_mask": tmask, "past_key": past_k, "past_value": past_v, "logit_rows": np.arange(n)})
+    return {"prefill": pre, "tree": tree}
+
+
+def hf_forward_parity(root: str | Path, m: dict, target_dir: str | Path, sample: tuple,
+                      variant_files: dict[str, dict[str, str]], threads: int = 1) -> dict:
+    """Max errors of the bundle against the HF forward on `sample` ((PIL image, prompt)), per variant
+    (`variant_files`: variant → graph → file relative to the bundle). Returns `ok`, `tolerance`,
+    `failures`, and per variant `max_rel` (worst over outputs and cases) and per case and output the
+    relative and absolute errors."""
+    root = Path(root)
+    image, prompt = sample
+    tree_ids = np.random.default_rng(7).integers(0, m["dims"]["vocab"], len(TREE_PARENTS))
+    ref = _reference(Path(target_dir), image, prompt, tree_ids)
+    if len(ref["ids"]) + len(tree_ids) > m["kv_capacity"]:
+        return {"ok": True, "skipped": f"the sample's prompt ({len(ref['ids'])} tokens) and a tree exceed the "
+                                       f"bundle's KV capacity {m['kv_capacity']}"}
+    report: dict = {"ok": True, "tolerance": {}, "failures": [], "reference": "transformers model(...) forward"}
+    for var, files in variant_files.items():
+        tol = HF_TOLERANCE[var]
+        got = _run_bundle(root, m, files, ref, tree_ids, threads)
+        cases = {}
+        for case in ("prefill", "tree"):
+            cases[case] = {}
+            for out in ("row_logits", "hidden"):
+                a, b = got[case][out].astype(np.float64), ref[case][out].astype(np.float64).reshape(got[case][out].shape)
+                err = float(np.max(np.abs(a - b)))
+                rel = err / max(float(np.max(np.abs(b))), 1e-12) if np.all(np.isfinite(a)) else float("inf")
+                cases[case][out] = {"max_abs": err, "rel": rel}
+                if not rel <= tol:
+                    report["ok"] = False
+                    report["failures"].append(f"hf-forward/{var}/{case}: {out} error {rel:.3g} of scale > {tol:g}")
+        report["tolerance"][var] = tol
+        report[var] = {"max_rel": max(c[o]["rel"] for c in cases.values() for o in c), "cases": cases}
+    return report

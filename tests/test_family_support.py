@@ -1,0 +1,118 @@
+"""What each family gets today, as a user meets it: drafting works where the traced decoder is right,
+and everything the export would not reproduce is refused by name, never exported silently wrong."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from dream_export.cli import cli
+from dream_export.errors import UsageError
+
+try:
+    from tests.tiny_vlms import cached_tiny_vlm, tiny_image
+except ImportError:  # pytest run without the repository root on sys.path (tests/ is then on it)
+    from tiny_vlms import cached_tiny_vlm, tiny_image
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_vlms")
+    return lambda family: cached_tiny_vlm(family, root)
+
+
+def _refusal(res) -> str:
+    """The UsageError message a command stopped with (the console script prints it, exit code 2)."""
+    assert isinstance(res.exception, UsageError), res.output
+    return str(res.exception)
+
+
+def _data(tmp_path) -> str:
+    rows = []
+    for i, (w, h) in enumerate([(40, 30), (33, 57)]):
+        tiny_image(w, h, seed=i).save(tmp_path / f"img{i}.png")
+        rows.append(json.dumps({"image": f"img{i}.png", "prompt": "What is shown?"}))
+    (tmp_path / "data.jsonl").write_text("\n".join(rows) + "\n")
+    return str(tmp_path / "data.jsonl")
+
+
+# Drafting reads features from the traced decoder: these families' features are right, and their own
+# vision inputs (LLaVA-NeXT's image_sizes, Idefics3's pixel mask) reach the model.
+@pytest.mark.parametrize("family,refusal", [
+    ("llava_next", "image_sizes"),
+    ("idefics3", "Idefics3ImageProcessor"),
+])
+def test_drafting_works_and_export_refuses_by_name(tmp_path, tiny_vlm, family, refusal):
+    target = str(tiny_vlm(family))
+    runner = CliRunner()
+    res = runner.invoke(cli, ["train-draft", target, "--data", _data(tmp_path), "-o", str(tmp_path / "draft"),
+                              "--steps", "2", "--batch-size", "2"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(cli, ["export", target, "--draft", str(tmp_path / "draft"), "-o", str(tmp_path / "b")])
+    msg = _refusal(res)
+    assert refusal in msg and "Families that export: llava" in msg
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("family,gaps", [
+    ("gemma3", ["(1+w) RMSNorm", "q/k norms", "pre/post feed-forward norms", "query_pre_attn_scalar",
+                "sliding-window", "embedding scale", "bidirectional attention among image tokens"]),
+    ("qwen2_5_vl", ["3-D mRoPE positions"]),
+])
+def test_decoders_the_trace_gets_wrong_are_refused(tmp_path, tiny_vlm, family, gaps):
+    res = CliRunner().invoke(cli, ["train-draft", str(tiny_vlm(family)), "--data", _data(tmp_path),
+                                   "-o", str(tmp_path / "draft"), "--steps", "1"])
+    msg = _refusal(res)
+    assert all(g in msg for g in gaps), msg
+
+
+def test_processor_import_error_is_shown_whole(tmp_path, tiny_vlm):
+    res = CliRunner().invoke(cli, ["train-draft", str(tiny_vlm("mistral3")), "--data", _data(tmp_path),
+                                   "-o", str(tmp_path / "draft"), "--steps", "1"])
+    assert "PixtralProcessor requires the Torchvision library" in _refusal(res)  # the cause, not the last line
+
+
+def test_unsupported_family_names_the_supported_ones(tmp_path):
+    from transformers import PaliGemmaConfig
+
+    PaliGemmaConfig().save_pretrained(tmp_path / "paligemma")
+    res = CliRunner().invoke(cli, ["train-draft", str(tmp_path / "paligemma"), "--data", _data(tmp_path),
+                                   "-o", str(tmp_path / "draft")])
+    msg = _refusal(res)
+    assert "'paligemma'" in msg
+    assert all(f in msg for f in ("llava", "llava_next", "idefics3", "gemma3", "mistral3", "qwen2_5_vl"))
+
+
+def test_placeholder_in_an_answer_is_cut_from_the_draft_data(tmp_path, tiny_vlm):
+    """A target that writes its own image placeholder: the data keeps the answer up to it."""
+    import torch
+
+    from dream_export.draft.data import DataConfig, FeatureDataset, generate_features
+    from dream_export.draft.target import load_target
+
+    target = load_target(tiny_vlm("llava"))
+    with torch.no_grad():  # make <image> the target's every next token
+        target.model.lm_head.weight[target.vlm.image_token_id] = 0
+        target.model.lm_head.bias = torch.nn.Parameter(torch.zeros(target.vlm.facts.vocab_size))
+        target.model.lm_head.bias[target.vlm.image_token_id] = 1e4
+    from dream_export.core.prompts import read_prompts
+
+    meta = generate_features(target.model, target.processor, read_prompts(_data(tmp_path)), tmp_path / "f",
+                             DataConfig(max_new_tokens=4), "x", progress=False)
+    assert meta["answers_cut_at_image_placeholder"] == 2
+    ds = FeatureDataset(tmp_path / "f")
+    assert all(int(s["loss_mask"].sum()) == 0 for s in ds.samples)
+
+
+def test_readme_support_table_is_the_generated_one():
+    from pathlib import Path
+
+    from dream_export.families import EXPORTABLE, SUPPORT, support_table, supported_families
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("<!-- support-table:start -->\n")[1].split("\n<!-- support-table:end -->")[0]
+    assert block == support_table()
+    assert tuple(SUPPORT) == supported_families()
+    assert EXPORTABLE == ("llava",)  # the families test_family_end_to_end covers
