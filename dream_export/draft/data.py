@@ -24,10 +24,13 @@ class DataConfig:
     """How features are produced; part of the data's identity."""
 
     max_new_tokens: int = 128
-    mid_select: str = "dream"  # "dream": min entropy over layers 1..0.4L; "dream-s": entropy + |Δentropy|, ~all layers
+    mid_select: str = "dream"  # one of MID_SELECT (see select_intermediate)
     mid_window: float = 0.4
     taps: tuple[int, ...] = ()
     shard_size: int = 256
+
+
+MID_SELECT = ("dream", "dream-s", "dream-s-code")
 
 
 def select_intermediate(attns: list, cfg: DataConfig) -> np.ndarray:
@@ -35,26 +38,30 @@ def select_intermediate(attns: list, cfg: DataConfig) -> np.ndarray:
 
     attns[l]: [heads, T, T] probabilities of layer l+1. Returns the chosen layer per token, 1-based, i.e.
     an index into the decoder's hidden_states (0 = embeddings, l = output of layer l).
+
+    - "dream": argmin entropy over layers 1..0.4L (DREAM's window, `mid_window`);
+    - "dream-s": the DREAM-S paper's rule, entropy + |cross-layer change of entropy|, over layers
+      1..0.98L-2; the change is the central difference (one-sided at the window's ends, so no layer is
+      exempt from it);
+    - "dream-s-code": the stored DREAM-S code, plain argmin entropy over layers 1..0.98L-2.
     """
     import torch
 
     n_layers = len(attns)
     if cfg.mid_select == "dream":
         window = range(1, max(2, int(round(cfg.mid_window * n_layers))) + 1)
-    elif cfg.mid_select == "dream-s":
-        window = range(1, max(2, int(0.98 * n_layers)) + 1)
+    elif cfg.mid_select in ("dream-s", "dream-s-code"):
+        window = range(1, max(2, int(0.98 * n_layers) - 2) + 1)
     else:
-        raise UsageError(f"unknown --mid-select {cfg.mid_select!r} (dream or dream-s)")
+        raise UsageError(f"unknown --mid-select {cfg.mid_select!r} ({', '.join(MID_SELECT)})")
     ent = []
     for layer in range(1, n_layers + 1):
         a = attns[layer - 1].clamp_min(1e-12)
         ent.append(-(a * a.log()).sum(-1).mean(0))  # [T], averaged over heads
     ent_t = torch.stack(ent)  # [L, T]
-    metric = ent_t.clone()
+    metric = ent_t
     if cfg.mid_select == "dream-s":
-        delta = torch.zeros_like(ent_t)
-        delta[1:] = (ent_t[1:] - ent_t[:-1]).abs()
-        metric = ent_t + delta
+        metric = ent_t + torch.gradient(ent_t, dim=0)[0].abs()
     lo, hi = window.start, window.stop
     choice = torch.argmin(metric[lo - 1: hi - 1], 0) + lo
     return choice.numpy()
