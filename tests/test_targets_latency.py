@@ -45,7 +45,8 @@ def test_verify_latency_follows_the_used_slots_not_the_capacity():
     """The graphs read only the cache slots in use: the capacity costs nothing, the context does."""
     agx = get_target("jetson-agx-orin-64gb")
     at = lambda ctx: Call("verify", "target", 32, 32, context=ctx)  # noqa: E731
-    by_cap = [LatencyModel(MODEL, Capacities.from_plan(cap, 32), "fp16").predict(at(512), agx) for cap in (512, 2048, 4096)]
+    by_cap = [LatencyModel(MODEL, Capacities.from_plan(cap, 32), "fp16").predict(at(512), agx)
+              for cap in (512, 2048, 4096)]
     assert by_cap[0].bytes == by_cap[1].bytes == by_cap[2].bytes and by_cap[0].seconds == by_cap[2].seconds
     lm = LatencyModel(MODEL, Capacities.from_plan(4096, 32), "fp16")
     preds = [lm.predict(at(ctx), agx) for ctx in (128, 1024, 4096)]

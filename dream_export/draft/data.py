@@ -99,6 +99,7 @@ def generate_features(model, processor, rows: list[dict], out_dir: str | Path, c
 
     from dream_export.core.prompts import PromptEncoder
     from dream_export.modeling.decoder import TargetDecoder, causal_mask
+    from dream_export.modeling.importance import column_mean
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +157,7 @@ def generate_features(model, processor, rows: list[dict], out_dir: str | Path, c
                 choice = select_intermediate(attns, cfg)
                 hs = torch.stack(o["hidden_states"])[:, 0]  # [L+1, T, H]
                 mid = hs[torch.from_numpy(choice), torch.arange(t)]
-                last = attns[-1][:, :n, :n].mean((0, 1))  # attention each prompt position receives
+                last = column_mean(attns[-1][:, :n, :n])  # attention each prompt position receives
                 imp = torch.zeros(t)
                 imp[:n] = last
                 lm_mask = torch.zeros(t, dtype=torch.uint8)
