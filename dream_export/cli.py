@@ -138,8 +138,11 @@ def demo_data(out: Path, heldout_per_task: int, n_calib: int, n_train: int) -> N
 @click.option("--lr", default=1e-3, show_default=True)
 @click.option("--features", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Feature cache directory (default: OUT.features); reused and resumed across runs.")
-@click.option("--mid-select", type=click.Choice(["dream", "dream-s"]), default="dream", show_default=True,
-              help="Intermediate-feature selection: DREAM entropy window or DREAM-S entropy + change.")
+@click.option("--mid-select", type=click.Choice(["dream", "dream-s", "dream-s-code"]), default="dream",
+              show_default=True,
+              help="Intermediate-feature selection: DREAM (min entropy, layers 1..0.4L), DREAM-S as in its paper "
+                   "(entropy + cross-layer change, layers 1..0.98L-2) or as in its stored code (min entropy, same "
+                   "window).")
 @click.option("--vtc-keep", type=float, default=None, help="Train on visual-token-compressed streams (e.g. 0.75).")
 @click.option("--no-cross", is_flag=True, help="Ablation: drop the cross-attention block.")
 @click.option("--no-self-feed", is_flag=True, help="Skip the second pass on the draft's own predictions.")

@@ -41,14 +41,20 @@ def _demo():
     return describe_model(cfg, "demo"), DraftDesc.from_config(json.loads((root / "draft" / "draft_config.json").read_text()))
 
 
-def test_verify_latency_grows_with_kv_capacity():
+def test_verify_latency_follows_the_used_slots_not_the_capacity():
+    """The graphs read only the cache slots in use: the capacity costs nothing, the context does."""
     agx = get_target("jetson-agx-orin-64gb")
-    verify = Call("verify", "target", 32, 32)
-    preds = [LatencyModel(MODEL, Capacities.from_plan(cap, 32), "fp16").predict(verify, agx) for cap in (512, 2048, 4096)]
+    at = lambda ctx: Call("verify", "target", 32, 32, context=ctx)  # noqa: E731
+    by_cap = [LatencyModel(MODEL, Capacities.from_plan(cap, 32), "fp16").predict(at(512), agx)
+              for cap in (512, 2048, 4096)]
+    assert by_cap[0].bytes == by_cap[1].bytes == by_cap[2].bytes and by_cap[0].seconds == by_cap[2].seconds
+    lm = LatencyModel(MODEL, Capacities.from_plan(4096, 32), "fp16")
+    preds = [lm.predict(at(ctx), agx) for ctx in (128, 1024, 4096)]
     assert preds[0].bytes < preds[1].bytes < preds[2].bytes
     assert preds[0].seconds < preds[1].seconds < preds[2].seconds
     assert preds[0].attn_flops < preds[1].attn_flops < preds[2].attn_flops
     assert preds[0].gemm_flops == preds[2].gemm_flops  # weights do not depend on the cache
+    assert lm.predict(at(10**6), agx).bytes == preds[2].bytes  # never more than the capacity holds
 
 
 def test_bandwidth_bound_decode_scales_with_the_bandwidth_ratio():

@@ -40,6 +40,7 @@ ROLES: dict[str, str] = {
     "topk": "top-k token ids / log-probs per gathered row",
     "logits": "full-vocabulary logits at the gathered rows (sampling)",
     "importance": "attention each cache slot receives in the last layer (visual-token compression)",
+    "importance_max": "the highest attention any query of any head gives each cache slot in the last layer",
     "image_embeds": "projected image features to splice into the prompt",
     "ids": "drafted token ids",
 }
@@ -108,6 +109,7 @@ TARGET = GraphSpec(
              _t("new_value", "cache_rows", {3: "tokens"}), _t("topk_ids", "topk", {0: "rows"}),
              _t("topk_logprobs", "topk", {0: "rows"}), _t("row_logits", "logits", {0: "rows"}),
              _t("attn_importance", "importance", {0: "slots"}, optional=True),
+             _t("attn_importance_max", "importance_max", {0: "slots"}, optional=True),
              _t("taps", "feature", {1: "tokens"}, optional=True)),
 )
 

@@ -24,10 +24,13 @@ class DataConfig:
     """How features are produced; part of the data's identity."""
 
     max_new_tokens: int = 128
-    mid_select: str = "dream"  # "dream": min entropy over layers 1..0.4L; "dream-s": entropy + |Δentropy|, ~all layers
+    mid_select: str = "dream"  # one of MID_SELECT (see select_intermediate)
     mid_window: float = 0.4
     taps: tuple[int, ...] = ()
     shard_size: int = 256
+
+
+MID_SELECT = ("dream", "dream-s", "dream-s-code")
 
 
 def select_intermediate(attns: list, cfg: DataConfig) -> np.ndarray:
@@ -35,26 +38,30 @@ def select_intermediate(attns: list, cfg: DataConfig) -> np.ndarray:
 
     attns[l]: [heads, T, T] probabilities of layer l+1. Returns the chosen layer per token, 1-based, i.e.
     an index into the decoder's hidden_states (0 = embeddings, l = output of layer l).
+
+    - "dream": argmin entropy over layers 1..0.4L (DREAM's window, `mid_window`);
+    - "dream-s": the DREAM-S paper's rule, entropy + |cross-layer change of entropy|, over layers
+      1..0.98L-2; the change is the central difference (one-sided at the window's ends, so no layer is
+      exempt from it);
+    - "dream-s-code": the stored DREAM-S code, plain argmin entropy over layers 1..0.98L-2.
     """
     import torch
 
     n_layers = len(attns)
     if cfg.mid_select == "dream":
         window = range(1, max(2, int(round(cfg.mid_window * n_layers))) + 1)
-    elif cfg.mid_select == "dream-s":
-        window = range(1, max(2, int(0.98 * n_layers)) + 1)
+    elif cfg.mid_select in ("dream-s", "dream-s-code"):
+        window = range(1, max(2, int(0.98 * n_layers) - 2) + 1)
     else:
-        raise UsageError(f"unknown --mid-select {cfg.mid_select!r} (dream or dream-s)")
+        raise UsageError(f"unknown --mid-select {cfg.mid_select!r} ({', '.join(MID_SELECT)})")
     ent = []
     for layer in range(1, n_layers + 1):
         a = attns[layer - 1].clamp_min(1e-12)
         ent.append(-(a * a.log()).sum(-1).mean(0))  # [T], averaged over heads
     ent_t = torch.stack(ent)  # [L, T]
-    metric = ent_t.clone()
+    metric = ent_t
     if cfg.mid_select == "dream-s":
-        delta = torch.zeros_like(ent_t)
-        delta[1:] = (ent_t[1:] - ent_t[:-1]).abs()
-        metric = ent_t + delta
+        metric = ent_t + torch.gradient(ent_t, dim=0)[0].abs()
     lo, hi = window.start, window.stop
     choice = torch.argmin(metric[lo - 1: hi - 1], 0) + lo
     return choice.numpy()
@@ -103,6 +110,7 @@ def generate_features(model, processor, rows: list[dict], out_dir: str | Path, c
 
     from dream_export.core.prompts import PromptEncoder
     from dream_export.modeling.decoder import TargetDecoder, causal_mask
+    from dream_export.modeling.importance import column_mean
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -168,7 +176,7 @@ def generate_features(model, processor, rows: list[dict], out_dir: str | Path, c
                 choice = select_intermediate(attns, cfg)
                 hs = torch.stack(o["hidden_states"])[:, 0]  # [L+1, T, H]
                 mid = hs[torch.from_numpy(choice), torch.arange(t)]
-                last = attns[-1][:, :n, :n].mean((0, 1))  # attention each prompt position receives
+                last = column_mean(attns[-1][:, :n, :n])  # attention each prompt position receives
                 imp = torch.zeros(t)
                 imp[:n] = last
                 lm_mask = torch.zeros(t, dtype=torch.uint8)

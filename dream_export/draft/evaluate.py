@@ -9,19 +9,25 @@ import numpy as np
 from dream_export.core.prompts import read_prompts
 from dream_export.draft.reference import generate
 from dream_export.runtime.tree import TreeSpec
-from dream_export.runtime.vtc import vtc_keep_indices
+from dream_export.runtime.vtc import vtc_keep_indices, vtc_score_output
 
 
 def evaluate_drafts(target, drafts: dict, data_path, spec: TreeSpec, max_new_tokens: int = 128,
                     modes=("tree",), vtc_keep: float | None = None, limit: int | None = None,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, vtc_score: str = "mean") -> dict:
     """For each named draft and mode: τ overall and per task, and whether greedy output equals AR.
 
-    `drafts`: name -> Draft. Rows of the JSONL may carry a "task" key for the per-task split.
+    `drafts`: name -> Draft. Rows of the JSONL may carry a "task" key for the per-task split. With
+    `vtc_keep`, image tokens are ranked by `vtc_score` (runtime.vtc.VTC_SCORES: "mean" or "max").
     """
     import torch
     from PIL import Image
     from tqdm import tqdm
+
+    from dream_export.modeling.importance import column_mean, query_max
+
+    vtc_score_output(vtc_score)  # a clear error for an unknown score
+    score_fn = {"mean": column_mean, "max": query_max}[vtc_score]
 
     rows = read_prompts(data_path)[:limit]
     res: dict = {name: {m: {"accepted": [], "by_task": defaultdict(list), "match": 0} for m in modes}
@@ -38,7 +44,7 @@ def evaluate_drafts(target, drafts: dict, data_path, spec: TreeSpec, max_new_tok
                 from dream_export.modeling.decoder import causal_mask
 
                 o = target.side.decoder(emb, torch.arange(t)[None], causal_mask(t), pk, pv, output_attentions=True)
-            importance = o["attn"][-1][0].mean((0, 1)).numpy()
+            importance = score_fn(o["attn"][-1][0]).numpy()
             keep = vtc_keep_indices(image_mask, importance, vtc_keep)
         n += 1
         for name, draft in drafts.items():

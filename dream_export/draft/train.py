@@ -34,7 +34,7 @@ class DraftTrainConfig:
     w_logits: float = 1.0
     w_feature: float = 0.2
     w_mid: float = 0.2
-    noise: float = 0.2  # EAGLE-style uniform noise on the target features, amplitude noise/2
+    noise: float = 0.2  # EAGLE-style uniform noise on the target features (see feature_noise)
     self_feed: bool = True  # a second pass on the draft's own predicted features (training-time test)
     vtc_keep: float | None = None  # train the draft on visual-token-compressed streams
     seed: int = 0
@@ -43,6 +43,12 @@ class DraftTrainConfig:
 
 def _lr(step: int, c: DraftTrainConfig) -> float:
     return warmup_cosine(step, c.lr, c.warmup, c.steps, c.min_lr_ratio)
+
+
+def feature_noise(f: torch.Tensor, noise: float) -> torch.Tensor:
+    """EAGLE/DREAM's augmentation of one sample's features [T, F]: uniform noise of width noise·512/T
+    (`(rand - 0.5) * std * 512 / seq_len`), so short sequences get proportionally more."""
+    return (torch.rand_like(f) - 0.5) * (noise * 512 / f.shape[0])
 
 
 def collate(samples: list[dict], draft: Draft, vtc_keep: float | None, noise: float, use_taps: bool) -> dict:
@@ -73,12 +79,12 @@ def collate(samples: list[dict], draft: Draft, vtc_keep: float | None, noise: fl
         out["q_valid"][i, : len(q)] = True
         out["q_pos"][i, : len(q)] = qt
         f = s["final"].float()
-        out["feats"][i, :t] = f + (torch.rand_like(f) - 0.5) * noise
+        out["feats"][i, :t] = f + feature_noise(f, noise)
         out["k_valid"][i, :t] = True
         out["resp"][i, s["prompt_len"]:t] = True
         if use_taps:
             tp = s["taps"].float()
-            out["taps"][i, :t] = tp + (torch.rand_like(tp) - 0.5) * noise
+            out["taps"][i, :t] = tp + feature_noise(tp, noise)
     return out
 
 

@@ -155,8 +155,8 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
         t = 4
         t_args = (torch.zeros(1, t, hidden), torch.arange(t)[None], torch.ones(1, t, cap + t, dtype=torch.bool),
                   torch.zeros(n_layers, 1, kvh, cap, hd), torch.zeros(n_layers, 1, kvh, cap, hd), torch.tensor([t - 1]))
-        t_out = SPECS["target"].output_names(present=(["attn_importance"] if opts.attn_scores else [])
-                                              + (["taps"] if taps else []))
+        scores = ["attn_importance", "attn_importance_max"] if opts.attn_scores else []
+        t_out = SPECS["target"].output_names(present=scores + (["taps"] if taps else []))
         _export(tg, t_args, onnx_dir / "target.onnx", SPECS["target"], t_out)
         # draft
         dg = DraftGraph(draft, model.lm_head, opts.topk, dcfg.final_logit_softcapping).eval()

@@ -8,6 +8,7 @@ from torch import nn
 from dream_export.draft.model import Draft, rope_cos_sin, soft_cap
 from dream_export.modeling.attention import group_mask
 from dream_export.modeling.decoder import TargetDecoder
+from dream_export.modeling.importance import column_mean, query_max
 
 
 def _topk_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,9 +39,8 @@ class TargetGraph(nn.Module):
         ids, lps = _topk_logprobs(logits, self.topk)
         outs = [o["hidden"], o["new_k"], o["new_v"], ids, lps, logits]
         if self.importance:
-            # attention each slot receives in the last layer (mean over heads and queries, taken in the
-            # grouped layout: the same numbers without a reshape of dynamic size)
-            outs.append(o["attn_grouped"][0].mean((0, 1)))
+            # taken in the grouped layout: the same numbers without a reshape of dynamic size
+            outs += [column_mean(o["attn_grouped"][0]), query_max(o["attn_grouped"][0])]
         if o["taps"]:
             outs.append(torch.cat(o["taps"], -1))
         return tuple(outs)

@@ -7,6 +7,7 @@ import numpy as np
 from dream_export.runtime.backend_base import Backend, aligned_zeros
 from dream_export.runtime.bundle import Bundle
 from dream_export.runtime.masks import cache_mask, row_index
+from dream_export.runtime.vtc import vtc_score_output
 
 
 class TargetRunner:
@@ -25,6 +26,8 @@ class TargetRunner:
         # cache could hold), where the graph was exported to read only those
         self.used_slots = bundle.graph("target").get("slots") == "used"
         self.eagle3_taps = m["draft"]["eagle3_taps"]
+        # which last-layer attention score ranks image tokens for visual-token compression (runtime.vtc)
+        self.vtc_score = "mean"
         # 256-byte aligned: TensorRT binds resident buffers by address (setTensorAddress requires it)
         shape = (d["layers"], 1, d["kv_heads"], self.capacity, d["head_dim"])
         self.key, self.value = aligned_zeros(shape), aligned_zeros(shape)
@@ -57,14 +60,15 @@ class TargetRunner:
         """What the draft reads of each new row [N, F]: the final hidden state, or the EAGLE-3 taps."""
         return self.out(out, "taps" if self.eagle3_taps else "hidden")[0]
 
-    def prompt_importance(self, out: dict, n: int) -> np.ndarray | None:
-        """Attention each of a prefill's `n` prompt rows receives in the last layer, or None when the graph
-        was exported without it.
+    def prompt_importance(self, out: dict, n: int, score: str | None = None) -> np.ndarray | None:
+        """Attention each of a prefill's `n` prompt rows receives in the last layer, scored as `score`
+        ("mean" or "max", default `vtc_score`), or None when the graph was exported without it.
 
         The graph's vector covers the mask's cache columns (a slot bucket, all masked at prefill) and then
         the new rows: the prompt's share is its last `n` entries.
         """
-        if "attn_importance" not in self.bindings:
+        name = vtc_score_output(score or self.vtc_score)
+        if name not in self.bindings:
             return None
-        imp = self.out(out, "attn_importance")
+        imp = self.out(out, name)
         return imp[len(imp) - n:]

@@ -20,7 +20,12 @@ import numpy as np
 
 @dataclass(frozen=True)
 class TreeSpec:
-    """Tree shape: children per node (k), layers of draft tokens (depth), nodes verified (total, root included)."""
+    """Tree shape: children per node (k), layers of draft tokens (depth), nodes verified (total, root included).
+
+    `depth` counts every layer of draft tokens. DREAM's and EAGLE's `topK_genrate` count one fewer (their
+    context pass drafts the first layer, then `depth` more), so their depth 6 is 4,7,32 here and this
+    default 4,6,32 drafts one layer less than the papers' code.
+    """
 
     k: int = 4
     depth: int = 6

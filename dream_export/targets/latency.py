@@ -2,11 +2,12 @@
 
 Per call, time = max(bytes / bandwidth, FLOPs / peak) + launch overhead, where
 - bytes are what the call must stream from memory: the graph's weights (read once per call; batch-1
-  decoding never reuses them from cache) and the KV caches at full capacity (the graphs attend over
-  every cache slot and mask the unused ones), plus the call's own inputs and new KV rows. Weight and
-  cache sizes come from `memory.estimate`, the planner's byte counts, so the two never disagree;
+  decoding never reuses them from cache) and the cache slots in use (`Call.context`: the exported
+  graphs read only the slots their masks span, not the full capacity), plus the call's own inputs and
+  new KV rows. Weight and per-slot cache sizes come from `memory.estimate`, the planner's byte counts,
+  so the two never disagree;
 - FLOPs are 2 per multiply-add of every GEMM (from the parameter counts of `ModelDesc`/`DraftDesc`)
-  plus attention (QKᵀ and AV over tokens × slots). GEMMs run at the precision's tensor-core peak
+  plus attention (QKᵀ and AV over tokens × (used slots + tokens)). GEMMs run at the precision's tensor-core peak
   (INT8/FP8 at the integer peak), attention at the FP16 peak (FP32 builds: TF32, half the FP16 peak);
 - overhead = one fixed cost per engine call (enqueue + stream synchronisation from the host) + a
   per-kernel gap × the kernels a call launches (`KERNELS_PER_LAYER` × layers). The constants below
@@ -94,13 +95,14 @@ class Capacities:
 @dataclass(frozen=True)
 class Call:
     """One graph call: `tokens` new positions, `rows` gathered logit rows (target), `feats` appended
-    target features (draft)."""
+    target features (draft), `context` committed rows in the caches the call reads (capped at capacity)."""
 
     label: str
     graph: str  # vision | target | draft
     tokens: int = 1
     rows: int = 1
     feats: int = 0
+    context: int = 0
 
 
 @dataclass(frozen=True)
@@ -143,7 +145,7 @@ class LatencyModel:
         self._act = 4 if precision == "fp32" else 2  # activations and KV: fp16 unless an fp32 build
 
     def _bytes(self, target: Target) -> dict[str, int]:
-        """Weights and caches from the memory planner (the same counts `plan` prints)."""
+        """Weights and full-capacity caches from the memory planner (the same counts `plan` prints)."""
         plan = estimate(self.model, target, self.precision, self.caps.kv_capacity, self.caps.max_tree, self.draft,
                         workspace_mb=0)
         b = plan.breakdown()
@@ -168,24 +170,28 @@ class LatencyModel:
         executor_layers = 0
         if call.graph == "target":
             t, m = self.model.text, self.caps
-            slots = m.kv_capacity + call.tokens
+            used = min(call.context, m.kv_capacity)
+            slots = used + call.tokens
             gemm = 2.0 * call.tokens * t.num_layers * t.layer_params() + 2.0 * call.rows * t.vocab_size * t.hidden_size
             attn = 4.0 * t.num_layers * t.num_heads * t.head_dim * call.tokens * slots
             io = (call.tokens * t.hidden_size * (self._act + 4)  # embeddings in, hidden states out
                   + call.tokens * slots  # bool mask
                   + 2 * t.num_layers * t.num_kv_heads * t.head_dim * call.tokens * self._act)  # new K/V rows
-            nbytes = b["target"] + b["kv"] + io
+            nbytes = b["target"] + b["kv"] * used // max(m.kv_capacity, 1) + io
             executor_layers = t.num_layers
         elif call.graph == "draft":
             d, m = self.draft, self.caps
             body, head = d.block_params()
             gemm = 2.0 * call.tokens * (body + head) + 2.0 * call.feats * 2 * d.hidden_size * d.num_kv_heads * d.head_dim
-            self_attn = self._self_blocks * (m.draft_capacity + call.tokens)
-            cross_attn = self._cross_blocks * (m.cross_capacity + call.feats)
+            used_self, used_cross = min(call.context, m.draft_capacity), min(call.context, m.cross_capacity)
+            self_attn = self._self_blocks * (used_self + call.tokens)
+            cross_attn = self._cross_blocks * (used_cross + call.feats)
             attn = 4.0 * d.num_heads * d.head_dim * call.tokens * (self_attn + cross_attn)
             io = (call.tokens + call.feats) * d.hidden_size * self._act * 2 + call.tokens * (
-                m.draft_capacity + m.cross_capacity + call.tokens + call.feats)
-            nbytes = b["draft"] + b["draft_cache"] + io
+                used_self + used_cross + call.tokens + call.feats)
+            cap_slots = self._self_blocks * m.draft_capacity + self._cross_blocks * m.cross_capacity
+            used_slots = self._self_blocks * used_self + self._cross_blocks * used_cross
+            nbytes = b["draft"] + b["draft_cache"] * used_slots // max(cap_slots, 1) + io
             executor_layers = d.num_blocks
         elif call.graph == "vision":
             v = self.model.vision
@@ -214,16 +220,20 @@ class LatencyModel:
 # ------------------------------------------------------------------------------------ the decode loop
 
 
-def decode_calls(tree: TreeSpec, tau: float, prompt_tokens: int = 64) -> list[Call]:
-    """The calls whose latencies the report lists: vision, prefill, AR step, verify, draft ctx/step."""
+def decode_calls(tree: TreeSpec, tau: float, prompt_tokens: int = 64, context: int | None = None) -> list[Call]:
+    """The calls whose latencies the report lists: vision, prefill, AR step, verify, draft ctx/step.
+
+    Decode calls read `context` committed rows (default: the prompt, i.e. the first rounds of an answer).
+    """
     accepted = max(1, round(tau))
+    ctx = prompt_tokens if context is None else context
     return [
         Call("vision", "vision"),
         Call(f"target prefill ({prompt_tokens} tok)", "target", prompt_tokens, 1),
-        Call("target decode (1 tok)", "target", 1, 1),
-        Call(f"target verify ({tree.total} tok)", "target", tree.total, tree.total),
-        Call(f"draft context ({accepted} tok)", "draft", accepted, accepted, accepted),
-        Call(f"draft tree step ({tree.k} tok)", "draft", tree.k, tree.k, tree.k),
+        Call("target decode (1 tok)", "target", 1, 1, context=ctx),
+        Call(f"target verify ({tree.total} tok)", "target", tree.total, tree.total, context=ctx),
+        Call(f"draft context ({accepted} tok)", "draft", accepted, accepted, accepted, context=ctx),
+        Call(f"draft tree step ({tree.k} tok)", "draft", tree.k, tree.k, tree.k, context=ctx),
     ]
 
 
@@ -239,14 +249,15 @@ def speculative_rate(preds: dict[str, Prediction], tree: TreeSpec, tau: float) -
 
 def predict_target(model: ModelDesc, capacities: Capacities, target: Target, precision: str, tree: TreeSpec,
                    tau: float, draft: DraftDesc | None = None, peaks: Peaks | None = None,
-                   prompt_tokens: int = 64) -> dict:
-    """Per-call predictions and the decode rate of one model on one target, as a JSON-able dict."""
+                   prompt_tokens: int = 64, context: int | None = None) -> dict:
+    """Per-call predictions and the decode rate of one model on one target, as a JSON-able dict (decode
+    calls at `context` committed rows, default the prompt)."""
     if tree.total > capacities.max_tree:
         raise UsageError(f"tree of {tree.total} nodes exceeds the graphs' max_tree {capacities.max_tree}")
     if not 1 <= tau <= tree.depth + 1:
         raise UsageError(f"tau {tau} is impossible for a depth-{tree.depth} tree (1 <= tau <= {tree.depth + 1})")
     lm = LatencyModel(model, capacities, precision, draft)
-    preds = {c.label: lm.predict(c, target, peaks) for c in decode_calls(tree, tau, prompt_tokens)
+    preds = {c.label: lm.predict(c, target, peaks) for c in decode_calls(tree, tau, prompt_tokens, context)
              if c.graph != "vision" or model.vision is not None}
     rate = speculative_rate(preds, tree, tau)
     return {"target": target.name, "precision": precision, "capacities": asdict(capacities),

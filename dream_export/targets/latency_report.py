@@ -11,7 +11,8 @@ from dream_export.targets.latency import Capacities, fmt_rate, predict_target
 from dream_export.targets.memory import DraftDesc, ModelDesc, plan_memory
 from dream_export.targets.registry import Target, all_targets
 
-# DREAM paper, LLaVA-1.6-7B on A100, tree 4,6,32, temperature 0 (average over six benchmarks).
+# DREAM paper, LLaVA-1.6-7B on A100, tree k 4 / depth 6 / 32 nodes as its code counts depth (4,7,32
+# here, see TreeSpec), temperature 0 (average over six benchmarks).
 DEFAULT_TAU = 5.51
 
 
