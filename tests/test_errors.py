@@ -19,7 +19,8 @@ from PIL import Image
 
 from dream_export import cli
 from dream_export.errors import DreamExportError, IncompatibleArtifactError, IntegrityError, UsageError
-from dream_export.runtime.engine_meta import DeviceInfo, check_engine, meta_path, sha256_file
+from dream_export.io import file_digest
+from dream_export.runtime.engine_meta import DeviceInfo, check_engine, meta_path
 
 try:
     from tests.bundle_fixture import cached_tiny_bundle
@@ -72,7 +73,7 @@ class Work:
         engine = self.root / "engines" / "jetson" / "target.engine"
         engine.parent.mkdir(parents=True)
         engine.write_bytes(b"serialized engine 01")
-        meta_path(engine).write_text(json.dumps({**ENGINE_META, "sha256": sha256_file(engine), **meta}))
+        meta_path(engine).write_text(json.dumps({**ENGINE_META, "sha256": file_digest(engine), **meta}))
         return engine
 
 
