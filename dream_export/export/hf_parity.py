@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dream_export.export.compare import scaled_error
 from dream_export.export.feeds import TREE_PARENTS, ancestors, depths, ort_session
 
 # fp32: ONNX Runtime vs transformers differ only in summation order and fused kernels. fp16: as the
@@ -114,10 +115,10 @@ def hf_forward_parity(root: str | Path, m: dict, target_dir: str | Path, sample:
         for case in ("prefill", "tree"):
             cases[case] = {}
             for out in ("row_logits", "hidden"):
-                a, b = got[case][out].astype(np.float64), ref[case][out].astype(np.float64).reshape(got[case][out].shape)
-                err = float(np.max(np.abs(a - b)))
-                rel = err / max(float(np.max(np.abs(b))), 1e-12) if np.all(np.isfinite(a)) else float("inf")
-                cases[case][out] = {"max_abs": err, "rel": rel}
+                a = got[case][out]
+                r = scaled_error(a, ref[case][out].reshape(a.shape), tol, out)
+                rel = r["rel"]
+                cases[case][out] = {"max_abs": r["max_abs"], "rel": rel}
                 if not rel <= tol:
                     report["ok"] = False
                     report["failures"].append(f"hf-forward/{var}/{case}: {out} error {rel:.3g} of scale > {tol:g}")

@@ -38,6 +38,7 @@ import numpy as np
 
 from dream_export.core.graph_spec import spec
 from dream_export.errors import UsageError
+from dream_export.export.compare import scaled_error
 from dream_export.export.feeds import TREE_PARENTS, ancestors, depths, ort_session
 from dream_export.io import atomic_write_text
 from dream_export.runtime.bundle import GRAPHS
@@ -266,11 +267,9 @@ def _compare(out_name: str, ort: np.ndarray, ref: np.ndarray, tol: float, lp: np
     else:
         if ort.shape != ref.shape:
             return {"ok": False, "message": f"shape {list(ort.shape)} != reference {list(ref.shape)}", "tol": tol}
-        err = np.abs(ort.astype(np.float64) - ref.astype(np.float64))
-        scale = float(np.max(np.abs(ref))) if ref.size else 0.0
-        res = {"max_abs": float(err.max(initial=0.0)), "scale": scale}
-        if not np.all(np.isfinite(ort)):
-            res.update(ok=False, rel=float("inf"), tol=tol, message="non-finite values")
+        res = scaled_error(ort, ref, tol, out_name)
+        if not np.isfinite(res["rel"]):
+            res.update(tol=tol, message="non-finite values")
             return res
     res["rel"] = res["max_abs"] / max(res["scale"], 1e-12)
     res["tol"] = tol
@@ -346,9 +345,7 @@ def compare_graphs(ref_path: str | Path, path: str | Path, feeds: list[dict[str,
             if np.issubdtype(x.dtype, np.integer):
                 agree.setdefault(n, []).append(float(np.mean(x == y)))
                 continue
-            scale = float(np.max(np.abs(x))) if x.size else 0.0
-            rel = float(np.max(np.abs(x.astype(np.float64) - y), initial=0.0)) / max(scale, 1e-12)
-            worst[n] = max(worst.get(n, 0.0), rel if np.all(np.isfinite(y)) else float("inf"))
+            worst[n] = max(worst.get(n, 0.0), scaled_error(y, x, tol, n)["rel"])
     return {"ok": all(v <= tol for v in worst.values()), "tolerance": tol, "cases": len(feeds), "max_rel": worst,
             "id_agreement": {n: float(np.mean(v)) for n, v in agree.items()}}
 
