@@ -35,7 +35,7 @@ def replay(tmp_path_factory):
     """(bundle, recorded calls, the recording backend with the runtime's registered caches)."""
     bundle = cached_small_demo_bundle(tmp_path_factory.mktemp("demo-small"))
     rec = []
-    calls = record_calls(bundle, ["", "Describe the picture in detail."], DEFAULT_REQUESTS, recorder=rec)
+    calls = record_calls(bundle, ["?", "Describe the picture in detail."], DEFAULT_REQUESTS, recorder=rec)
     return Bundle.open(bundle), calls, rec[0]
 
 

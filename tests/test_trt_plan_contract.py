@@ -22,6 +22,7 @@ import pytest
 
 from dream_export.calib.trt_cache import write_cache
 from dream_export.errors import UsageError
+from dream_export.io import file_digest
 from dream_export.targets import trt_contract
 from dream_export.targets.bundle_builds import bundle_builds
 from dream_export.targets.plan_check import check_script, reference_graph, script_commands
@@ -136,8 +137,13 @@ def int8_bundles(demo_bundle, fp16_bundle, tmp_path_factory):
         shutil.copytree(src, b)
         shutil.copytree(fp16_bundle / "verify", b / "verify")
         full = {"8.5": "8.5.2", "8.6": "8.6.2"}.get(version, f"{version}.0")
+        m = json.loads((b / "manifest.json").read_text())
         for comp in ("target", "draft"):
-            write_cache(b / f"calib/{comp}.cache", json.loads((b / f"calib/{comp}.amax.json").read_text()), full)
+            cache = b / f"calib/{comp}.cache"
+            write_cache(cache, json.loads((b / f"calib/{comp}.amax.json").read_text()), full)
+            # as `calibrate --trt-version` records it: the bundle's integrity record covers the cache
+            m["files"][f"calib/{comp}.cache"] = {"bytes": cache.stat().st_size, "sha256": file_digest(cache)}
+        (b / "manifest.json").write_text(json.dumps(m, indent=2))
         out[version] = b
     return out
 

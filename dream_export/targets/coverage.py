@@ -124,7 +124,7 @@ def record_calls(bundle_dir: str | Path, prompts: Iterable[str] | None = None,
 
     prompts: texts (default `capacity_prompts`: shortest to capacity-filling). requests: `generate`
     options (default `DEFAULT_REQUESTS`; trees larger than the bundle's `max_tree` are cut to it).
-    max_new_tokens: default the KV capacity, so answers run until EOS or the capacity. graphs: those the
+    max_new_tokens: default the KV capacity, so answers run to the capacity (EOS is ignored). graphs: those the
     runtime may use (default: the TensorRT backend's). keep: which calls keep copies of their inputs.
     recorder: a list that receives the `RecordingBackend` (its registered caches, for replaying bindings).
     """
@@ -136,6 +136,9 @@ def record_calls(bundle_dir: str | Path, prompts: Iterable[str] | None = None,
     bundle = Bundle.open(bundle_dir)
     backend = RecordingBackend(OnnxRuntimeBackend(bundle, threads=1, precision=precision), graphs, keep)
     pipe = Pipeline(bundle, backend)
+    # answers run on to max_new_tokens or the capacity: an early EOS would leave the longest shapes (and,
+    # on a model that stops at once, every draft call) unrecorded
+    pipe.eos_ids = frozenset()
     if recorder is not None:
         recorder.append(backend)
     image = default_image() if image is None else image
@@ -214,7 +217,7 @@ class _FeedPicker:
 
 def save_verify_feeds(bundle_dir: str | Path, out_dir: str | Path, per_kind: int = 1,
                       max_bytes: int = 64 * 2**20,
-                      prompts: Iterable[str] = ("What is in the picture?", "Describe it.")) -> dict[str, Path]:
+                      prompts: Iterable[str] = ("What is in the picture?", "Why?")) -> dict[str, Path]:
     """Record a few short tree-mode and plain requests and save, per component, its first `per_kind` calls per
     kind (the set of the plan's optimization profiles that accept a call: vision: its one call; target:
     prefill + verify; draft: context pass + tree step) as `out_dir/<component>.json` in polygraphy's JSON input format (a list of
