@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -168,23 +168,26 @@ def to_rgb(image: Any) -> np.ndarray:
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file. A missing, empty, truncated, non-image or oversized file
-    raises `UsageError` naming it (decoding now, not lazily, so the error comes before any work)."""
+def load_image(path: str | Path | BinaryIO, name: str | None = None) -> Image.Image:
+    """Open and fully decode an image file (or a binary stream, called `name` in messages). A missing,
+    empty, truncated, non-image or oversized image raises `UsageError` naming it (decoding now, not
+    lazily, so the error comes before any work)."""
     import warnings
 
+    what = name or str(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                _check_size(im.width, im.height, str(path))
+                _check_size(im.width, im.height, what)
                 im.load()
                 return im.copy()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UsageError(f"{path} is too large to decode safely ({e}); resize it below {MAX_PIXELS} pixels") from e
+        raise UsageError(f"{what} is too large to decode safely ({e}); resize it below {MAX_PIXELS} pixels") from e
     except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
-        reason = "empty file" if Path(path).is_file() and Path(path).stat().st_size == 0 else str(e)
-        raise UsageError(f"{path} is not a readable image ({reason}); pass a PNG, JPEG, WebP or BMP file") from e
+        empty = isinstance(path, (str, Path)) and Path(path).is_file() and Path(path).stat().st_size == 0
+        reason = "empty file" if empty else str(e)
+        raise UsageError(f"{what} is not a readable image ({reason}); pass a PNG, JPEG, WebP or BMP file") from e
 
 
 def _check_size(width: int, height: int, what: str) -> None:

@@ -82,9 +82,9 @@ class ChatRequest(_Model):
                 "stop": stop}
 
 
-def load_image(url: str, local_root: Path | None):
-    """A data URL (or, when the server allows it, a file under `local_root`) → an RGB PIL image."""
-    from PIL import Image, UnidentifiedImageError
+def load_request_image(url: str, local_root: Path | None):
+    """A data URL (or, when the server allows it, a file under `local_root`) → a decoded PIL image."""
+    from dream_export.runtime.preprocess import load_image
 
     if url.startswith("data:"):
         head, sep, payload = url.partition(",")
@@ -108,11 +108,8 @@ def load_image(url: str, local_root: Path | None):
     else:
         raise UsageError("this server does not fetch remote images: send the image as a data URL "
                          "(data:image/png;base64,...)")
-    try:
-        with Image.open(data) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise UsageError(f"{source} is not a readable image ({e})") from e
+    # the runtime's own reader: size limits (no decompression bombs), every image mode handled as for `run`
+    return load_image(data, name=source)
 
 
 def data_url(image) -> str:
@@ -134,7 +131,7 @@ def conversation(req: ChatRequest, local_root: Path | None) -> list[dict]:
             out.append({"role": role, "content": m.content})
             continue
         parts = [{"type": "text", "text": p.text} if isinstance(p, TextPart)
-                 else {"type": "image", "image": load_image(p.image_url.url, local_root)} for p in m.content]
+                 else {"type": "image", "image": load_request_image(p.image_url.url, local_root)} for p in m.content]
         out.append({"role": role, "content": parts})
     return out
 
