@@ -15,6 +15,7 @@ import click
 
 from dream_export import __version__
 from dream_export.errors import DreamExportError, MissingBackendError, UsageError, from_os_error
+from dream_export.export.sources import source_dir
 from dream_export.options import tree_option
 from dream_export.runtime.tree import TreeSpec
 
@@ -149,11 +150,15 @@ def demo_data(out: Path, heldout_per_task: int, n_calib: int, n_train: int) -> N
 @click.option("--weights", default="1.0,0.2,0.2", show_default=True, help="Loss weights logits,feature,mid.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint beside OUT.")
+@click.option("--threads", default=2, show_default=True,
+              help="torch CPU threads for feature capture and training (1 on a machine busy with other work).")
 def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, steps: int, batch_size: int, lr: float,
                     features: Path | None, mid_select: str, vtc_keep: float | None, no_cross: bool,
-                    no_self_feed: bool, weights: str, seed: int, resume: bool) -> None:
+                    no_self_feed: bool, weights: str, seed: int, resume: bool, threads: int) -> None:
     """Train a DREAM (or EAGLE-2/3 style) draft for TARGET_DIR by distillation on its own answers."""
     _need_torch()
+    import torch
+
     from dream_export.core.prompts import read_prompts
     from dream_export.draft.config import DraftConfig
     from dream_export.draft.data import DataConfig, generate_features, target_identity
@@ -170,12 +175,13 @@ def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, ste
     cfg = DraftConfig.from_target(text_cfg, arch=arch, cross_attention=not no_cross)
     # Features always carry the EAGLE-3 taps, so every draft architecture trains on one feature cache.
     taps = tuple(DraftConfig.from_target(text_cfg, arch="eagle3").fuse_layers)
+    torch.set_num_threads(threads)
     target = load_target(target_dir, taps=taps)
     feat_dir = features or out.with_name(out.name + ".features")
     dcfg = DataConfig(mid_select=mid_select, taps=taps)
     generate_features(target.model, target.processor, rows, feat_dir, dcfg, target_identity(target_dir))
     tcfg = DraftTrainConfig(steps=steps, batch_size=batch_size, lr=lr, vtc_keep=vtc_keep, self_feed=not no_self_feed,
-                            w_logits=w[0], w_feature=w[1], w_mid=w[2], seed=seed)
+                            w_logits=w[0], w_feature=w[1], w_mid=w[2], seed=seed, threads=threads)
     _, record = train_draft(feat_dir, target.model.lm_head.weight, cfg, tcfg, out_dir=out, log=click.echo,
                             resume=resume)
     click.echo(f"saved {arch} draft to {out} ({record['train_minutes']} min)")
@@ -437,8 +443,8 @@ def _model_config(path: Path) -> tuple[dict, dict | None]:
 
     if (path / "manifest.json").exists():
         m = json.loads((path / "manifest.json").read_text())
-        tgt = Path(m["source"]["target"]["path"]) / "config.json"
-        drf = Path(m["source"]["draft"]["path"]) / "draft_config.json"
+        tgt = source_dir(m, path, "target") / "config.json"
+        drf = source_dir(m, path, "draft") / "draft_config.json"
         if not tgt.exists():
             raise UsageError(f"the bundle's source model {tgt.parent} is not on this machine; pass its config.json")
         return json.loads(tgt.read_text()), json.loads(drf.read_text()) if drf.exists() else None

@@ -9,11 +9,11 @@ so another model family joins by adding its bundle to `BUNDLES`.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from dream_export.errors import UsageError
+from dream_export.export.sources import source_dir
 from dream_export.targets.bundle_builds import bundle_builds, graph_profiles
 from dream_export.targets.coverage import check_plan, record_calls, save_verify_feeds
 from dream_export.targets.memory import ENGINE_CONTEXTS, DraftDesc, describe_model, estimate
@@ -73,11 +73,10 @@ def test_recorded_calls_span_the_capacity_and_every_mode(recorded):
     assert max(prefill) >= manifest["kv_capacity"] - 4  # a prompt that fills the KV capacity
 
 
-def test_every_call_fits_a_profile_of_every_plan_and_the_memory_fits(recorded):
+def test_every_call_fits_a_profile_of_every_plan_and_the_memory_fits(recorded, bundle):
     manifest, calls = recorded
-    src = manifest["source"]
-    model = describe_model(json.loads((Path(src["target"]["path"]) / "config.json").read_text()))
-    draft = DraftDesc.from_config(json.loads((Path(src["draft"]["path"]) / "draft_config.json").read_text()))
+    model = describe_model(json.loads((source_dir(manifest, bundle, "target") / "config.json").read_text()))
+    draft = DraftDesc.from_config(json.loads((source_dir(manifest, bundle, "draft") / "draft_config.json").read_text()))
     checked = 0
     for target, precision, builds in _plans(manifest):
         result = check_plan(manifest, builds, calls)

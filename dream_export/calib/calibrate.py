@@ -19,6 +19,7 @@ import numpy as np
 from dream_export.calib import writer
 from dream_export.core.graph_spec import role_tensors
 from dream_export.errors import IncompatibleArtifactError, MissingBackendError, UsageError
+from dream_export.export.sources import rebase_sources, relative_to_bundle
 from dream_export.io import atomic_dir, atomic_write_text
 from dream_export.runtime.bundle import Bundle
 
@@ -87,7 +88,7 @@ def calibrate_bundle(bundle_dir: str | Path, data: str | Path, precision: str = 
 
     summary: dict = {"precision": precision, "components": {}, "data": str(Path(data).resolve()), "seed": seed,
                      "samples": samples, "capture": cap.summary(),
-                     "source": {"path": str(src.root.resolve()),
+                     "source": {"path": relative_to_bundle(src.root, out),
                                 "graphs": {g: src.graph(g).get("sha256") for g in writer.GRAPHS}},
                      "tools": {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}}
     if precision == "int8":
@@ -96,6 +97,7 @@ def calibrate_bundle(bundle_dir: str | Path, data: str | Path, precision: str = 
     reports: dict = {}
     with atomic_dir(out) as tmp, tempfile.TemporaryDirectory(prefix="dream-calib-") as work:
         manifest = writer.copy_base(src, tmp)
+        rebase_sources(manifest, src.root, out)  # the copy lives elsewhere: its relative paths do too
         for comp in components:
             fp32 = src.graph_path(comp)
             if precision == "int8":

@@ -16,7 +16,7 @@ from pathlib import Path
 from dream_export import __version__
 from dream_export.core.graph_spec import SPECS, GraphSpec
 from dream_export.core.integrity import record
-from dream_export.export.sources import check_sources
+from dream_export.export.sources import check_sources, relative_to_bundle
 from dream_export.io import atomic_dir, file_digest
 
 # 2: graph digests are full sha256 (64 hex digits; format 1 kept 16), so `pairs_with` and calibration
@@ -121,9 +121,9 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
         "created_by": {"dream_export": __version__, "torch": torch.__version__,
                        "transformers": __import__("transformers").__version__,
                        "onnx": __import__("onnx").__version__, "opset": OPSET},
-        "source": {"target": {"path": str(Path(target_dir).resolve()), "identity": target_identity(target_dir),
+        "source": {"target": {"path": relative_to_bundle(target_dir, out), "identity": target_identity(target_dir),
                               "model_type": cfg.model_type},
-                   "draft": {"path": str(Path(draft_dir).resolve()), "arch": dcfg.arch,
+                   "draft": {"path": relative_to_bundle(draft_dir, out), "arch": dcfg.arch,
                              "identity": file_digest(Path(draft_dir) / "model.safetensors")}},
         "dims": {"hidden": hidden, "layers": n_layers, "heads": dec.n_heads, "kv_heads": kvh, "head_dim": hd,
                  "vocab": text.vocab_size, "draft_blocks": nb, "draft_kv_heads": dcfg.num_kv_heads,

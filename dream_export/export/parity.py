@@ -40,6 +40,7 @@ from dream_export.core.graph_spec import spec
 from dream_export.errors import UsageError
 from dream_export.export.compare import scaled_error
 from dream_export.export.feeds import TREE_PARENTS, ancestors, depths, ort_session
+from dream_export.export.sources import source_dir
 from dream_export.io import atomic_write_text
 from dream_export.runtime.bundle import GRAPHS
 
@@ -398,8 +399,8 @@ def check_bundle(bundle_dir: str | Path, target_dir: str | Path | None = None, d
     if not mpath.exists():
         raise UsageError(f"{root} is not a bundle (manifest.json missing)")
     m = json.loads(mpath.read_text())
-    target_dir = Path(target_dir or m["source"]["target"]["path"])
-    draft_dir = Path(draft_dir or m["source"]["draft"]["path"])
+    target_dir = Path(target_dir or source_dir(m, root, "target"))
+    draft_dir = Path(draft_dir or source_dir(m, root, "draft"))
     unknown = [v for v in variants if v not in TOLERANCE]
     if unknown:
         raise UsageError(f"unknown precision variants {unknown}; parity knows {sorted(TOLERANCE)}")

@@ -7,6 +7,7 @@ bad checkpoint is refused in a second instead of failing deep inside transformer
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from dream_export.errors import IncompatibleArtifactError, UsageError
@@ -72,3 +73,22 @@ def check_sources(target_dir: str | Path, draft_dir: str | Path) -> None:
                 f"draft_config.json, the target needs {want.get(key)!r}; train a draft for this target")
     check_weights(target_dir)
     check_weights(draft_dir)
+
+
+def relative_to_bundle(path: str | Path, bundle_dir: str | Path) -> str:
+    """`path` as the manifest records it: relative to the bundle, so a bundle moved together with its
+    sources (or a checkout cloned elsewhere) still finds them, and no machine's absolute paths leak."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(bundle_dir).resolve())).as_posix()
+
+
+def source_dir(manifest: dict, bundle_dir: str | Path, which: str) -> Path:
+    """The `target` or `draft` directory a bundle was exported from (absolute paths of older bundles kept)."""
+    path = Path(manifest["source"][which]["path"])
+    return path if path.is_absolute() else (Path(bundle_dir) / path).resolve()
+
+
+def rebase_sources(manifest: dict, old_root: str | Path, new_root: str | Path) -> None:
+    """Re-express the recorded source paths for a manifest copied from bundle `old_root` into `new_root`."""
+    for which, entry in manifest.get("source", {}).items():
+        if isinstance(entry, dict) and "path" in entry:
+            entry["path"] = relative_to_bundle(source_dir(manifest, old_root, which), new_root)
