@@ -14,6 +14,13 @@ from pathlib import Path
 import click
 
 from dream_export import __version__
+from dream_export.draft.supernet_cli import (
+    subnet_draft_dir,
+    subnet_option,
+    supernet_options,
+    supernet_taps,
+    train_supernet_cmd,
+)
 from dream_export.errors import DreamExportError, MissingBackendError, UsageError, from_os_error
 from dream_export.options import tree_option
 from dream_export.runtime.tree import TreeSpec
@@ -149,9 +156,11 @@ def demo_data(out: Path, heldout_per_task: int, n_calib: int, n_train: int) -> N
 @click.option("--weights", default="1.0,0.2,0.2", show_default=True, help="Loss weights logits,feature,mid.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint beside OUT.")
+@supernet_options
 def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, steps: int, batch_size: int, lr: float,
                     features: Path | None, mid_select: str, vtc_keep: float | None, no_cross: bool,
-                    no_self_feed: bool, weights: str, seed: int, resume: bool) -> None:
+                    no_self_feed: bool, weights: str, seed: int, resume: bool, supernet: bool, init: Path | None,
+                    supernet_steps: int) -> None:
     """Train a DREAM (or EAGLE-2/3 style) draft for TARGET_DIR by distillation on its own answers."""
     _need_torch()
     from dream_export.core.prompts import read_prompts
@@ -168,14 +177,20 @@ def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, ste
     rows = read_prompts(data_path)
     text_cfg = _text_config(target_dir)
     cfg = DraftConfig.from_target(text_cfg, arch=arch, cross_attention=not no_cross)
-    # Features always carry the EAGLE-3 taps, so every draft architecture trains on one feature cache.
+    # Features always carry the EAGLE-3 taps, so every draft architecture trains on one feature cache
+    # (a supernet's: the last layers, one of which its cross-attention reads).
     taps = tuple(DraftConfig.from_target(text_cfg, arch="eagle3").fuse_layers)
+    if supernet:
+        taps = supernet_taps(text_cfg, arch, no_cross)
     target = load_target(target_dir, taps=taps)
     feat_dir = features or out.with_name(out.name + ".features")
     dcfg = DataConfig(mid_select=mid_select, taps=taps)
     generate_features(target.model, target.processor, rows, feat_dir, dcfg, target_identity(target_dir))
     tcfg = DraftTrainConfig(steps=steps, batch_size=batch_size, lr=lr, vtc_keep=vtc_keep, self_feed=not no_self_feed,
                             w_logits=w[0], w_feature=w[1], w_mid=w[2], seed=seed)
+    if supernet:
+        train_supernet_cmd(target, feat_dir, cfg, tcfg, init, supernet_steps, out, click.echo)
+        return
     _, record = train_draft(feat_dir, target.model.lm_head.weight, cfg, tcfg, out_dir=out, log=click.echo,
                             resume=resume)
     click.echo(f"saved {arch} draft to {out} ({record['train_minutes']} min)")
@@ -236,9 +251,10 @@ def eval_draft_cmd(target_dir: Path, drafts: tuple, data_path: Path, tree: TreeS
 @click.option("--skip-check", is_flag=True, help="Do not run parity and the TensorRT lint after exporting.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
               show_default=True, help="Dtype the target's weights load in (auto: the checkpoint's own).")
+@subnet_option
 def export_cmd(target_dir: Path, draft_dir: Path, out: Path, kv_capacity: int, max_tree: int, taps: str,
                no_attn_scores: bool, precision: str, chain_steps: int, min_trt: str, skip_check: bool,
-               dtype: str) -> None:
+               dtype: str, subnet: str | None) -> None:
     """Export TARGET_DIR and its draft to a bundle: vision/target/draft ONNX graphs + manifest.
 
     Ends with `dream-export check` (parity against torch, TensorRT-readiness lint) unless --skip-check.
@@ -252,14 +268,14 @@ def export_cmd(target_dir: Path, draft_dir: Path, out: Path, kv_capacity: int, m
         raise click.BadParameter("--taps takes layer numbers, e.g. final,L3,L7") from e
     export_bundle(target_dir, draft_dir, out, ExportOptions(kv_capacity=kv_capacity, max_tree=max_tree,
                                                             taps=tap_layers, attn_scores=not no_attn_scores,
-                                                            chain_steps=chain_steps, dtype=dtype),
+                                                            chain_steps=chain_steps, dtype=dtype, subnet=subnet),
                   log=click.echo)
     if precision == "fp16":
         from dream_export.export.fp16 import convert_bundle
 
         convert_bundle(out, log=click.echo)
     if not skip_check:
-        _check(out, target_dir, draft_dir, min_trt)
+        _check(out, target_dir, subnet_draft_dir(out, draft_dir, subnet), min_trt)
 
 
 def _parity_samples(data_path: Path | None) -> list:
@@ -718,6 +734,10 @@ def _text_config(model_dir: Path):
 
     return AutoConfig.from_pretrained(str(model_dir)).get_text_config()
 
+
+from dream_export.targets.search_command import COMMANDS as _SEARCH_COMMANDS  # noqa: E402
+
+for _cmd in _SEARCH_COMMANDS: cli.add_command(_cmd)  # noqa: E701
 
 from dream_export.calib.command import COMMANDS as _CALIB_COMMANDS  # noqa: E402
 

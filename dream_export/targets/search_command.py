@@ -1,0 +1,68 @@
+"""`dream-export search`: choose a supernet bundle's sub-network for a hardware target."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+
+def _table(title: str, rows: list[dict], chosen: dict, full: dict) -> None:
+    click.echo(title)
+    click.echo(f"  {'configuration':<20}{'prompts':>8}{'tau':>7}{'ms/round':>10}{'tok/s':>10}{'speedup':>9}")
+    for r in rows:
+        mark = " <- chosen" if r["config"] == chosen["config"] else (" (full)" if r["config"] == full["config"] else "")
+        click.echo(f"  {r['label']:<20}{r['prompts']:>8}{r['tau']:>7.2f}{r['round_seconds'] * 1e3:>10.3f}"
+                   f"{r['tokens_per_s']:>10.1f}{r['speedup']:>8.2f}x{mark}")
+
+
+@click.command("search")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--target", "target_name", required=True,
+              help="Hardware target (`dream-export targets`): cpu measures this machine with ONNX Runtime, any "
+                   "other is costed by its roofline latency model.")
+@click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help='JSONL of {"image": path, "prompt": text}: the prompts every candidate answers.')
+@click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="τ against seconds per round, the front and the choice marked (PNG).")
+@click.option("--seed", default=0, show_default=True, help="Order of the prompts and of the candidates' runs.")
+@click.option("--budget", "budget_s", default=1200.0, show_default=True,
+              help="Seconds: a successive-halving rung that would not fit is not started.")
+@click.option("--first-rung", default=2, show_default=True, help="Prompts every candidate answers first.")
+@click.option("--max-prompts", default=16, show_default=True, help="Prompts the last survivors answer.")
+@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option("--threads", default="1", show_default=True, help="ONNX Runtime intra-op threads per graph.")
+@click.option("--precision", default=None, help="Precision the latency model assumes (default: fp16 on GPUs).")
+@click.option("--dry-run", is_flag=True, help="Do not write the choice into the bundle.")
+def search_cmd(bundle: Path, target_name: str, data_path: Path, json_out: Path | None, plot_out: Path | None,
+               seed: int, budget_s: float, first_rung: int, max_prompts: int, max_new_tokens: int, threads: str,
+               precision: str | None, dry_run: bool) -> None:
+    """Measure a supernet bundle's sub-networks on the prompts, print the Pareto front, and write the
+    configuration with the most expected tokens/s on TARGET into the bundle (the runtime then uses it)."""
+    from dream_export.core.prompts import read_prompts
+    from dream_export.io import atomic_write_text
+    from dream_export.targets.search import search, write_choice
+
+    res = search(bundle, target_name, read_prompts(data_path), seed=seed, budget_s=budget_s, first_rung=first_rung,
+                 max_prompts=max_prompts, max_new_tokens=max_new_tokens,
+                 threads=int(threads) if threads.isdigit() else threads, precision=precision, log=click.echo)
+    c, f = res["chosen"], res["full"]
+    _table(f"Pareto front on {res['target']} ({res['cost']}; τ up, time per round down):", res["front"], c, f)
+    _table(f"last rung ({c['prompts']} prompts each):", res["finalists"], c, f)
+    click.echo(f"chosen {c['label']}: {c['speedup']:.2f}x, {c['tokens_per_s']:.1f} tok/s; full draft "
+               f"{f['speedup']:.2f}x, {f['tokens_per_s']:.1f} tok/s (same prompts, same run); "
+               f"outputs {'lossless' if res['lossless'] else 'NOT lossless'}; {res['wall_seconds']:.0f}s")
+    if not dry_run:
+        write_choice(bundle, res)
+        click.echo(f"wrote the choice into {bundle / 'manifest.json'}")
+    if json_out:
+        atomic_write_text(json_out, json.dumps(res, indent=2))
+    if plot_out:
+        from dream_export.plots import search_plot
+
+        search_plot(res, plot_out)
+
+
+COMMANDS = [search_cmd]
