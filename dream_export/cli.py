@@ -22,7 +22,7 @@ from dream_export.draft.supernet_cli import (
     train_supernet_cmd,
 )
 from dream_export.errors import DreamExportError, MissingBackendError, UsageError, from_os_error
-from dream_export.options import tree_option
+from dream_export.options import tree_option, vtc_score_option
 from dream_export.runtime.tree import TreeSpec
 
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
@@ -204,12 +204,13 @@ def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, ste
 @tree_option(help="K,DEPTH,TOTAL of the EAGLE-2 tree.")
 @click.option("--chain", is_flag=True, help="Also evaluate chain drafting (depth = tree depth).")
 @click.option("--vtc-keep", type=float, default=None, help="Visual-token keep ratio for the draft stream.")
+@vtc_score_option
 @click.option("--max-new-tokens", default=128, show_default=True)
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N prompts.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON here.")
 def eval_draft_cmd(target_dir: Path, drafts: tuple, data_path: Path, tree: TreeSpec, chain: bool, vtc_keep: float | None,
-                   max_new_tokens: int, limit: int | None, json_out: Path | None) -> None:
+                   vtc_score: str, max_new_tokens: int, limit: int | None, json_out: Path | None) -> None:
     """Mean acceptance length τ of drafts with the torch reference decoder (greedy), per task."""
     _need_torch()
     from dream_export.draft.evaluate import evaluate_drafts
@@ -222,7 +223,7 @@ def eval_draft_cmd(target_dir: Path, drafts: tuple, data_path: Path, tree: TreeS
     taps = next((tuple(d.config.fuse_layers) for d in loaded.values() if d.config.arch == "eagle3"), ())
     target = load_target(target_dir, taps=taps)
     modes = ("tree", "chain") if chain else ("tree",)
-    res = evaluate_drafts(target, loaded, data_path, spec, max_new_tokens, modes, vtc_keep, limit)
+    res = evaluate_drafts(target, loaded, data_path, spec, max_new_tokens, modes, vtc_keep, limit, vtc_score=vtc_score)
     tasks = sorted({t for r in res["results"].values() for m in r.values() for t in m["tau_by_task"]})
     click.echo(f"{'draft':<16}{'mode':<7}{'tau':>6}{'match':>7}  " + "".join(f"{t:>10}" for t in tasks))
     for name, per_mode in res["results"].items():
@@ -341,6 +342,7 @@ def _sampling_options(f):
         tree_option("--tree", "tree_spec"),
         click.option("--max-new-tokens", default=128, show_default=True),
         click.option("--vtc-keep", type=float, default=None, help="Visual-token keep ratio for the draft."),
+        vtc_score_option,
         click.option("--threads", default="2", show_default=True,
                      help="ONNX Runtime intra-op threads: a number, or per graph, e.g. target=2,draft=1."),
         click.option("--precision", default="fp32", show_default=True,
@@ -365,12 +367,13 @@ def _sampling_options(f):
               help="Seconds: answer with the text so far (finish reason `timeout`) when decoding takes longer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (last line).")
 def run_cmd(bundle: Path, image: Path, prompt: str, backend: str, mode: str, tree_spec: TreeSpec, max_new_tokens: int,
-            vtc_keep: float | None, threads: str, precision: str, verify: bool, temperature: float, top_p: float,
-            top_k: int, seed: int | None, timeout: float | None, as_json: bool) -> None:
+            vtc_keep: float | None, vtc_score: str, threads: str, precision: str, verify: bool, temperature: float,
+            top_p: float, top_k: int, seed: int | None, timeout: float | None, as_json: bool) -> None:
     """Answer one (image, prompt) with the bundle, streaming text as rounds are accepted."""
     from dream_export.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(bundle, backend=backend, threads=threads, precision=precision, verify=verify)
+    pipe.engine.target.vtc_score = vtc_score
     stream = pipe.stream(image, prompt, max_new_tokens=max_new_tokens, mode=mode, tree=tree_spec,
                          temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, vtc_keep=vtc_keep,
                          deadline_s=timeout)
@@ -395,8 +398,8 @@ def run_cmd(bundle: Path, image: Path, prompt: str, backend: str, mode: str, tre
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--sweep", is_flag=True, help="Also try several tree shapes, then thread counts for the fastest shape.")
 def bench_cmd(bundle: Path, data_path: Path, backend: str, mode: str, tree_spec: TreeSpec, max_new_tokens: int,
-              vtc_keep: float | None, threads: str, precision: str, verify: bool, limit: int | None, json_out: Path | None,
-              plot_out: Path | None, sweep: bool) -> None:
+              vtc_keep: float | None, vtc_score: str, threads: str, precision: str, verify: bool, limit: int | None,
+              json_out: Path | None, plot_out: Path | None, sweep: bool) -> None:
     """Speculative vs autoregressive decoding on the same backend: speedup, tau, time split."""
     from dream_export.core.prompts import read_prompts
     from dream_export.io import atomic_write_text
@@ -405,12 +408,16 @@ def bench_cmd(bundle: Path, data_path: Path, backend: str, mode: str, tree_spec:
     from dream_export.runtime.pipeline import Pipeline
 
     rows = read_prompts(data_path)[:limit]
-    pipe = Pipeline.load(bundle, backend=backend, threads=threads, precision=precision, verify=verify)
+    def load(th: str) -> Pipeline:
+        p = Pipeline.load(bundle, backend=backend, threads=th, precision=precision, verify=verify)
+        p.engine.target.vtc_score = vtc_score
+        return p
+
+    pipe = load(threads)
     summary = bench(pipe, rows, max_new_tokens, tree_spec, mode, vtc_keep)
+    summary["settings"]["vtc_score"] = vtc_score
     if sweep:
-        summary.update(sweep_shapes(pipe, rows, lambda th: Pipeline.load(bundle, backend=backend, threads=th,
-                                                                           precision=precision),
-                                    max_new_tokens, vtc_keep, log=click.echo))
+        summary.update(sweep_shapes(pipe, rows, load, max_new_tokens, vtc_keep, log=click.echo))
     _print_bench(summary)
     if json_out:
         atomic_write_text(json_out, json.dumps(summary, indent=2))
