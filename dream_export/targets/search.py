@@ -111,28 +111,52 @@ class MeasuredCost:
 
 
 class ModelledCost:
-    """Any GPU target: the roofline latency model of `targets.latency` on the answer's shape."""
+    """Any GPU target: the roofline latency model of `targets.latency` on the answer's shape.
 
-    def __init__(self, manifest: dict, target, precision: str, chain_depth: int):
+    `cost_as` (a Hugging Face VLM config): cost the answers as if the pair had that model's size (its
+    default DREAM draft, the same share of heads pruned, its image-token count), keeping the measured τ
+    and answer lengths: a forecast for a deployment the bundle stands in for.
+    """
+
+    def __init__(self, manifest: dict, target, precision: str, chain_depth: int, cost_as: dict | None = None):
         from dream_export.targets.latency import Capacities, LatencyModel
         from dream_export.targets.memory import DraftDesc, describe_model
 
         tgt = Path(manifest["source"]["target"]["path"]) / "config.json"
         drf = Path(manifest["source"]["draft"]["path"]) / "draft_config.json"
-        if not tgt.exists() or not drf.exists():
+        sn = manifest["supernet"]
+        self.image_tokens = manifest["tokens"]["image_tokens_per_image"]
+        self.scaled_image_tokens = self.image_tokens
+        if cost_as is not None:
+            self.model = describe_model(cost_as)
+            base = DraftDesc.from_model(self.model)
+            if self.model.vision is not None:
+                v = self.model.vision
+                self.scaled_image_tokens = (v.tokens - 1) * v.images_per_prompt  # patch tokens (no class token)
+        elif not tgt.exists() or not drf.exists():
             raise UsageError(f"the latency model needs the bundle's source configs ({tgt}, {drf}), not on this machine")
-        self.model = describe_model(json.loads(tgt.read_text()))
-        draft_cfg = json.loads(drf.read_text())
+        else:
+            self.model = describe_model(json.loads(tgt.read_text()))
+            base = DraftDesc.from_config({**json.loads(drf.read_text()), "last_block_heads": None})
         self.caps = Capacities.from_manifest(manifest)
+        if cost_as is not None:  # the scaled model's prompts need room
+            self.caps = Capacities.from_plan(max(self.caps.kv_capacity, 4 * self.scaled_image_tokens),
+                                             self.caps.max_tree)
         self.target, self.precision = target, precision
         self.tree = TreeSpec.chain(chain_depth)
-        self.name = f"latency model ({target.name}, {precision})"
+        self.name = f"latency model ({target.name}, {precision}" + (f", costed as {self.model.name}" if cost_as else "") + ")"
         self._models = {}
-        for h in manifest["supernet"]["head_choices"]:
-            desc = DraftDesc.from_config({**draft_cfg, "last_block_heads": None})
+        for h in sn["head_choices"]:
+            heads = max(1, round(h / sn["num_heads"] * base.num_heads))  # the same share of the last block's heads
             self._models[h] = LatencyModel(self.model, self.caps, precision,
-                                           DraftDesc(**{**asdict(desc), "last_block_heads": h}))
+                                           DraftDesc(**{**asdict(base), "last_block_heads": heads}))
         self._cache: dict = {}
+
+    def _scaled(self, prompt: int, keep: float) -> tuple[int, int]:
+        """(prompt tokens, draft prompt tokens) with the modelled image-token count (one image)."""
+        text = prompt - self.image_tokens
+        img = self.scaled_image_tokens
+        return text + img, text + (img if keep >= 1.0 else max(1, round(img * keep)))
 
     def _seconds(self, heads: int, call) -> float:
         key = (heads, call)
@@ -160,11 +184,14 @@ class ModelledCost:
         heads = cand.heads if cand else max(self._models)
         n = st["tokens"]
         rounds = len(st["rounds"]) if cand else n
-        b = self.breakdown(heads, st["prompt_tokens"], draft_prompt, n, rounds)
+        prompt = st["prompt_tokens"]
+        if self.scaled_image_tokens != self.image_tokens and st["images"]:
+            prompt, draft_prompt = self._scaled(prompt, cand.vtc_keep if cand else 1.0)
+        b = self.breakdown(heads, prompt, draft_prompt, n, rounds)
         if cand is None:
-            return Answer(st["prompt_tokens"], 0, n, n, b["fixed"] + n * b["decode"], b["decode"])
+            return Answer(prompt, 0, n, n, b["fixed"] + n * b["decode"], b["decode"])
         secs = b["fixed"] + b["draft_prompt"] + rounds * b["round"]
-        return Answer(st["prompt_tokens"], draft_prompt, n, rounds, secs, b["round"] + b["draft_prompt"] / max(rounds, 1))
+        return Answer(prompt, draft_prompt, n, rounds, secs, b["round"] + b["draft_prompt"] / max(rounds, 1))
 
     def bounds(self, manifest: dict, prompt: int = 64) -> dict:
         """Which term bounds each graph call on the target (memory, compute or overhead), for the report."""
@@ -189,12 +216,12 @@ class ModelledCost:
 
 def search(bundle_dir: str | Path, target_name: str, rows: list[dict], seed: int = 0, budget_s: float = 1200.0,
            first_rung: int = 2, max_prompts: int = 16, max_new_tokens: int = 128, threads: int | str = 1,
-           precision: str | None = None, progress: bool = True, log=print) -> dict:
+           precision: str | None = None, cost_as: dict | None = None, progress: bool = True, log=print) -> dict:
     """Search the supernet bundle's configurations for `target_name`; returns the report (see module doc).
 
     Rung r gives each survivor `first_rung · 2^r` prompts in all (at most `max_prompts`), then keeps the
     better half by expected tokens/s (the full draft always stays). A rung that would not fit the
-    remaining `budget_s` is not started.
+    remaining `budget_s` is not started. `cost_as`: see `ModelledCost` (GPU targets only).
     """
     from tqdm import tqdm
 
@@ -221,10 +248,12 @@ def search(bundle_dir: str | Path, target_name: str, rows: list[dict], seed: int
         pipes[h] = Pipeline(view, make_backend("onnxruntime", view, threads, "fp32"))
     chain_depth = pipes[full.heads].engine.chain_depth
     if target.kind == "cpu":
+        if cost_as is not None:
+            raise UsageError("--cost-as forecasts with a latency model: choose a GPU target (cpu is measured)")
         cost = MeasuredCost()
     else:
         cost = ModelledCost(m, target, precision or ("fp16" if "fp16" in target.precisions else target.precisions[0]),
-                            chain_depth)
+                            chain_depth, cost_as)
     images = {}
 
     def image(p: int):

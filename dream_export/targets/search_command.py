@@ -35,10 +35,13 @@ def _table(title: str, rows: list[dict], chosen: dict, full: dict) -> None:
 @click.option("--max-new-tokens", default=128, show_default=True)
 @click.option("--threads", default="1", show_default=True, help="ONNX Runtime intra-op threads per graph.")
 @click.option("--precision", default=None, help="Precision the latency model assumes (default: fp16 on GPUs).")
+@click.option("--cost-as", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="A VLM config.json: cost the measured answers as if the pair had that model's size (a "
+                   "forecast for the deployment the bundle stands in for; GPU targets).")
 @click.option("--dry-run", is_flag=True, help="Do not write the choice into the bundle.")
 def search_cmd(bundle: Path, target_name: str, data_path: Path, json_out: Path | None, plot_out: Path | None,
                seed: int, budget_s: float, first_rung: int, max_prompts: int, max_new_tokens: int, threads: str,
-               precision: str | None, dry_run: bool) -> None:
+               precision: str | None, cost_as: Path | None, dry_run: bool) -> None:
     """Measure a supernet bundle's sub-networks on the prompts, print the Pareto front, and write the
     configuration with the most expected tokens/s on TARGET into the bundle (the runtime then uses it)."""
     from dream_export.core.prompts import read_prompts
@@ -47,13 +50,16 @@ def search_cmd(bundle: Path, target_name: str, data_path: Path, json_out: Path |
 
     res = search(bundle, target_name, read_prompts(data_path), seed=seed, budget_s=budget_s, first_rung=first_rung,
                  max_prompts=max_prompts, max_new_tokens=max_new_tokens,
-                 threads=int(threads) if threads.isdigit() else threads, precision=precision, log=click.echo)
+                 threads=int(threads) if threads.isdigit() else threads, precision=precision,
+                 cost_as=json.loads(cost_as.read_text()) if cost_as else None, log=click.echo)
     c, f = res["chosen"], res["full"]
     _table(f"Pareto front on {res['target']} ({res['cost']}; τ up, time per round down):", res["front"], c, f)
     _table(f"last rung ({c['prompts']} prompts each):", res["finalists"], c, f)
     click.echo(f"chosen {c['label']}: {c['speedup']:.2f}x, {c['tokens_per_s']:.1f} tok/s; full draft "
                f"{f['speedup']:.2f}x, {f['tokens_per_s']:.1f} tok/s (same prompts, same run); "
                f"outputs {'lossless' if res['lossless'] else 'NOT lossless'}; {res['wall_seconds']:.0f}s")
+    for call, b in res.get("bounds", {}).items():
+        click.echo(f"  {call:<30} {b['seconds'] * 1e6:10.1f} us  {b['bound']}-bound")
     if not dry_run:
         write_choice(bundle, res)
         click.echo(f"wrote the choice into {bundle / 'manifest.json'}")
