@@ -216,12 +216,15 @@ class ModelledCost:
 
 def search(bundle_dir: str | Path, target_name: str, rows: list[dict], seed: int = 0, budget_s: float = 1200.0,
            first_rung: int = 2, max_prompts: int = 16, max_new_tokens: int = 128, threads: int | str = 1,
-           precision: str | None = None, cost_as: dict | None = None, progress: bool = True, log=print) -> dict:
+           precision: str | None = None, cost_as: dict | None = None, runs: dict | None = None, progress: bool = True,
+           log=print) -> dict:
     """Search the supernet bundle's configurations for `target_name`; returns the report (see module doc).
 
     Rung r gives each survivor `first_rung · 2^r` prompts in all (at most `max_prompts`), then keeps the
     better half by expected tokens/s (the full draft always stays). A rung that would not fit the
-    remaining `budget_s` is not started. `cost_as`: see `ModelledCost` (GPU targets only).
+    remaining `budget_s` is not started. `cost_as`: see `ModelledCost` (GPU targets only). `runs`: a dict
+    that keeps the runtime's answers across searches of one bundle with modelled costs (τ and answer
+    shapes do not depend on the target; measured costs never reuse an answer).
     """
     from tqdm import tqdm
 
@@ -265,18 +268,32 @@ def search(bundle_dir: str | Path, target_name: str, rows: list[dict], seed: int
     scores = {c: Score(c) for c in cands}
     lossless = True
 
+    reuse = runs if isinstance(cost, ModelledCost) and runs is not None else {}
+
+    def generate(c: Candidate | None, p: int):
+        key = (c, rows[p]["image"], rows[p]["prompt"], max_new_tokens)
+        if key in reuse:
+            return reuse[key]
+        pipe = pipes[c.heads if c else full.heads]
+        if c is None:
+            res = pipe.generate(image(p), rows[p]["prompt"], max_new_tokens=max_new_tokens, mode="ar")
+        else:
+            pipe.engine.target.feature_columns = feature_columns(m, c.layer)
+            res = pipe.generate(image(p), rows[p]["prompt"], max_new_tokens=max_new_tokens, mode="chain",
+                                vtc_keep=c.vtc_keep if c.vtc_keep < 1.0 else None)
+        if isinstance(cost, ModelledCost) and runs is not None:
+            reuse[key] = res
+        return res
+
     def run_prompt(p: int, todo: list[Candidate], bar) -> None:
         nonlocal lossless
-        img, prompt = image(p), rows[p]["prompt"]
-        ref = pipes[full.heads].generate(img, prompt, max_new_tokens=max_new_tokens, mode="ar")
+        ref = generate(None, p)
         ar[p] = cost.answer(ref, None, 0)
         for c in sorted(todo, key=lambda _c: rng.random()):  # a machine's drifting pace spreads over all
-            pipe = pipes[c.heads]
-            pipe.engine.target.feature_columns = feature_columns(m, c.layer)
-            res = pipe.generate(img, prompt, max_new_tokens=max_new_tokens, mode="chain",
-                                vtc_keep=c.vtc_keep if c.vtc_keep < 1.0 else None)
+            res = generate(c, p)
             lossless &= res.tokens == ref.tokens
-            scores[c].answers[p] = cost.answer(res, c, _draft_prompt(res.stats, pipe.n_image_tokens, c.vtc_keep))
+            scores[c].answers[p] = cost.answer(res, c, _draft_prompt(res.stats, pipes[c.heads].n_image_tokens,
+                                                                      c.vtc_keep))
             bar.update(1)
 
     survivors, rungs, done = list(cands), [], 0
