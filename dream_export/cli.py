@@ -14,16 +14,17 @@ from pathlib import Path
 import click
 
 from dream_export import __version__
-from dream_export.draft.supernet_cli import (
+from dream_export.errors import DreamExportError, MissingBackendError, UsageError, from_os_error
+from dream_export.options import tree_option, vtc_score_option
+from dream_export.runtime.tree import TreeSpec
+from dream_export.supernet_cli import (
+    search_cmd,
     subnet_draft_dir,
     subnet_option,
     supernet_options,
     supernet_taps,
     train_supernet_cmd,
 )
-from dream_export.errors import DreamExportError, MissingBackendError, UsageError, from_os_error
-from dream_export.options import tree_option, vtc_score_option
-from dream_export.runtime.tree import TreeSpec
 
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
 
@@ -742,13 +743,10 @@ def _text_config(model_dir: Path):
     return AutoConfig.from_pretrained(str(model_dir)).get_text_config()
 
 
-from dream_export.targets.search_command import COMMANDS as _SEARCH_COMMANDS  # noqa: E402
-
-for _cmd in _SEARCH_COMMANDS: cli.add_command(_cmd)  # noqa: E701
-
 from dream_export.calib.command import COMMANDS as _CALIB_COMMANDS  # noqa: E402
 
 for _cmd in _CALIB_COMMANDS: cli.add_command(_cmd)  # noqa: E701
+cli.add_command(search_cmd)
 
 from dream_export.serve.command import COMMANDS as _SERVE_COMMANDS  # noqa: E402
 
