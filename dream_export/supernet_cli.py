@@ -65,11 +65,12 @@ def subnet_draft_dir(out: Path, draft_dir: Path, subnet: str | None) -> Path:
 
 def _table(title: str, rows: list[dict], chosen: dict, full: dict) -> None:
     click.echo(title)
-    click.echo(f"  {'configuration':<20}{'prompts':>8}{'tau':>7}{'ms/round':>10}{'tok/s':>10}{'speedup':>9}")
+    click.echo(f"  {'configuration':<20}{'prompts':>8}{'tau':>7}{'ms/round':>10}{'AR steps':>9}{'tok/s':>10}"
+               f"{'speedup':>9}")
     for r in rows:
         mark = " <- chosen" if r["config"] == chosen["config"] else (" (full)" if r["config"] == full["config"] else "")
         click.echo(f"  {r['label']:<20}{r['prompts']:>8}{r['tau']:>7.2f}{r['round_seconds'] * 1e3:>10.3f}"
-                   f"{r['tokens_per_s']:>10.1f}{r['speedup']:>8.2f}x{mark}")
+                   f"{r['round_cost']:>9.3f}{r['tokens_per_s']:>10.1f}{r['speedup']:>8.2f}x{mark}")
 
 
 @click.command("search")
@@ -108,7 +109,8 @@ def search_cmd(bundle: Path, target_name: str, data_path: Path, json_out: Path |
                  threads=int(threads) if threads.isdigit() else threads, precision=precision,
                  cost_as=json.loads(cost_as.read_text()) if cost_as else None, log=click.echo)
     c, f = res["chosen"], res["full"]
-    _table(f"Pareto front on {res['target']} ({res['cost']}; τ up, time per round down):", res["front"], c, f)
+    _table(f"Pareto front on {res['target']} ({res['cost']}; τ up, a round's time in AR steps down):", res["front"],
+           c, f)
     _table(f"last rung ({c['prompts']} prompts each):", res["finalists"], c, f)
     click.echo(f"chosen {c['label']}: {c['speedup']:.2f}x, {c['tokens_per_s']:.1f} tok/s; full draft "
                f"{f['speedup']:.2f}x, {f['tokens_per_s']:.1f} tok/s (same prompts, same run); "

@@ -12,7 +12,7 @@ rounds. Its cost is
 The objective is expected tokens/s. Successive halving fits the search into its budget: every
 candidate answers a few prompts, the better half answers more, and so on; the full draft is always
 kept, so that the chosen configuration and the full one are compared on the same prompts in one run.
-The Pareto front is over (τ ↑, seconds per round ↓).
+The Pareto front is over (τ ↑, a round's time in autoregressive steps ↓).
 """
 
 from __future__ import annotations
@@ -62,14 +62,20 @@ class Score:
     answers: dict[int, Answer] = field(default_factory=dict)  # prompt index → answer
 
     def over(self, prompts: list[int], ar: dict[int, Answer]) -> dict:
-        """τ, tokens/s, speedup and cost per round over `prompts` (autoregressive times `ar`)."""
+        """τ, tokens/s, speedup and cost per round over `prompts` (autoregressive times `ar`).
+
+        `round_cost` is a round's time in autoregressive steps of the same prompts (measured beside it):
+        free of the machine's pace, so candidates measured at different times compare on the front.
+        """
         a = [self.answers[p] for p in prompts]
         tokens, rounds = sum(x.tokens for x in a), sum(x.rounds for x in a)
         secs = sum(x.seconds for x in a)
+        round_s = sum(x.round_seconds * x.rounds for x in a) / max(rounds, 1)
+        ar_step = sum(ar[p].round_seconds * ar[p].rounds for p in prompts) / max(sum(ar[p].rounds for p in prompts), 1)
         return {"config": asdict(self.candidate), "label": self.candidate.label(), "prompts": len(a),
                 "tau": tokens / max(rounds, 1), "tokens_per_s": tokens / secs,
                 "speedup": sum(ar[p].seconds for p in prompts) / secs,
-                "round_seconds": sum(x.round_seconds * x.rounds for x in a) / max(rounds, 1)}
+                "round_seconds": round_s, "round_cost": round_s / max(ar_step, 1e-12)}
 
 
 def candidates(manifest: dict) -> list[Candidate]:
@@ -87,10 +93,10 @@ def full_candidate(manifest: dict) -> Candidate:
 
 
 def pareto_front(rows: list[dict]) -> list[dict]:
-    """Rows not dominated in (τ higher, round_seconds lower), by τ descending."""
+    """Rows not dominated in (τ higher, round_cost lower), by τ descending."""
     front = [r for r in rows if not any(
-        o["tau"] >= r["tau"] and o["round_seconds"] <= r["round_seconds"]
-        and (o["tau"] > r["tau"] or o["round_seconds"] < r["round_seconds"]) for o in rows)]
+        o["tau"] >= r["tau"] and o["round_cost"] <= r["round_cost"]
+        and (o["tau"] > r["tau"] or o["round_cost"] < r["round_cost"]) for o in rows)]
     return sorted(front, key=lambda r: -r["tau"])
 
 
