@@ -10,8 +10,16 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dream_export.draft.supernet import SubNet, SupernetSpec, head_choices, head_mask, kept_heads, last_layers, prune
-
+from dream_export.draft.supernet import (
+    SupernetSpec,
+    head_choices,
+    head_mask,
+    kept_heads,
+    last_layers,
+    parse_subnet,
+    prune,
+)
+from dream_export.runtime.subnet import SubNet
 from tests.conftest import DEMO
 
 # a ranking that is not the identity: pruning must map each kept query head to its own KV head
@@ -185,14 +193,14 @@ def test_seeded_search_is_reproducible(tmp_path, supernet_bundle):
 
 def test_subnet_option_parsing(demo_draft):
     spec = _spec(demo_draft)
-    assert SubNet.parse("heads=0.5,keep=0.75,layer=21", spec) == SubNet(2, 0.75, 21)
-    assert SubNet.parse("heads=3", spec) == SubNet(3, 1.0, 24)
+    assert parse_subnet("heads=0.5,keep=0.75,layer=21", spec) == SubNet(2, 0.75, 21)
+    assert parse_subnet("heads=3", spec) == SubNet(3, 1.0, 24)
     from dream_export.errors import UsageError
 
     with pytest.raises(UsageError, match="not injectable"):
-        SubNet.parse("layer=3", spec)
+        parse_subnet("layer=3", spec)
     with pytest.raises(UsageError, match="expected heads"):
-        SubNet.parse("colour=red", spec)
+        parse_subnet("colour=red", spec)
 
 
 def test_train_supernet_few_steps(tmp_path, demo_target):

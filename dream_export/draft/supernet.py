@@ -30,42 +30,12 @@ import torch
 
 from dream_export.draft.model import Draft
 from dream_export.errors import IncompatibleArtifactError, UsageError
+from dream_export.runtime.subnet import SubNet
 
 SPEC_FILE = "supernet.json"
 HEAD_RATIOS = (0.25, 0.5, 0.75, 1.0)
 VTC_KEEPS = (0.5, 0.75, 1.0)
 LAST_LAYERS = 5
-
-
-@dataclass(frozen=True)
-class SubNet:
-    """One configuration of the supernet."""
-
-    heads: int  # query heads kept in the last self-attention block
-    vtc_keep: float  # share of image tokens in the draft's input stream
-    layer: int  # target hidden_states index the cross-attention reads (the last one: the final-norm state)
-
-    def label(self) -> str:
-        return f"h{self.heads} keep{self.vtc_keep:g} L{self.layer}"
-
-    @classmethod
-    def parse(cls, text: str, spec: SupernetSpec) -> SubNet:
-        """From "heads=2,vtc_keep=0.75,layer=22" (`heads` may be a ratio such as 0.5; omitted knobs: full)."""
-        vals = {"heads": str(spec.num_heads), "vtc_keep": "1", "layer": str(spec.final_layer)}
-        for part in filter(None, (p.strip() for p in text.split(","))):
-            key, _, val = part.partition("=")
-            key = {"keep": "vtc_keep", "vtc": "vtc_keep"}.get(key.strip(), key.strip())
-            if key not in vals or not val.strip():
-                raise UsageError(f"sub-network {text!r}: expected heads=N (or a ratio such as 0.5),vtc_keep=R,layer=L")
-            vals[key] = val.strip()
-        try:
-            # a count ("2") or a keep ratio of the query heads ("0.5")
-            heads = int(vals["heads"]) if vals["heads"].isdigit() else max(1, round(float(vals["heads"]) * spec.num_heads))
-            sub = cls(heads, float(vals["vtc_keep"]), int(vals["layer"]))
-        except ValueError as e:
-            raise UsageError(f"sub-network {text!r}: every value must be a number") from e
-        spec.check(sub)
-        return sub
 
 
 @dataclass
@@ -110,6 +80,25 @@ class SupernetSpec:
         """The spec of draft directory `path`, or None for a plain draft."""
         p = Path(path, SPEC_FILE)
         return cls(**json.loads(p.read_text())) if p.exists() else None
+
+
+def parse_subnet(text: str, spec: SupernetSpec) -> SubNet:
+    """From "heads=2,vtc_keep=0.75,layer=22" (`heads` may be a ratio such as 0.5; omitted knobs: full)."""
+    vals = {"heads": str(spec.num_heads), "vtc_keep": "1", "layer": str(spec.final_layer)}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, _, val = part.partition("=")
+        key = {"keep": "vtc_keep", "vtc": "vtc_keep"}.get(key.strip(), key.strip())
+        if key not in vals or not val.strip():
+            raise UsageError(f"sub-network {text!r}: expected heads=N (or a ratio such as 0.5),vtc_keep=R,layer=L")
+        vals[key] = val.strip()
+    try:
+        # a count ("2") or a keep ratio of the query heads ("0.5")
+        heads = int(vals["heads"]) if vals["heads"].isdigit() else max(1, round(float(vals["heads"]) * spec.num_heads))
+        sub = SubNet(heads, float(vals["vtc_keep"]), int(vals["layer"]))
+    except ValueError as e:
+        raise UsageError(f"sub-network {text!r}: every value must be a number") from e
+    spec.check(sub)
+    return sub
 
 
 def head_choices(num_heads: int) -> list[int]:

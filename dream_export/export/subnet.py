@@ -35,7 +35,7 @@ class SupernetExport:
     @classmethod
     def of(cls, draft, draft_dir: str | Path, subnet: str | None) -> SupernetExport:
         """Plan the export of `draft` (loaded from `draft_dir`), with sub-network `subnet` if given."""
-        from dream_export.draft.supernet import SubNet, SupernetSpec, prune
+        from dream_export.draft.supernet import SupernetSpec, parse_subnet, prune
         from dream_export.errors import UsageError
 
         spec = SupernetSpec.load(draft_dir)
@@ -46,7 +46,7 @@ class SupernetExport:
             return cls(draft)
         if subnet is None:
             return cls(draft, draft, spec)
-        sub = SubNet.parse(subnet, spec)
+        sub = parse_subnet(subnet, spec)
         return cls(prune(draft, spec, sub.heads), draft, spec, sub)
 
     @property

@@ -8,12 +8,24 @@ applies it, so `run`, `bench` and `serve` use it without options.
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from dream_export.errors import IncompatibleArtifactError
 from dream_export.runtime.bundle import Bundle
 
 DRAFT_SIDE = ("draft", "draft_chain")
+
+
+@dataclass(frozen=True)
+class SubNet:
+    """One configuration of a supernet (as the manifest's `supernet.chosen` stores it)."""
+
+    heads: int  # query heads kept in the draft's last self-attention block
+    vtc_keep: float  # share of image tokens in the draft's input stream
+    layer: int  # target hidden_states index the cross-attention reads (the last one: the final-norm state)
+
+    def label(self) -> str:
+        return f"h{self.heads} keep{self.vtc_keep:g} L{self.layer}"
 
 
 def chosen(manifest: dict) -> dict | None:

@@ -25,21 +25,9 @@ from pathlib import Path
 
 from dream_export.errors import UsageError
 from dream_export.runtime.bundle import Bundle
-from dream_export.runtime.subnet import feature_columns, with_heads
+from dream_export.runtime.subnet import SubNet, feature_columns, with_heads
 from dream_export.runtime.tree import TreeSpec
 from dream_export.runtime.vtc import vtc_keep_indices
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One configuration (the runtime's names, as the manifest's `supernet.chosen` stores them)."""
-
-    heads: int
-    vtc_keep: float
-    layer: int
-
-    def label(self) -> str:
-        return f"h{self.heads} keep{self.vtc_keep:g} L{self.layer}"
 
 
 @dataclass
@@ -58,7 +46,7 @@ class Answer:
 class Score:
     """A candidate's answers so far."""
 
-    candidate: Candidate
+    candidate: SubNet
     answers: dict[int, Answer] = field(default_factory=dict)  # prompt index → answer
 
     def over(self, prompts: list[int], ar: dict[int, Answer]) -> dict:
@@ -78,18 +66,18 @@ class Score:
                 "round_seconds": round_s, "round_cost": round_s / max(ar_step, 1e-12)}
 
 
-def candidates(manifest: dict) -> list[Candidate]:
+def candidates(manifest: dict) -> list[SubNet]:
     """Every configuration a supernet bundle offers, in a fixed order."""
     sn = manifest.get("supernet")
     if not sn or sn.get("chosen") and not sn["variants"]:
         raise UsageError("search needs a supernet bundle with every head variant: export a `train-draft --supernet` "
                          "draft without --subnet")
-    return [Candidate(h, k, lay) for h in sn["head_choices"] for k in sn["vtc_keeps"] for lay in sn["layers"]]
+    return [SubNet(h, k, lay) for h in sn["head_choices"] for k in sn["vtc_keeps"] for lay in sn["layers"]]
 
 
-def full_candidate(manifest: dict) -> Candidate:
+def full_candidate(manifest: dict) -> SubNet:
     sn = manifest["supernet"]
-    return Candidate(sn["num_heads"], 1.0, sn["layers"][-1])
+    return SubNet(sn["num_heads"], 1.0, sn["layers"][-1])
 
 
 def pareto_front(rows: list[dict]) -> list[dict]:
@@ -108,7 +96,7 @@ class MeasuredCost:
 
     name = "measured (ONNX Runtime, this CPU)"
 
-    def answer(self, res, cand: Candidate | None, draft_prompt: int) -> Answer:
+    def answer(self, res, cand: SubNet | None, draft_prompt: int) -> Answer:
         st = res.stats
         rounds = len(st["rounds"]) if cand else st["tokens"]
         decode = sum(st["seconds"].get(k, 0.0) for k in ("draft", "verify", "host"))
@@ -185,7 +173,7 @@ class ModelledCost:
                 "draft_prompt": self._seconds(heads, Call("draft prompt", "draft", draft_prompt + 1, 1, prompt)),
                 "decode": self._seconds(heads, Call("decode", "target", 1, 1, context=ctx))}
 
-    def answer(self, res, cand: Candidate | None, draft_prompt: int) -> Answer:
+    def answer(self, res, cand: SubNet | None, draft_prompt: int) -> Answer:
         st = res.stats
         heads = cand.heads if cand else max(self._models)
         n = st["tokens"]
@@ -276,7 +264,7 @@ def search(bundle_dir: str | Path, target_name: str, rows: list[dict], seed: int
 
     reuse = runs if isinstance(cost, ModelledCost) and runs is not None else {}
 
-    def generate(c: Candidate | None, p: int):
+    def generate(c: SubNet | None, p: int):
         key = (c, rows[p]["image"], rows[p]["prompt"], max_new_tokens)
         if key in reuse:
             return reuse[key]
@@ -291,7 +279,7 @@ def search(bundle_dir: str | Path, target_name: str, rows: list[dict], seed: int
             reuse[key] = res
         return res
 
-    def run_prompt(p: int, todo: list[Candidate], bar) -> None:
+    def run_prompt(p: int, todo: list[SubNet], bar) -> None:
         nonlocal lossless
         ref = generate(None, p)
         ar[p] = cost.answer(ref, None, 0)
@@ -322,14 +310,14 @@ def search(bundle_dir: str | Path, target_name: str, rows: list[dict], seed: int
                       "seconds": round(time.perf_counter() - t_rung, 1)})
         if done >= len(order) or len(survivors) <= 2:
             break
-        keep = {Candidate(**r["config"]) for r in ranked[: max(2, len(ranked) // 2)]}
+        keep = {SubNet(**r["config"]) for r in ranked[: max(2, len(ranked) // 2)]}
         survivors = [c for c in survivors if c in keep or c == full]
     bar.close()
     # every candidate at its most-measured fidelity; the choice among the last rung's survivors
     rows_all = [scores[c].over(sorted(scores[c].answers, key=order.index), ar) for c in cands if scores[c].answers]
     finalists = sorted((scores[c].over(order[:done], ar) for c in survivors), key=lambda r: -r["tokens_per_s"])
     chosen = finalists[0]
-    full_row = next(r for r in finalists if Candidate(**r["config"]) == full)
+    full_row = next(r for r in finalists if SubNet(**r["config"]) == full)
     result = {
         "target": target.name, "cost": cost.name, "seed": seed, "budget_s": budget_s,
         "chosen": chosen, "full": full_row, "finalists": finalists,
@@ -344,7 +332,7 @@ def search(bundle_dir: str | Path, target_name: str, rows: list[dict], seed: int
 
 
 def _planned_evals(n_cands: int, first: int, n_prompts: int) -> int:
-    """Candidate answers successive halving plans (for the progress bar; a budget stop ends it early)."""
+    """SubNet answers successive halving plans (for the progress bar; a budget stop ends it early)."""
     total, done, alive, r = 0, 0, n_cands, 0
     while done < n_prompts:
         n = min(n_prompts, first * 2 ** r)
