@@ -16,8 +16,16 @@ import click
 from dream_export import __version__
 from dream_export.errors import DreamExportError, MissingBackendError, UsageError, from_os_error
 from dream_export.export.sources import source_dir
-from dream_export.options import tree_option
+from dream_export.options import tree_option, vtc_score_option
 from dream_export.runtime.tree import TreeSpec
+from dream_export.supernet_cli import (
+    search_cmd,
+    subnet_draft_dir,
+    subnet_option,
+    supernet_options,
+    supernet_taps,
+    train_supernet_cmd,
+)
 
 DEMO_DIR = Path(__file__).parent / "assets" / "demo"
 
@@ -152,9 +160,11 @@ def demo_data(out: Path, heldout_per_task: int, n_calib: int, n_train: int) -> N
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint beside OUT.")
 @click.option("--threads", default=2, show_default=True,
               help="torch CPU threads for feature capture and training (1 on a machine busy with other work).")
+@supernet_options
 def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, steps: int, batch_size: int, lr: float,
                     features: Path | None, mid_select: str, vtc_keep: float | None, no_cross: bool,
-                    no_self_feed: bool, weights: str, seed: int, resume: bool, threads: int) -> None:
+                    no_self_feed: bool, weights: str, seed: int, resume: bool, threads: int, supernet: bool,
+                    init: Path | None, supernet_steps: int) -> None:
     """Train a DREAM (or EAGLE-2/3 style) draft for TARGET_DIR by distillation on its own answers."""
     _need_torch()
     import torch
@@ -173,15 +183,21 @@ def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, ste
     rows = read_prompts(data_path)
     text_cfg = _text_config(target_dir)
     cfg = DraftConfig.from_target(text_cfg, arch=arch, cross_attention=not no_cross)
-    # Features always carry the EAGLE-3 taps, so every draft architecture trains on one feature cache.
+    # Features always carry the EAGLE-3 taps, so every draft architecture trains on one feature cache
+    # (a supernet's: the last layers, one of which its cross-attention reads).
     taps = tuple(DraftConfig.from_target(text_cfg, arch="eagle3").fuse_layers)
     torch.set_num_threads(threads)
+    if supernet:
+        taps = supernet_taps(text_cfg, arch, no_cross)
     target = load_target(target_dir, taps=taps)
     feat_dir = features or out.with_name(out.name + ".features")
     dcfg = DataConfig(mid_select=mid_select, taps=taps)
     generate_features(target.model, target.processor, rows, feat_dir, dcfg, target_identity(target_dir))
     tcfg = DraftTrainConfig(steps=steps, batch_size=batch_size, lr=lr, vtc_keep=vtc_keep, self_feed=not no_self_feed,
                             w_logits=w[0], w_feature=w[1], w_mid=w[2], seed=seed, threads=threads)
+    if supernet:
+        train_supernet_cmd(target, feat_dir, cfg, tcfg, init, supernet_steps, out, click.echo)
+        return
     _, record = train_draft(feat_dir, target.model.lm_head.weight, cfg, tcfg, out_dir=out, log=click.echo,
                             resume=resume)
     click.echo(f"saved {arch} draft to {out} ({record['train_minutes']} min)")
@@ -195,12 +211,13 @@ def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, ste
 @tree_option(help="K,DEPTH,TOTAL of the EAGLE-2 tree.")
 @click.option("--chain", is_flag=True, help="Also evaluate chain drafting (depth = tree depth).")
 @click.option("--vtc-keep", type=float, default=None, help="Visual-token keep ratio for the draft stream.")
+@vtc_score_option
 @click.option("--max-new-tokens", default=128, show_default=True)
 @click.option("--limit", type=int, default=None, help="Evaluate only the first N prompts.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write the results as JSON here.")
 def eval_draft_cmd(target_dir: Path, drafts: tuple, data_path: Path, tree: TreeSpec, chain: bool, vtc_keep: float | None,
-                   max_new_tokens: int, limit: int | None, json_out: Path | None) -> None:
+                   vtc_score: str, max_new_tokens: int, limit: int | None, json_out: Path | None) -> None:
     """Mean acceptance length τ of drafts with the torch reference decoder (greedy), per task."""
     _need_torch()
     from dream_export.draft.evaluate import evaluate_drafts
@@ -213,7 +230,7 @@ def eval_draft_cmd(target_dir: Path, drafts: tuple, data_path: Path, tree: TreeS
     taps = next((tuple(d.config.fuse_layers) for d in loaded.values() if d.config.arch == "eagle3"), ())
     target = load_target(target_dir, taps=taps)
     modes = ("tree", "chain") if chain else ("tree",)
-    res = evaluate_drafts(target, loaded, data_path, spec, max_new_tokens, modes, vtc_keep, limit)
+    res = evaluate_drafts(target, loaded, data_path, spec, max_new_tokens, modes, vtc_keep, limit, vtc_score=vtc_score)
     tasks = sorted({t for r in res["results"].values() for m in r.values() for t in m["tau_by_task"]})
     click.echo(f"{'draft':<16}{'mode':<7}{'tau':>6}{'match':>7}  " + "".join(f"{t:>10}" for t in tasks))
     for name, per_mode in res["results"].items():
@@ -242,9 +259,10 @@ def eval_draft_cmd(target_dir: Path, drafts: tuple, data_path: Path, tree: TreeS
 @click.option("--skip-check", is_flag=True, help="Do not run parity and the TensorRT lint after exporting.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
               show_default=True, help="Dtype the target's weights load in (auto: the checkpoint's own).")
+@subnet_option
 def export_cmd(target_dir: Path, draft_dir: Path, out: Path, kv_capacity: int, max_tree: int, taps: str,
                no_attn_scores: bool, precision: str, chain_steps: int, min_trt: str, skip_check: bool,
-               dtype: str) -> None:
+               dtype: str, subnet: str | None) -> None:
     """Export TARGET_DIR and its draft to a bundle: vision/target/draft ONNX graphs + manifest.
 
     Ends with `dream-export check` (parity against torch, TensorRT-readiness lint) unless --skip-check.
@@ -258,14 +276,14 @@ def export_cmd(target_dir: Path, draft_dir: Path, out: Path, kv_capacity: int, m
         raise click.BadParameter("--taps takes layer numbers, e.g. final,L3,L7") from e
     export_bundle(target_dir, draft_dir, out, ExportOptions(kv_capacity=kv_capacity, max_tree=max_tree,
                                                             taps=tap_layers, attn_scores=not no_attn_scores,
-                                                            chain_steps=chain_steps, dtype=dtype),
+                                                            chain_steps=chain_steps, dtype=dtype, subnet=subnet),
                   log=click.echo)
     if precision == "fp16":
         from dream_export.export.fp16 import convert_bundle
 
         convert_bundle(out, log=click.echo)
     if not skip_check:
-        _check(out, target_dir, draft_dir, min_trt)
+        _check(out, target_dir, subnet_draft_dir(out, draft_dir, subnet), min_trt)
 
 
 def _parity_samples(data_path: Path | None) -> list:
@@ -331,6 +349,7 @@ def _sampling_options(f):
         tree_option("--tree", "tree_spec"),
         click.option("--max-new-tokens", default=128, show_default=True),
         click.option("--vtc-keep", type=float, default=None, help="Visual-token keep ratio for the draft."),
+        vtc_score_option,
         click.option("--threads", default="2", show_default=True,
                      help="ONNX Runtime intra-op threads: a number, or per graph, e.g. target=2,draft=1."),
         click.option("--precision", default="fp32", show_default=True,
@@ -355,12 +374,13 @@ def _sampling_options(f):
               help="Seconds: answer with the text so far (finish reason `timeout`) when decoding takes longer.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (last line).")
 def run_cmd(bundle: Path, image: Path, prompt: str, backend: str, mode: str, tree_spec: TreeSpec, max_new_tokens: int,
-            vtc_keep: float | None, threads: str, precision: str, verify: bool, temperature: float, top_p: float,
-            top_k: int, seed: int | None, timeout: float | None, as_json: bool) -> None:
+            vtc_keep: float | None, vtc_score: str, threads: str, precision: str, verify: bool, temperature: float,
+            top_p: float, top_k: int, seed: int | None, timeout: float | None, as_json: bool) -> None:
     """Answer one (image, prompt) with the bundle, streaming text as rounds are accepted."""
     from dream_export.runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(bundle, backend=backend, threads=threads, precision=precision, verify=verify)
+    pipe.engine.target.vtc_score = vtc_score
     stream = pipe.stream(image, prompt, max_new_tokens=max_new_tokens, mode=mode, tree=tree_spec,
                          temperature=temperature, top_p=top_p, top_k=top_k, seed=seed, vtc_keep=vtc_keep,
                          deadline_s=timeout)
@@ -385,8 +405,8 @@ def run_cmd(bundle: Path, image: Path, prompt: str, backend: str, mode: str, tre
 @click.option("--plot", "plot_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--sweep", is_flag=True, help="Also try several tree shapes, then thread counts for the fastest shape.")
 def bench_cmd(bundle: Path, data_path: Path, backend: str, mode: str, tree_spec: TreeSpec, max_new_tokens: int,
-              vtc_keep: float | None, threads: str, precision: str, verify: bool, limit: int | None, json_out: Path | None,
-              plot_out: Path | None, sweep: bool) -> None:
+              vtc_keep: float | None, vtc_score: str, threads: str, precision: str, verify: bool, limit: int | None,
+              json_out: Path | None, plot_out: Path | None, sweep: bool) -> None:
     """Speculative vs autoregressive decoding on the same backend: speedup, tau, time split."""
     from dream_export.core.prompts import read_prompts
     from dream_export.io import atomic_write_text
@@ -395,12 +415,16 @@ def bench_cmd(bundle: Path, data_path: Path, backend: str, mode: str, tree_spec:
     from dream_export.runtime.pipeline import Pipeline
 
     rows = read_prompts(data_path)[:limit]
-    pipe = Pipeline.load(bundle, backend=backend, threads=threads, precision=precision, verify=verify)
+    def load(th: str) -> Pipeline:
+        p = Pipeline.load(bundle, backend=backend, threads=th, precision=precision, verify=verify)
+        p.engine.target.vtc_score = vtc_score
+        return p
+
+    pipe = load(threads)
     summary = bench(pipe, rows, max_new_tokens, tree_spec, mode, vtc_keep)
+    summary["settings"]["vtc_score"] = vtc_score
     if sweep:
-        summary.update(sweep_shapes(pipe, rows, lambda th: Pipeline.load(bundle, backend=backend, threads=th,
-                                                                           precision=precision),
-                                    max_new_tokens, vtc_keep, log=click.echo))
+        summary.update(sweep_shapes(pipe, rows, load, max_new_tokens, vtc_keep, log=click.echo))
     _print_bench(summary)
     if json_out:
         atomic_write_text(json_out, json.dumps(summary, indent=2))
@@ -728,6 +752,7 @@ def _text_config(model_dir: Path):
 from dream_export.calib.command import COMMANDS as _CALIB_COMMANDS  # noqa: E402
 
 for _cmd in _CALIB_COMMANDS: cli.add_command(_cmd)  # noqa: E701
+cli.add_command(search_cmd)
 
 from dream_export.serve.command import COMMANDS as _SERVE_COMMANDS  # noqa: E402
 

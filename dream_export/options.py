@@ -36,3 +36,10 @@ def tree_option(*decls: str, help: str = "K,DEPTH,TOTAL of the speculation tree.
     """A `--tree`-style option that hands the command a `TreeSpec` (default: `DEFAULT_TREE`)."""
     return click.option(*(decls or ("--tree",)), type=TREE_SPEC, default=DEFAULT_TREE,
                         show_default=tree_text(DEFAULT_TREE), help=help, **kwargs)
+
+
+def vtc_score_option(f):
+    """`--vtc-score`: how visual-token compression ranks image tokens (runtime.vtc.VTC_SCORES)."""
+    return click.option("--vtc-score", type=click.Choice(["mean", "max"]), default="mean", show_default=True,
+                        help="Image-token score for --vtc-keep: DREAM's mean attention received in the target's "
+                             "last layer (mean) or DREAM-S's highest attention any query gives (max).")(f)

@@ -58,3 +58,24 @@ def profile_plot(components: dict[str, list[dict]], compare: dict | None, path: 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def search_plot(result: dict, path: str | Path) -> None:
+    """`search --plot`: τ against a round's cost of every measured configuration, the front and the choice."""
+    plt = _pyplot("--plot")
+    fig, ax = plt.subplots(figsize=(7, 5))
+    rows, front = result["all"], result["front"]
+    ax.scatter([r["round_cost"] for r in rows], [r["tau"] for r in rows], s=14, color="#bbbbbb", label="measured")
+    ax.plot([r["round_cost"] for r in front], [r["tau"] for r in front], "o-", color="#4477aa", label="Pareto front")
+    for key, colour in (("full", "#228833"), ("chosen", "#cc6677")):
+        r = result[key]
+        ax.scatter([r["round_cost"]], [r["tau"]], s=80, marker="*", color=colour,
+                   label=f"{key}: {r['label']} ({r['speedup']:.2f}×)")
+    ax.set_xlabel("a round's time (draft + verify) in autoregressive steps")
+    ax.set_ylabel("τ (tokens per target pass)")
+    ax.set_title(f"supernet search on {result['target']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -34,6 +34,9 @@ class DraftConfig:
     # A learned null key keeps the first query's cross-attention defined. Converted upstream checkpoints
     # were trained without it: there the null slot is used only by rows with no visible feature.
     null_key: bool = True
+    # A sub-network exported from a supernet (DREAM-S): the KV head each kept query head of the last
+    # self-attention block reads, in order (groups may be uneven); None keeps every head, grouped evenly.
+    last_block_heads: list[int] | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:

@@ -29,7 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from dream_export.draft.config import DraftConfig
+from dream_export.draft.head_map import HeadMappedSelfAttention
 from dream_export.modeling.attention import (
+    cache_segments,
     fused_qkv,
     graph_batch,
     group_mask,
@@ -107,18 +109,10 @@ class SelfAttention(nn.Module):
         c = self.cfg
         q, k, v = fused_qkv((self.q_proj, self.k_proj, self.v_proj), x, c.num_heads, c.num_kv_heads, c.head_dim, *rot,
                             q_scale=c.head_dim ** -0.5, single=single)
-        # `cache`: one (k, v) segment, or a list (cache + a chain graph's in-graph rows). In-graph rows and
-        # the new ones form one segment (attention allows one of variable size, the last), and that merged
-        # segment is what a list cache gets back: the next chain step's in-graph rows, without a copy more
-        if isinstance(cache, list):
-            *fixed, (rk, rv) = cache
-            k, v = torch.cat([rk, k], 2), torch.cat([rv, v], 2)
-            segments = [*fixed, (k, v)]
-        else:
-            segments = [(k, v)] if cache is None else [cache, (k, v)]
+        segments, kv = cache_segments(cache, k, v)
         # cache sizes as traced shapes: an exported graph may read only a cache's used slots
         o = segmented_attention(q, segments, hidden, c.num_kv_heads, sizes=[sk.shape[2] for sk, _ in segments[:-1]])
-        return self.o_proj(merge_heads(o, c.num_heads, c.head_dim, single)), (k, v)
+        return self.o_proj(merge_heads(o, c.num_heads, c.head_dim, single)), kv
 
 
 class SelfAttnBlock(nn.Module):
@@ -220,6 +214,8 @@ class Draft(nn.Module):
         else:
             self.blocks = nn.ModuleList([SelfAttnBlock(cfg, input_norm=False), SelfAttnBlock(cfg, input_norm=True)])
             self.cross = CrossAttnBlock(cfg) if cfg.cross_attention else None
+        if cfg.last_block_heads is not None:  # a sub-network of a supernet: the last block's heads pruned
+            self.blocks[-1].self_attn = HeadMappedSelfAttention(cfg)
         self.norm = RMSNorm(h, cfg.rms_norm_eps, cfg.norm_flavour)
 
     @property

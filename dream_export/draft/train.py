@@ -112,6 +112,33 @@ def _smooth_l1(a, b, mask):
     return (F.smooth_l1_loss(a, b, reduction="none").mean(-1) * mask).sum() / mask.sum().clamp_min(1)
 
 
+def distill_loss(draft: Draft, batch: dict, feats: torch.Tensor, logits_of, tcfg: DraftTrainConfig
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, logit loss) of one `collate` batch whose cross-attention reads `feats` [B,T,F]: soft
+    cross-entropy to the target's logits, feature and intermediate regression (DREAM's weights), and the
+    self-feeding pass on the draft's own predicted features."""
+    arch = draft.config.arch
+    out = _forward(draft, batch, feats)
+    mask = batch["loss_mask"]
+    teacher = logits_of(batch["final_q"])
+    loss_p = _soft_ce(logits_of(out["feature"]), teacher, mask)
+    loss = tcfg.w_logits * loss_p
+    if arch != "eagle3":
+        loss = loss + tcfg.w_feature * _smooth_l1(out["feature"], batch["final_q"], mask)
+    if arch == "dream" and tcfg.w_mid:
+        loss = loss + tcfg.w_mid * _smooth_l1(out["block0"], batch["mid_q"], mask)
+    if tcfg.self_feed:
+        # Replace answer-position features by the draft's own (detached) predictions, as in tree drafting.
+        b_, tk, h_ = feats.shape
+        pred = feats.new_zeros(b_, tk + 1, h_)  # one spare slot absorbs the padded queries
+        idx = torch.where(batch["q_valid"], batch["q_pos"], torch.full_like(batch["q_pos"], tk))
+        pred.scatter_(1, idx[..., None].expand(-1, -1, h_), out["feature"].detach())
+        feats2 = torch.where(batch["resp"][..., None], pred[:, :tk], feats)
+        out2 = _forward(draft, batch, feats2)
+        loss = loss + tcfg.w_logits * _soft_ce(logits_of(out2["feature"]), teacher, mask)
+    return loss, loss_p
+
+
 def _ckpt_path(out_dir: str | Path) -> Path:
     out = Path(out_dir)
     return out.with_name(f".{out.name}.resume.pt")
@@ -169,24 +196,7 @@ def train_draft(data_dir: str | Path, lm_head_weight: torch.Tensor, cfg: DraftCo
         batch = collate([ds[rng.randrange(n_train)] for _ in range(tcfg.batch_size)], draft, tcfg.vtc_keep,
                         tcfg.noise, use_taps)
         feats = draft.target_feature(batch["feats"], [batch["taps"]] if use_taps else None)
-        out = _forward(draft, batch, feats)
-        mask = batch["loss_mask"]
-        teacher = logits_of(batch["final_q"])
-        loss_p = _soft_ce(logits_of(out["feature"]), teacher, mask)
-        loss = tcfg.w_logits * loss_p
-        if cfg.arch != "eagle3":
-            loss = loss + tcfg.w_feature * _smooth_l1(out["feature"], batch["final_q"], mask)
-        if cfg.arch == "dream" and tcfg.w_mid:
-            loss = loss + tcfg.w_mid * _smooth_l1(out["block0"], batch["mid_q"], mask)
-        if tcfg.self_feed:
-            # Replace answer-position features by the draft's own (detached) predictions, as in tree drafting.
-            b_, tk, h_ = feats.shape
-            pred = feats.new_zeros(b_, tk + 1, h_)  # one spare slot absorbs the padded queries
-            idx = torch.where(batch["q_valid"], batch["q_pos"], torch.full_like(batch["q_pos"], tk))
-            pred.scatter_(1, idx[..., None].expand(-1, -1, h_), out["feature"].detach())
-            feats2 = torch.where(batch["resp"][..., None], pred[:, :tk], feats)
-            out2 = _forward(draft, batch, feats2)
-            loss = loss + tcfg.w_logits * _soft_ce(logits_of(out2["feature"]), teacher, mask)
+        loss, loss_p = distill_loss(draft, batch, feats, logits_of, tcfg)
         for g in opt.param_groups:
             g["lr"] = _lr(step, tcfg)
         opt.zero_grad(set_to_none=True)
@@ -232,14 +242,16 @@ def top1_agreement(draft: Draft, ds: FeatureDataset, indices, logits_of, use_tap
     return hit / max(tot, 1.0)
 
 
-def save_draft(draft: Draft, out_dir: str | Path, record: dict) -> None:
-    """Write weights (safetensors), draft_config.json and training.json atomically."""
+def save_draft(draft: Draft, out_dir: str | Path, record: dict, extra_files: dict[str, str] | None = None) -> None:
+    """Write weights (safetensors), draft_config.json, training.json (and `extra_files`: name → text) atomically."""
     from safetensors.torch import save_file
 
     with atomic_dir(out_dir) as tmp:
         save_file({k: v.contiguous() for k, v in draft.state_dict().items()}, str(Path(tmp) / "model.safetensors"))
         draft.config.save(tmp)
         (Path(tmp) / "training.json").write_text(json.dumps(record, indent=2))
+        for name, text in (extra_files or {}).items():
+            (Path(tmp) / name).write_text(text)
 
 
 def load_draft(path: str | Path) -> Draft:

@@ -17,6 +17,7 @@ from dream_export import __version__
 from dream_export.core.graph_spec import SPECS, GraphSpec
 from dream_export.core.integrity import record
 from dream_export.export.sources import check_sources, relative_to_bundle
+from dream_export.export.subnet import SupernetExport
 from dream_export.io import atomic_dir, file_digest
 
 # 2: graph digests are full sha256 (64 hex digits; format 1 kept 16), so `pairs_with` and calibration
@@ -42,6 +43,8 @@ class ExportOptions:
     # greedy steps after the context pass unrolled in the draft_chain graph (0: none); 4: chain depth 5,
     # the fastest on ONNX Runtime CPU (a verify of 6 rows fits the CPU matmul's 6-row block; 7 do not)
     chain_steps: int = 4
+    # a supernet draft: export this sub-network ("heads=2,vtc_keep=0.75,layer=22"; None: every head variant)
+    subnet: str | None = None
 
 
 def _io(session_like) -> dict:
@@ -58,6 +61,22 @@ def _io(session_like) -> dict:
             out[kind].append({"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name,
                               "shape": dims})
     return out
+
+
+def _graph_entry(onnx_dir: Path, name: str, suffix: str = "") -> dict:
+    """Manifest entry of exported graph `name` (file `name + suffix`.onnx)."""
+    p = onnx_dir / f"{name}{suffix}.onnx"
+    io = _io(p)
+    # role -> tensor name over the tensors the graph really has (ONNX prunes unused inputs): the runtime
+    # binds by role through this table only
+    present = [v["name"] for v in io["inputs"] + io["outputs"]]
+    entry = {"file": f"onnx/{name}{suffix}.onnx", "sha256": file_digest(p), **io,
+             "bindings": SPECS[name].bindings(present)}
+    if name != "vision":
+        # target and draft graphs read only the cache slots their masks span (a mask may be as narrow as the
+        # used rows + the new ones); bundles without this mark need masks over the capacity
+        entry["slots"] = "used"
+    return entry
 
 
 def _export(module, args, path: Path, spec: GraphSpec, outputs: list[str] | None = None) -> None:
@@ -100,7 +119,9 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
     t0 = time.time()
     check_sources(target_dir, draft_dir)  # readable, supported, made for each other: refuse before work
     draft = load_draft(draft_dir)
-    taps = tuple(opts.taps) or tuple(draft.config.fuse_layers)
+    subnets = SupernetExport.of(draft, draft_dir, opts.subnet)
+    taps = tuple(opts.taps) or tuple(draft.config.fuse_layers) or subnets.taps
+    draft = subnets.draft
     target = load_target(target_dir, taps=taps, dtype=opts.dtype)
     model, proc = target.model, target.processor
     # refuse before tracing anything: what the graphs or the runtime would not reproduce
@@ -151,7 +172,7 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
         manifest["tokens"]["image_tokens_per_image"] = int(n_img)
         # target
         tg = TargetGraph(dec, model.lm_head, opts.topk, getattr(text, "final_logit_softcapping", None),
-                         importance=opts.attn_scores).eval()
+                         importance=opts.attn_scores, tap_norm=subnets.active).eval()
         t = 4
         t_args = (torch.zeros(1, t, hidden), torch.arange(t)[None], torch.ones(1, t, cap + t, dtype=torch.bool),
                   torch.zeros(n_layers, 1, kvh, cap, hd), torch.zeros(n_layers, 1, kvh, cap, hd), torch.tensor([t - 1]))
@@ -159,38 +180,37 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
         t_out = SPECS["target"].output_names(present=scores + (["taps"] if taps else []))
         _export(tg, t_args, onnx_dir / "target.onnx", SPECS["target"], t_out)
         # draft
-        dg = DraftGraph(draft, model.lm_head, opts.topk, dcfg.final_logit_softcapping).eval()
         dkv, ddim = dcfg.num_kv_heads, dcfg.head_dim
         f = 2
         d_args = (torch.zeros(1, t, hidden), torch.arange(t)[None], torch.ones(1, t, draft_cap + t, dtype=torch.bool),
                   torch.zeros(nb, 1, dkv, draft_cap, ddim), torch.zeros(nb, 1, dkv, draft_cap, ddim),
                   torch.zeros(1, dkv, cross_cap, ddim), torch.zeros(1, dkv, cross_cap, ddim), torch.zeros(1, f, hidden),
                   torch.ones(1, t, cross_cap + f, dtype=torch.bool), torch.zeros(1, t, hidden))
-        _export(dg, d_args, onnx_dir / "draft.onnx", SPECS["draft"])
-        graphs = ["vision", "target", "draft"]
-        # chain graph: drafts with cross-attention only, i.e. DREAM (the EAGLE baselines have none and read
-        # the predecessor's feature instead)
-        if opts.chain_steps > 0 and draft.uses_cross:
-            cg = DraftChainGraph(draft, model.lm_head, opts.chain_steps, dcfg.final_logit_softcapping).eval()
-            c_args = (*d_args[:-1], target.side.embed_tokens.weight.detach().float())
-            _export(cg, c_args, onnx_dir / "draft_chain.onnx", SPECS["draft_chain"])
-            graphs.append("draft_chain")
-        for name in graphs:
-            p = onnx_dir / f"{name}.onnx"
-            io = _io(p)
-            # role -> tensor name over the tensors the graph really has (ONNX prunes unused inputs): the
-            # runtime binds by role through this table only
-            present = [v["name"] for v in io["inputs"] + io["outputs"]]
-            manifest["graphs"][name] = {"file": f"onnx/{name}.onnx", "sha256": file_digest(p), **io,
-                                        "bindings": SPECS[name].bindings(present)}
-            if name != "vision":
-                # target and draft graphs read only the cache slots their masks span (a mask may be as narrow
-                # as the used rows + the new ones); bundles without this mark need masks over the capacity
-                manifest["graphs"][name]["slots"] = "used"
-        if "draft_chain" in graphs:
-            # the chain graph repeats the draft's weights: it is valid only beside this very draft graph
-            manifest["graphs"]["draft_chain"].update(steps=opts.chain_steps,
-                                                     pairs_with=manifest["graphs"]["draft"]["sha256"])
+        embed_table = target.side.embed_tokens.weight.detach().float()
+
+        def export_draft(d, suffix: str = "") -> dict:
+            """The draft graph (and the chain graph, for drafts with cross-attention, i.e. DREAM: the EAGLE
+            baselines have none and read the predecessor's feature instead) of draft `d`: manifest entries."""
+            dg = DraftGraph(d, model.lm_head, opts.topk, dcfg.final_logit_softcapping).eval()
+            _export(dg, d_args, onnx_dir / f"draft{suffix}.onnx", SPECS["draft"])
+            names = ["draft"]
+            if opts.chain_steps > 0 and d.uses_cross:
+                cg = DraftChainGraph(d, model.lm_head, opts.chain_steps, dcfg.final_logit_softcapping).eval()
+                _export(cg, (*d_args[:-1], embed_table), onnx_dir / f"draft_chain{suffix}.onnx", SPECS["draft_chain"])
+                names.append("draft_chain")
+            entries = {name: _graph_entry(onnx_dir, name, suffix) for name in names}
+            if "draft_chain" in entries:
+                # the chain graph repeats the draft's weights: it is valid only beside this very draft graph
+                entries["draft_chain"].update(steps=opts.chain_steps, pairs_with=entries["draft"]["sha256"])
+            return entries
+
+        for name in ("vision", "target"):
+            manifest["graphs"][name] = _graph_entry(onnx_dir, name)
+        manifest["graphs"].update(export_draft(draft))
+        if subnets.active:
+            manifest["taps_norm"] = True
+            manifest["supernet"] = subnets.manifest_entry(lambda d, heads: export_draft(d, f".h{heads}"))
+            subnets.save_draft(tmp)
         # runtime assets: embedding table, tokenizer, template, image preprocessing
         save_file({"embed_tokens": target.side.embed_tokens.weight.detach().float().contiguous()},
                   str(tmp / "embeddings.safetensors"))

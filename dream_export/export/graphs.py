@@ -27,9 +27,11 @@ class TargetGraph(nn.Module):
     """Prefill and tree verification in one graph over a runtime-owned fixed-capacity KV cache."""
 
     def __init__(self, decoder: TargetDecoder, lm_head: nn.Module, topk: int, softcap: float | None = None,
-                 importance: bool = False):
+                 importance: bool = False, tap_norm: bool = False):
         super().__init__()
         self.decoder, self.lm_head, self.topk, self.softcap, self.importance = decoder, lm_head, topk, softcap, importance
+        # taps through the final norm: the features a supernet draft injects from an earlier layer
+        self.tap_norm = tap_norm
 
     def forward(self, inputs_embeds, position_ids, attention_mask, past_key, past_value, logit_rows):
         o = self.decoder(inputs_embeds, position_ids, attention_mask, past_key, past_value,
@@ -42,7 +44,8 @@ class TargetGraph(nn.Module):
             # taken in the grouped layout: the same numbers without a reshape of dynamic size
             outs += [column_mean(o["attn_grouped"][0]), query_max(o["attn_grouped"][0])]
         if o["taps"]:
-            outs.append(torch.cat(o["taps"], -1))
+            taps = [self.decoder.lm.norm(t) for t in o["taps"]] if self.tap_norm else o["taps"]
+            outs.append(torch.cat(taps, -1))
         return tuple(outs)
 
 

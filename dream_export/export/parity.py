@@ -80,7 +80,8 @@ class _Modules:
         self.vision = VisionGraph(model).eval()
         self.target_graph = TargetGraph(self.target.side.decoder, model.lm_head, manifest["topk"],
                                         getattr(text, "final_logit_softcapping", None),
-                                        importance="attn_importance" in outputs).eval()
+                                        importance="attn_importance" in outputs,
+                                        tap_norm=bool(manifest.get("taps_norm"))).eval()
         self.draft_graph = DraftGraph(self.draft, model.lm_head, manifest["topk"],
                                       self.draft.config.final_logit_softcapping).eval()
         self.processor = self.target.processor

@@ -72,6 +72,20 @@ def fused_qkv(projs: tuple[nn.Linear, nn.Linear, nn.Linear], h: torch.Tensor, he
     return q, k, v
 
 
+def cache_segments(cache, k: torch.Tensor, v: torch.Tensor):
+    """Key/value segments of a self-attention call: (segments, (k, v) to return as the new rows).
+
+    `cache`: None, one (k, v) segment, or a list (cache + a chain graph's in-graph rows). In-graph rows
+    and the new ones form one segment (attention allows one of variable size, the last), and that merged
+    segment is what a list cache gets back: the next chain step's in-graph rows, without a copy more.
+    """
+    if isinstance(cache, list):
+        *fixed, (rk, rv) = cache
+        k, v = torch.cat([rk, k], 2), torch.cat([rv, v], 2)
+        return [*fixed, (k, v)], (k, v)
+    return ([(k, v)] if cache is None else [cache, (k, v)]), (k, v)
+
+
 def static_len(x: torch.Tensor, dim: int) -> int:
     """A size that is fixed in the exported graph (a cache capacity), as a constant rather than a Shape op."""
     return int(x.shape[dim])

@@ -37,6 +37,7 @@ from dream_export.runtime.drafting import (
     TreeDrafter,
 )
 from dream_export.runtime.masks import SLOT_BUCKET, cache_mask, row_index
+from dream_export.runtime.subnet import chosen_vtc_keep
 from dream_export.runtime.target import TargetRunner
 from dream_export.runtime.tree import TreeSpec, VerifyTree, causal
 
@@ -130,6 +131,7 @@ class SpecEngine:
         # a chain round is as deep as the exported chain graph (its steps + the context pass's token)
         chain = m["graphs"].get("draft_chain")
         self.chain_depth = chain["steps"] + 1 if chain else DEFAULT_CHAIN_DEPTH
+        self.vtc_keep = chosen_vtc_keep(m)  # a searched supernet configuration's visual keep ratio
 
     def embed(self, ids) -> np.ndarray:
         """Embedding rows of token ids."""
@@ -161,8 +163,10 @@ class SpecEngine:
         """Yield the tokens of each round until EOS (`eos_id`: one id or all that end an answer),
         `max_new_tokens` or the KV capacity.
 
-        `drafter` overrides the one `mode` and `spec` choose (see `drafter`).
+        `drafter` overrides the one `mode` and `spec` choose (see `drafter`). `vtc_keep` defaults to the
+        bundle's chosen supernet configuration's (`self.vtc_keep`).
         """
+        vtc_keep = self.vtc_keep if vtc_keep is None else vtc_keep
         drafter = drafter or self.drafter(mode, spec)
         eos_ids = frozenset(() if eos_id is None else [eos_id] if isinstance(eos_id, int) else eos_id)
         st = RoundState(sampling or SamplingParams(), eos_ids, max_new_tokens,

@@ -32,6 +32,7 @@ from dream_export.runtime.bundle import Bundle
 from dream_export.runtime.chat import ChatTemplate, ContextLengthError, normalize
 from dream_export.runtime.drafting import Drafter
 from dream_export.runtime.engine import EngineStats, SpecEngine
+from dream_export.runtime.subnet import apply_choice
 from dream_export.runtime.tree import TreeSpec
 
 MODES = ("tree", "chain", "ar")
@@ -136,7 +137,7 @@ class Pipeline:
         CPU threads (a number, or per graph: "target=2,draft=1") and graph precision ('fp32', or a variant
         the bundle carries such as 'fp16'). File sizes are checked against the manifest; `verify` also
         checks every file's sha256 (`IntegrityError` names a changed file)."""
-        bundle = Bundle.open(path, verify=verify)
+        bundle = apply_choice(Bundle.open(path, verify=verify))  # a searched supernet's chosen sub-network
         pipe = cls(bundle, make_backend(backend, bundle, threads, precision))
         pipe.precision = precision
         return pipe

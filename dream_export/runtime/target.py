@@ -7,6 +7,7 @@ import numpy as np
 from dream_export.runtime.backend_base import Backend, aligned_zeros
 from dream_export.runtime.bundle import Bundle
 from dream_export.runtime.masks import cache_mask, row_index
+from dream_export.runtime.subnet import chosen_layer, feature_columns
 from dream_export.runtime.vtc import vtc_score_output
 
 
@@ -26,6 +27,8 @@ class TargetRunner:
         # cache could hold), where the graph was exported to read only those
         self.used_slots = bundle.graph("target").get("slots") == "used"
         self.eagle3_taps = m["draft"]["eagle3_taps"]
+        # a supernet sub-network may read an earlier layer's features: their columns of the taps output
+        self.feature_columns = feature_columns(m, chosen_layer(m))
         # which last-layer attention score ranks image tokens for visual-token compression (runtime.vtc)
         self.vtc_score = "mean"
         # 256-byte aligned: TensorRT binds resident buffers by address (setTensorAddress requires it)
@@ -57,7 +60,10 @@ class TargetRunner:
         self.backend.write_rows(self.value, 3, at, self.out(out, "new_value")[:, :, :, pick])
 
     def features(self, out: dict) -> np.ndarray:
-        """What the draft reads of each new row [N, F]: the final hidden state, or the EAGLE-3 taps."""
+        """What the draft reads of each new row [N, F]: the final hidden state, the EAGLE-3 taps, or a
+        supernet sub-network's injected layer."""
+        if self.feature_columns is not None:
+            return self.out(out, "taps")[0][:, self.feature_columns]
         return self.out(out, "taps" if self.eagle3_taps else "hidden")[0]
 
     def prompt_importance(self, out: dict, n: int, score: str | None = None) -> np.ndarray | None:

@@ -186,7 +186,9 @@ class LatencyModel:
             used_self, used_cross = min(call.context, m.draft_capacity), min(call.context, m.cross_capacity)
             self_attn = self._self_blocks * (used_self + call.tokens)
             cross_attn = self._cross_blocks * (used_cross + call.feats)
-            attn = 4.0 * d.num_heads * d.head_dim * call.tokens * (self_attn + cross_attn)
+            # a pruned last block attends with fewer query heads over the same keys
+            attn = 4.0 * d.head_dim * call.tokens * (d.num_heads * (self_attn + cross_attn)
+                                                     - d.pruned_heads * (used_self + call.tokens))
             io = (call.tokens + call.feats) * d.hidden_size * self._act * 2 + call.tokens * (
                 used_self + used_cross + call.tokens + call.feats)
             cap_slots = self._self_blocks * m.draft_capacity + self._cross_blocks * m.cross_capacity

@@ -144,6 +144,12 @@ class DraftDesc:
     num_blocks: int = 3  # self-attn, gated cross-attn, self-attn
     cross_attention: bool = True
     fuse_inputs: int = 0  # EAGLE baselines: an input FC over `fuse_inputs` × hidden features
+    last_block_heads: int | None = None  # a supernet sub-network: query heads left in the last block
+
+    @property
+    def pruned_heads(self) -> int:
+        """Query heads pruned from the last block (their Q rows and O columns are gone)."""
+        return 0 if self.last_block_heads is None else self.num_heads - self.last_block_heads
 
     @classmethod
     def from_model(cls, model: ModelDesc) -> DraftDesc:
@@ -158,8 +164,10 @@ class DraftDesc:
         cross = bool(cfg.get("cross_attention", True)) and arch == "dream"
         blocks = (3 if cross else 2) if arch == "dream" else 1
         fuse = len(cfg.get("fuse_layers") or []) if arch == "eagle3" else (2 if arch == "eagle2" else 0)
+        last = cfg.get("last_block_heads")
         return cls(cfg["hidden_size"], cfg["num_heads"], cfg.get("num_kv_heads") or cfg["num_heads"],
-                   cfg["head_dim"], cfg["intermediate_size"], cfg["vocab_size"], blocks, cross, fuse)
+                   cfg["head_dim"], cfg["intermediate_size"], cfg["vocab_size"], blocks, cross, fuse,
+                   len(last) if last is not None else None)
 
     def block_params(self) -> tuple[int, int]:
         """(parameters without the LM head, LM head parameters)."""
@@ -169,6 +177,7 @@ class DraftDesc:
         if self.cross_attention:
             body += 2 * self.num_heads * self.head_dim + 2  # per-head Q/K norms, tanh gates
         body += self.fuse_inputs * self.hidden_size * self.hidden_size
+        body -= 2 * self.pruned_heads * self.head_dim * self.hidden_size
         return body, self.vocab_size * self.hidden_size
 
     @property

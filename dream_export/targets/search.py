@@ -1,0 +1,369 @@
+"""Hardware-aware search over a DREAM-S supernet bundle's sub-networks (`dream-export search`).
+
+Each candidate (query heads of the draft's last block × visual keep ratio × injected target layer) is
+run with the runtime on the prompts (greedy, chain drafting): that gives its acceptance length τ and,
+per prompt, the prompt length, the draft's prompt length after compression, the answer length and the
+rounds. Its cost is
+- on `cpu` (this machine): the measured ONNX Runtime wall time of every answer, against plain
+  autoregressive decoding of the same prompt measured in the same pass;
+- on any other target: the roofline latency model of that target (`targets.latency`) applied to the
+  same requests: vision + prefill + the draft's prompt pass + rounds × (verify + draft chain round),
+  against vision + prefill + one decode step per token, with the candidate's pruned draft.
+The objective is expected tokens/s. Successive halving fits the search into its budget: every
+candidate answers a few prompts, the better half answers more, and so on; the full draft is always
+kept, so that the chosen configuration and the full one are compared on the same prompts in one run.
+The Pareto front is over (τ ↑, a round's time in autoregressive steps ↓).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from dream_export.errors import UsageError
+from dream_export.runtime.bundle import Bundle
+from dream_export.runtime.subnet import SubNet, feature_columns, with_heads
+from dream_export.runtime.tree import TreeSpec
+from dream_export.runtime.vtc import vtc_keep_indices
+
+
+@dataclass
+class Answer:
+    """One prompt answered by one candidate (or by autoregressive decoding)."""
+
+    prompt_tokens: int
+    draft_prompt_tokens: int
+    tokens: int
+    rounds: int
+    seconds: float  # measured wall time (cpu) or the latency model's time (other targets)
+    round_seconds: float  # decode time per round
+
+
+@dataclass
+class Score:
+    """A candidate's answers so far."""
+
+    candidate: SubNet
+    answers: dict[int, Answer] = field(default_factory=dict)  # prompt index → answer
+
+    def over(self, prompts: list[int], ar: dict[int, Answer]) -> dict:
+        """τ, tokens/s, speedup and cost per round over `prompts` (autoregressive times `ar`).
+
+        `round_cost` is a round's time in autoregressive steps of the same prompts (measured beside it):
+        free of the machine's pace, so candidates measured at different times compare on the front.
+        """
+        a = [self.answers[p] for p in prompts]
+        tokens, rounds = sum(x.tokens for x in a), sum(x.rounds for x in a)
+        secs = sum(x.seconds for x in a)
+        round_s = sum(x.round_seconds * x.rounds for x in a) / max(rounds, 1)
+        ar_step = sum(ar[p].round_seconds * ar[p].rounds for p in prompts) / max(sum(ar[p].rounds for p in prompts), 1)
+        return {"config": asdict(self.candidate), "label": self.candidate.label(), "prompts": len(a),
+                "tau": tokens / max(rounds, 1), "tokens_per_s": tokens / secs,
+                "speedup": sum(ar[p].seconds for p in prompts) / secs,
+                "round_seconds": round_s, "round_cost": round_s / max(ar_step, 1e-12)}
+
+
+def candidates(manifest: dict) -> list[SubNet]:
+    """Every configuration a supernet bundle offers, in a fixed order."""
+    sn = manifest.get("supernet")
+    if not sn or sn.get("chosen") and not sn["variants"]:
+        raise UsageError("search needs a supernet bundle with every head variant: export a `train-draft --supernet` "
+                         "draft without --subnet")
+    return [SubNet(h, k, lay) for h in sn["head_choices"] for k in sn["vtc_keeps"] for lay in sn["layers"]]
+
+
+def full_candidate(manifest: dict) -> SubNet:
+    sn = manifest["supernet"]
+    return SubNet(sn["num_heads"], 1.0, sn["layers"][-1])
+
+
+def pareto_front(rows: list[dict]) -> list[dict]:
+    """Rows not dominated in (τ higher, round_cost lower), by τ descending."""
+    front = [r for r in rows if not any(
+        o["tau"] >= r["tau"] and o["round_cost"] <= r["round_cost"]
+        and (o["tau"] > r["tau"] or o["round_cost"] < r["round_cost"]) for o in rows)]
+    return sorted(front, key=lambda r: -r["tau"])
+
+
+# ------------------------------------------------------------------------------------ cost models
+
+
+class MeasuredCost:
+    """The cpu target: ONNX Runtime wall time, as measured."""
+
+    name = "measured (ONNX Runtime, this CPU)"
+
+    def answer(self, res, cand: SubNet | None, draft_prompt: int) -> Answer:
+        st = res.stats
+        rounds = len(st["rounds"]) if cand else st["tokens"]
+        decode = sum(st["seconds"].get(k, 0.0) for k in ("draft", "verify", "host"))
+        return Answer(st["prompt_tokens"], draft_prompt, st["tokens"], rounds, st["total_seconds"],
+                      decode / max(rounds, 1))
+
+
+class ModelledCost:
+    """Any GPU target: the roofline latency model of `targets.latency` on the answer's shape.
+
+    `cost_as` (a Hugging Face VLM config): cost the answers as if the pair had that model's size (its
+    default DREAM draft, the same share of heads pruned, its image-token count), keeping the measured τ
+    and answer lengths: a forecast for a deployment the bundle stands in for.
+    """
+
+    def __init__(self, manifest: dict, bundle_dir: str | Path, target, precision: str, chain_depth: int,
+                 cost_as: dict | None = None):
+        from dream_export.export.sources import source_dir
+        from dream_export.targets.latency import Capacities, LatencyModel
+        from dream_export.targets.memory import DraftDesc, describe_model
+
+        tgt = source_dir(manifest, bundle_dir, "target") / "config.json"
+        drf = source_dir(manifest, bundle_dir, "draft") / "draft_config.json"
+        sn = manifest["supernet"]
+        self.image_tokens = manifest["tokens"]["image_tokens_per_image"]
+        self.scaled_image_tokens = self.image_tokens
+        if cost_as is not None:
+            self.model = describe_model(cost_as)
+            base = DraftDesc.from_model(self.model)
+            if self.model.vision is not None:
+                v = self.model.vision
+                self.scaled_image_tokens = (v.tokens - 1) * v.images_per_prompt  # patch tokens (no class token)
+        elif not tgt.exists() or not drf.exists():
+            raise UsageError(f"the latency model needs the bundle's source configs ({tgt}, {drf}), not on this machine")
+        else:
+            self.model = describe_model(json.loads(tgt.read_text()))
+            base = DraftDesc.from_config({**json.loads(drf.read_text()), "last_block_heads": None})
+        self.caps = Capacities.from_manifest(manifest)
+        if cost_as is not None:  # the scaled model's prompts need room
+            self.caps = Capacities.from_plan(max(self.caps.kv_capacity, 4 * self.scaled_image_tokens),
+                                             self.caps.max_tree)
+        self.target, self.precision = target, precision
+        self.tree = TreeSpec.chain(chain_depth)
+        self.name = f"latency model ({target.name}, {precision}" + (f", costed as {self.model.name}" if cost_as else "") + ")"
+        self._models = {}
+        for h in sn["head_choices"]:
+            heads = max(1, round(h / sn["num_heads"] * base.num_heads))  # the same share of the last block's heads
+            self._models[h] = LatencyModel(self.model, self.caps, precision,
+                                           DraftDesc(**{**asdict(base), "last_block_heads": heads}))
+        self._cache: dict = {}
+
+    def _scaled(self, prompt: int, keep: float) -> tuple[int, int]:
+        """(prompt tokens, draft prompt tokens) with the modelled image-token count (one image)."""
+        text = prompt - self.image_tokens
+        img = self.scaled_image_tokens
+        return text + img, text + (img if keep >= 1.0 else max(1, round(img * keep)))
+
+    def _seconds(self, heads: int, call) -> float:
+        key = (heads, call)
+        if key not in self._cache:
+            self._cache[key] = self._models[heads].predict(call, self.target).seconds
+        return self._cache[key]
+
+    def breakdown(self, heads: int, prompt: int, draft_prompt: int, tokens: int, rounds: int) -> dict:
+        """Seconds of one answer's calls (mean context: the prompt plus half the answer)."""
+        from dream_export.targets.latency import Call
+
+        ctx = prompt + tokens // 2
+        tau = max(1, round(tokens / max(rounds, 1)))
+        fixed = self._seconds(heads, Call("vision", "vision")) + self._seconds(heads, Call("prefill", "target", prompt, 1))
+        draft_step = self._seconds(heads, Call("draft step", "draft", 1, 1, 1, context=ctx))
+        round_s = (self._seconds(heads, Call("verify", "target", self.tree.total, self.tree.total, context=ctx))
+                   + self._seconds(heads, Call("draft ctx", "draft", tau, tau, tau, context=ctx))
+                   + (self.tree.depth - 1) * draft_step)
+        return {"fixed": fixed, "round": round_s,
+                "draft_prompt": self._seconds(heads, Call("draft prompt", "draft", draft_prompt + 1, 1, prompt)),
+                "decode": self._seconds(heads, Call("decode", "target", 1, 1, context=ctx))}
+
+    def answer(self, res, cand: SubNet | None, draft_prompt: int) -> Answer:
+        st = res.stats
+        heads = cand.heads if cand else max(self._models)
+        n = st["tokens"]
+        rounds = len(st["rounds"]) if cand else n
+        prompt = st["prompt_tokens"]
+        if self.scaled_image_tokens != self.image_tokens and st["images"]:
+            prompt, draft_prompt = self._scaled(prompt, cand.vtc_keep if cand else 1.0)
+        b = self.breakdown(heads, prompt, draft_prompt, n, rounds)
+        if cand is None:
+            return Answer(prompt, 0, n, n, b["fixed"] + n * b["decode"], b["decode"])
+        secs = b["fixed"] + b["draft_prompt"] + rounds * b["round"]
+        return Answer(prompt, draft_prompt, n, rounds, secs, b["round"] + b["draft_prompt"] / max(rounds, 1))
+
+    def bounds(self, manifest: dict, prompt: int = 64) -> dict:
+        """Which term bounds each graph call on the target (memory, compute or overhead), for the report."""
+        from dream_export.targets.latency import decode_calls
+
+        full = max(self._models)
+        out = {}
+        for h, lm in sorted(self._models.items()):
+            for c in decode_calls(self.tree, 4.0, prompt):
+                if c.graph == "vision" and self.model.vision is None:
+                    continue
+                if c.graph == "draft" or h == full:
+                    p = lm.predict(c, self.target)
+                    out[f"{c.label}" + (f" h{h}" if c.graph == "draft" else "")] = {
+                        "seconds": p.seconds, "bound": p.bound, "memory_s": p.memory_s, "compute_s": p.compute_s,
+                        "overhead_s": p.overhead_s}
+        return out
+
+
+# ------------------------------------------------------------------------------------ the search
+
+
+def search(bundle_dir: str | Path, target_name: str, rows: list[dict], seed: int = 0, budget_s: float = 1200.0,
+           first_rung: int = 2, max_prompts: int = 16, max_new_tokens: int = 128, threads: int | str = 1,
+           precision: str | None = None, cost_as: dict | None = None, runs: dict | None = None, progress: bool = True,
+           log=print) -> dict:
+    """Search the supernet bundle's configurations for `target_name`; returns the report (see module doc).
+
+    Rung r gives each survivor `first_rung · 2^r` prompts in all (at most `max_prompts`), then keeps the
+    better half by expected tokens/s (the full draft always stays). A rung that would not fit the
+    remaining `budget_s` is not started. `cost_as`: see `ModelledCost` (GPU targets only). `runs`: a dict
+    that keeps the runtime's answers across searches of one bundle with modelled costs (τ and answer
+    shapes do not depend on the target; measured costs never reuse an answer).
+    """
+    from tqdm import tqdm
+
+    from dream_export.runtime.backends import make_backend
+    from dream_export.runtime.pipeline import Pipeline
+    from dream_export.runtime.preprocess import load_image
+    from dream_export.targets.registry import get_target
+
+    t0 = time.perf_counter()
+    bundle = Bundle.open(bundle_dir)
+    m = bundle.manifest
+    cands = candidates(m)
+    full = full_candidate(m)
+    target = get_target(target_name)
+    if not rows:
+        raise UsageError("search needs prompts (--data)")
+    order = list(range(len(rows)))
+    rng = random.Random(seed)
+    rng.shuffle(order)
+    order = order[:max_prompts]
+    pipes = {}
+    for h in sorted({c.heads for c in cands}):
+        view = with_heads(bundle, h)
+        pipes[h] = Pipeline(view, make_backend("onnxruntime", view, threads, "fp32"))
+    chain_depth = pipes[full.heads].engine.chain_depth
+    if target.kind == "cpu":
+        if cost_as is not None:
+            raise UsageError("--cost-as forecasts with a latency model: choose a GPU target (cpu is measured)")
+        cost = MeasuredCost()
+    else:
+        cost = ModelledCost(m, bundle_dir, target,
+                            precision or ("fp16" if "fp16" in target.precisions else target.precisions[0]),
+                            chain_depth, cost_as)
+    images = {}
+
+    def image(p: int):
+        if p not in images:
+            images[p] = load_image(rows[p]["image"]).convert("RGB")
+        return images[p]
+
+    ar: dict[int, Answer] = {}
+    scores = {c: Score(c) for c in cands}
+    lossless = True
+
+    reuse = runs if isinstance(cost, ModelledCost) and runs is not None else {}
+
+    def generate(c: SubNet | None, p: int):
+        key = (c, rows[p]["image"], rows[p]["prompt"], max_new_tokens)
+        if key in reuse:
+            return reuse[key]
+        pipe = pipes[c.heads if c else full.heads]
+        if c is None:
+            res = pipe.generate(image(p), rows[p]["prompt"], max_new_tokens=max_new_tokens, mode="ar")
+        else:
+            pipe.engine.target.feature_columns = feature_columns(m, c.layer)
+            res = pipe.generate(image(p), rows[p]["prompt"], max_new_tokens=max_new_tokens, mode="chain",
+                                vtc_keep=c.vtc_keep if c.vtc_keep < 1.0 else None)
+        if isinstance(cost, ModelledCost) and runs is not None:
+            reuse[key] = res
+        return res
+
+    def run_prompt(p: int, todo: list[SubNet], bar) -> None:
+        nonlocal lossless
+        ref = generate(None, p)
+        ar[p] = cost.answer(ref, None, 0)
+        for c in sorted(todo, key=lambda _c: rng.random()):  # a machine's drifting pace spreads over all
+            res = generate(c, p)
+            lossless &= res.tokens == ref.tokens
+            scores[c].answers[p] = cost.answer(res, c, _draft_prompt(res.stats, pipes[c.heads].n_image_tokens,
+                                                                      c.vtc_keep))
+            bar.update(1)
+
+    survivors, rungs, done = list(cands), [], 0
+    per_eval = None
+    bar = tqdm(desc=f"search ({target.name})", disable=not progress, mininterval=2,
+               total=_planned_evals(len(cands), first_rung, len(order)))
+    while True:
+        n = min(len(order), first_rung * 2 ** len(rungs))
+        new = order[done:n]
+        if per_eval is not None and per_eval * len(new) * (len(survivors) + 1) > budget_s - (time.perf_counter() - t0):
+            log(f"budget: rung {len(rungs)} ({len(survivors)} candidates × {len(new)} prompts) would not fit; stopping")
+            break
+        t_rung = time.perf_counter()
+        for p in new:
+            run_prompt(p, survivors, bar)
+        per_eval = (time.perf_counter() - t_rung) / max(len(new) * (len(survivors) + 1), 1)
+        done = n
+        ranked = sorted((scores[c].over(order[:done], ar) for c in survivors), key=lambda r: -r["tokens_per_s"])
+        rungs.append({"prompts": done, "candidates": len(survivors), "best": ranked[0]["label"],
+                      "seconds": round(time.perf_counter() - t_rung, 1)})
+        if done >= len(order) or len(survivors) <= 2:
+            break
+        keep = {SubNet(**r["config"]) for r in ranked[: max(2, len(ranked) // 2)]}
+        survivors = [c for c in survivors if c in keep or c == full]
+    bar.close()
+    # every candidate at its most-measured fidelity; the choice among the last rung's survivors
+    rows_all = [scores[c].over(sorted(scores[c].answers, key=order.index), ar) for c in cands if scores[c].answers]
+    finalists = sorted((scores[c].over(order[:done], ar) for c in survivors), key=lambda r: -r["tokens_per_s"])
+    chosen = finalists[0]
+    full_row = next(r for r in finalists if SubNet(**r["config"]) == full)
+    result = {
+        "target": target.name, "cost": cost.name, "seed": seed, "budget_s": budget_s,
+        "chosen": chosen, "full": full_row, "finalists": finalists,
+        "front": pareto_front(rows_all), "all": sorted(rows_all, key=lambda r: -r["tokens_per_s"]),
+        "rungs": rungs, "prompts": [rows[p].get("prompt") for p in order[:done]], "lossless": lossless,
+        "ar_tokens_per_s": sum(ar[p].tokens for p in order[:done]) / sum(ar[p].seconds for p in order[:done]),
+        "wall_seconds": round(time.perf_counter() - t0, 1),
+    }
+    if isinstance(cost, ModelledCost):
+        result["bounds"] = cost.bounds(m)
+    return result
+
+
+def _planned_evals(n_cands: int, first: int, n_prompts: int) -> int:
+    """SubNet answers successive halving plans (for the progress bar; a budget stop ends it early)."""
+    total, done, alive, r = 0, 0, n_cands, 0
+    while done < n_prompts:
+        n = min(n_prompts, first * 2 ** r)
+        total += (n - done) * alive
+        done, alive, r = n, max(2, alive // 2), r + 1
+        if alive <= 2 and done < n_prompts:
+            total += (n_prompts - done) * 2
+            break
+    return total
+
+
+def _draft_prompt(stats: dict, image_tokens: int, keep: float) -> int:
+    """Tokens of the draft's prompt stream under visual keep ratio `keep` (what its first pass reads)."""
+    import numpy as np
+
+    n_img = image_tokens * stats["images"]
+    kept = len(vtc_keep_indices(np.ones(n_img, bool), np.zeros(n_img, np.float32), keep)) if n_img else 0
+    return stats["prompt_tokens"] - n_img + kept
+
+
+def write_choice(bundle_dir: str | Path, result: dict) -> None:
+    """Record the chosen configuration in the bundle's manifest (atomically): the runtime applies it."""
+    from dream_export.io import atomic_write_text
+
+    path = Path(bundle_dir) / "manifest.json"
+    m = json.loads(path.read_text())
+    m["supernet"]["chosen"] = result["chosen"]["config"]
+    m["supernet"]["search"] = {"target": result["target"], "cost": result["cost"], "seed": result["seed"],
+                               "speedup": result["chosen"]["speedup"], "full_speedup": result["full"]["speedup"],
+                               "prompts": result["chosen"]["prompts"]}
+    atomic_write_text(path, json.dumps(m, indent=2))
