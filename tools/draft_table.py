@@ -1,0 +1,137 @@
+"""Every draft kind on one table, measured in one run on the same target and held-out prompts.
+
+    python -m tools.draft_table --target dream_export/assets/demo/vlm --data out/demo-data/heldout.jsonl \
+        --limit 40 --draft "DREAM=out/drafts/dream" --draft "self-spec=out/drafts/self-spec" ... \
+        --out out/draft-table
+
+For each draft: τ of the EAGLE-2 tree (torch reference, greedy, per task), then the user's path —
+`export`, `build --target cpu`, `bench` in chain mode on ONNX Runtime (the CPU's fastest shape) — for the
+end-to-end speedup and the chain's τ; the draft's size on disk and the extra device memory the memory
+planner counts for it. Writes `table.json` and `table.md` under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+TASKS_NEEDING_THE_IMAGE = ("count", "color", "position")
+
+
+def _recipe(draft_dir: Path) -> str:
+    """Loss weights, self-feeding and steps as the draft's training record states them."""
+    rec = json.loads((draft_dir / "training.json").read_text()) if (draft_dir / "training.json").exists() else {}
+    t = rec.get("train_config", {})
+    if not t:
+        return "?"
+    w = f"logits {t.get('w_logits')}, feature {t.get('w_feature')}"
+    if t.get("w_mid"):
+        w += f", mid {t['w_mid']}"
+    return f"{w}; {'self-feed' if t.get('self_feed') else 'no self-feed'}; {t.get('steps')} steps"
+
+
+def _draft_bytes(bundle: Path) -> int:
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    return sum(f["size"] for name, f in manifest["files"].items() if Path(name).name.startswith("draft"))
+
+
+def _extra_memory(bundle: Path, target: str, precision: str) -> int:
+    from dream_export.export.sources import source_dir
+    from dream_export.targets.memory import DraftDesc, describe_model, estimate
+
+    m = json.loads((bundle / "manifest.json").read_text())
+    model = describe_model(json.loads((source_dir(m, bundle, "target") / "config.json").read_text()))
+    draft = DraftDesc.from_config(json.loads((source_dir(m, bundle, "draft") / "draft_config.json").read_text()))
+    plan = estimate(model, target, precision, m["kv_capacity"], m["max_tree"], draft)
+    parts = plan.breakdown()
+    return parts["draft_weights"] + parts["draft_cache"]
+
+
+def measure(target_dir: Path, drafts: dict[str, Path], data: Path, limit: int, out: Path,
+            memory_target: str = "jetson-orin-nano-8gb", memory_precision: str = "fp16") -> dict:
+    """Run every measurement for every draft; returns the JSON the table is made from."""
+    from PIL import Image  # noqa: F401  (fail early when the export extra is missing)
+
+    from dream_export.core.prompts import read_prompts
+    from dream_export.draft.evaluate import evaluate_drafts
+    from dream_export.draft.target import load_target
+    from dream_export.draft.train import load_draft
+    from dream_export.export.bundle import ExportOptions, export_bundle
+    from dream_export.runtime.bench import bench
+    from dream_export.runtime.pipeline import Pipeline
+    from dream_export.runtime.tree import TreeSpec
+    from dream_export.targets.cpu_build import build_cpu
+
+    loaded = {name: load_draft(d) for name, d in drafts.items()}
+    taps = next((tuple(d.config.fuse_layers) for d in loaded.values() if d.config.arch == "eagle3"), ())
+    target = load_target(target_dir, taps=taps)
+    tree = TreeSpec(4, 6, 32)
+    ref = evaluate_drafts(target, loaded, data, tree, 128, ("tree",), None, limit)
+    del target
+    rows = read_prompts(data)[:limit]
+    results: dict = {"prompts": len(rows), "tree": [tree.k, tree.depth, tree.total], "drafts": {}}
+    for name, d in drafts.items():
+        bundle = out / "bundles" / name.replace(" ", "_").replace("/", "_")
+        manifest = export_bundle(target_dir, d, bundle, ExportOptions(kv_capacity=192, max_tree=32),
+                                 log=lambda *_: None)
+        build_cpu(bundle, threads=1, log=lambda *_: None)
+        pipe = Pipeline.load(bundle, threads=1, precision="cpu")
+        chain = TreeSpec.chain(manifest["graphs"].get("draft_chain", {}).get("steps", ExportOptions().chain_steps) + 1)
+        s = bench(pipe, rows, tree=chain, mode="chain")
+        by_task: dict[str, list[float]] = {}
+        for p in s["per_prompt"]:
+            by_task.setdefault(p.get("task") or "all", []).append(p["tau"])
+        r = ref["results"][name]["tree"]
+        results["drafts"][name] = {
+            "dir": str(d), "arch": loaded[name].config.arch, "recipe": _recipe(d),
+            "tree_tau": r["tau"], "tree_tau_by_task": r["tau_by_task"], "tree_match": r["match_rate"],
+            "chain": [chain.k, chain.depth, chain.total], "chain_tau": s["tau"],
+            "chain_tau_by_task": {t: sum(v) / len(v) for t, v in sorted(by_task.items())},
+            "speedup": s["speedup"], "decode_speedup": s["decode_speedup"], "chain_match": s["match_rate"],
+            "draft_bytes": _draft_bytes(bundle),
+            "extra_memory_bytes": _extra_memory(bundle, memory_target, memory_precision),
+        }
+        print(f"{name}: tree tau {r['tau']:.2f}, chain tau {s['tau']:.2f}, speedup {s['speedup']:.2f}x", flush=True)
+    results["memory_target"] = {"target": memory_target, "precision": memory_precision}
+    return results
+
+
+def markdown(res: dict) -> str:
+    """The RESULTS table."""
+    mt = res["memory_target"]
+    lines = [f"| draft | recipe | τ tree {','.join(map(str, res['tree']))} | count / color / position (tree) "
+             f"| τ CPU chain | speedup (ORT CPU) | greedy match | draft size | extra memory ({mt['target']}, "
+             f"{mt['precision']}) |", "|" + "---|" * 9]
+    for name, r in res["drafts"].items():
+        img = " / ".join(f"{r['tree_tau_by_task'].get(t, float('nan')):.2f}" for t in TASKS_NEEDING_THE_IMAGE)
+        match = min(r["tree_match"], r["chain_match"])
+        lines.append(f"| {name} | {r['recipe']} | {r['tree_tau']:.2f} | {img} | {r['chain_tau']:.2f} "
+                     f"| {r['speedup']:.2f}× | {match * 100:.0f}% | {r['draft_bytes'] / 2**20:.1f} MiB "
+                     f"| {r['extra_memory_bytes'] / 2**20:.1f} MiB |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", type=Path, required=True, help="Target model directory.")
+    ap.add_argument("--draft", action="append", required=True, help="NAME=DRAFT_DIR (repeatable).")
+    ap.add_argument("--data", type=Path, required=True, help="Held-out prompts (JSONL).")
+    ap.add_argument("--limit", type=int, default=40)
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    drafts = {}
+    for spec in a.draft:
+        name, sep, path = spec.partition("=")
+        if not sep or not Path(path, "draft_config.json").exists():
+            ap.error(f"--draft {spec!r}: expected NAME=DRAFT_DIR with a draft_config.json")
+        drafts[name] = Path(path)
+    a.out.mkdir(parents=True, exist_ok=True)
+    res = measure(a.target, drafts, a.data, a.limit, a.out)
+    (a.out / "table.json").write_text(json.dumps(res, indent=2))
+    (a.out / "table.md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
