@@ -7,7 +7,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ARCHS = ("dream", "eagle2", "eagle3")
+ARCHS = ("dream", "eagle2", "eagle3", "self-spec")
+
+
+def check_exit_layer(exit_layer: int, num_layers: int, imitation_blocks: int = 1) -> None:
+    """Refuse a self-spec exit layer outside 1..num_layers-1 (layer 0 is the embeddings, and exiting at
+    the last layer would be the target itself) or an imitation network other than 1 or 2 blocks."""
+    from dream_export.errors import UsageError
+
+    if not 1 <= exit_layer < num_layers:
+        raise UsageError(f"--exit-layer {exit_layer} is out of range: the target has {num_layers} decoder layers, "
+                         f"so the draft exits after one of layers 1..{num_layers - 1}")
+    if imitation_blocks not in (1, 2):
+        raise UsageError(f"--imitation-blocks {imitation_blocks}: the imitation network has 1 or 2 blocks")
 
 
 @dataclass
@@ -34,10 +46,15 @@ class DraftConfig:
     # A learned null key keeps the first query's cross-attention defined. Converted upstream checkpoints
     # were trained without it: there the null slot is used only by rows with no visible feature.
     null_key: bool = True
+    # self-spec: the target's first `exit_layer` decoder layers (shared, not copied) + `imitation_blocks`
+    exit_layer: int = 0
+    imitation_blocks: int = 1
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"unknown draft arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.arch == "self-spec":
+            check_exit_layer(self.exit_layer, self.target_num_layers, self.imitation_blocks)
 
     @classmethod
     def from_target(cls, text_config: Any, arch: str = "dream", **overrides) -> DraftConfig:

@@ -93,15 +93,15 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
 
     from dream_export.draft.data import target_identity
     from dream_export.draft.target import load_target
-    from dream_export.draft.train import load_draft
+    from dream_export.draft.train import load_draft, load_draft_config
     from dream_export.export.graphs import DraftChainGraph, DraftGraph, TargetGraph, VisionGraph
     from dream_export.families import params_from_hf, require_exportable
 
     t0 = time.time()
     check_sources(target_dir, draft_dir)  # readable, supported, made for each other: refuse before work
-    draft = load_draft(draft_dir)
-    taps = tuple(opts.taps) or tuple(draft.config.fuse_layers)
+    taps = tuple(opts.taps) or tuple(load_draft_config(draft_dir).fuse_layers)
     target = load_target(target_dir, taps=taps, dtype=opts.dtype)
+    draft = load_draft(draft_dir, target)
     model, proc = target.model, target.processor
     # refuse before tracing anything: what the graphs or the runtime would not reproduce
     require_exportable(target.vlm, proc.image_processor)
@@ -175,6 +175,15 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
             c_args = (*d_args[:-1], target.side.embed_tokens.weight.detach().float())
             _export(cg, c_args, onnx_dir / "draft_chain.onnx", SPECS["draft_chain"])
             graphs.append("draft_chain")
+        if dcfg.arch == "self-spec":
+            # the draft runs the target's first layers: their weights stay in the target's data file only
+            from dream_export.export.shared_weights import share_initializers
+
+            shared = share_initializers(onnx_dir / "target.onnx", onnx_dir / "draft.onnx")
+            manifest["draft"].update(exit_layer=dcfg.exit_layer, imitation_blocks=dcfg.imitation_blocks,
+                                     shares_weights_with="target", shared_bytes=shared["shared_bytes"])
+            log(f"self-spec draft: {shared['shared']} initializers ({shared['shared_bytes']} bytes) shared with "
+                "the target graph")
         for name in graphs:
             p = onnx_dir / f"{name}.onnx"
             io = _io(p)
