@@ -175,11 +175,7 @@ def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, exi
     text_cfg = _text_config(target_dir)
     extra = {}
     if arch == "self-spec":
-        from dream_export.draft.selfspec import default_exit_layer
-
-        n_layers = DraftConfig.from_target(text_cfg).target_num_layers
-        extra = {"exit_layer": default_exit_layer(n_layers) if exit_layer is None else exit_layer,
-                 "imitation_blocks": imitation_blocks}
+        extra = {"imitation_blocks": imitation_blocks, **({} if exit_layer is None else {"exit_layer": exit_layer})}
         no_self_feed = True  # it reads no target features: there is nothing of its own to feed back
     elif exit_layer is not None:
         raise click.BadParameter("--exit-layer applies to --arch self-spec only", param_hint="--exit-layer")

@@ -14,7 +14,7 @@ from dream_export.runtime.tree import TreeSpec
 
 DEMO = Path(__file__).resolve().parents[1] / "dream_export" / "assets" / "demo"
 EXIT = 6
-PROMPTS = 4
+PROMPTS = 3
 
 
 def _heldout(n):
@@ -73,8 +73,8 @@ def test_reference_greedy_output_equals_the_target_alone(trained, demo_target, m
     draft = trained[1]
     for scene, s in _heldout(PROMPTS):
         emb, _ = demo_target.prompt_embeds(scenes.render(scene), s.prompt)
-        ar = generate(demo_target.side, emb, 48, mode="ar", eos_id=demo_target.eos_id)
-        spec = generate(demo_target.side, emb, 48, draft=draft, mode=mode, spec=TreeSpec(4, 6, 32),
+        ar = generate(demo_target.side, emb, 32, mode="ar", eos_id=demo_target.eos_id)
+        spec = generate(demo_target.side, emb, 32, draft=draft, mode=mode, spec=TreeSpec(4, 6, 32),
                         eos_id=demo_target.eos_id)
         assert spec.tokens == ar.tokens
         assert spec.tau > 1.0
@@ -86,11 +86,11 @@ def test_onnx_runtime_output_equals_the_target_and_the_reference(bundle, trained
     pipe = Pipeline.load(bundle, threads=2)
     for scene, s in _heldout(PROMPTS):
         img = scenes.render(scene)
-        ar = pipe.generate(img, s.prompt, max_new_tokens=48, mode="ar").tokens
+        ar = pipe.generate(img, s.prompt, max_new_tokens=32, mode="ar").tokens
         emb, _ = demo_target.prompt_embeds(img, s.prompt)
         for mode in ("tree", "chain"):
-            res = pipe.generate(img, s.prompt, max_new_tokens=48, mode=mode, tree=TreeSpec(4, 6, 32))
-            ref = generate(demo_target.side, emb, 48, draft=trained[1], mode=mode, spec=TreeSpec(4, 6, 32),
+            res = pipe.generate(img, s.prompt, max_new_tokens=32, mode=mode, tree=TreeSpec(4, 6, 32))
+            ref = generate(demo_target.side, emb, 32, draft=trained[1], mode=mode, spec=TreeSpec(4, 6, 32),
                            eos_id=demo_target.eos_id)
             assert res.tokens == ar == ref.tokens, mode
             assert res.stats["tau"] == pytest.approx(ref.tau)

@@ -10,6 +10,12 @@ from typing import Any
 ARCHS = ("dream", "eagle2", "eagle3", "self-spec")
 
 
+def default_exit_layer(num_layers: int) -> int:
+    """The exit layer of a self-spec draft when none is given: a third of the depth (docs/ARCHITECTURE.md,
+    "Self-speculative drafts", gives the measurement behind it)."""
+    return max(1, round(num_layers / 3))
+
+
 def check_exit_layer(exit_layer: int, num_layers: int, imitation_blocks: int = 1) -> None:
     """Refuse a self-spec exit layer outside 1..num_layers-1 (layer 0 is the embeddings, and exiting at
     the last layer would be the target itself) or an imitation network other than 1 or 2 blocks."""
@@ -74,6 +80,8 @@ class DraftConfig:
             hidden_act=g("hidden_act") or g("hidden_activation") or "silu", rope_theta=float(theta),
             final_logit_softcapping=g("final_logit_softcapping"), arch=arch, target_num_layers=n_layers,
         )
+        if arch == "self-spec":
+            cfg["exit_layer"] = default_exit_layer(n_layers)
         if arch == "eagle3":
             # low / middle / high layers, as EAGLE-3 taps them (hidden_states index = layer output)
             cfg["fuse_layers"] = [2, n_layers // 2, max(n_layers - 3, 1)]

@@ -26,12 +26,6 @@ from dream_export.modeling.decoder import TargetDecoder
 _SHARED = "prefix."
 
 
-def default_exit_layer(num_layers: int) -> int:
-    """The exit layer `train-draft --arch self-spec` takes when none is given: a third of the depth
-    (see docs/ARCHITECTURE.md, "Self-speculative drafts", for the measurement behind it)."""
-    return max(1, round(num_layers / 3))
-
-
 class SelfSpecDraft(nn.Module):
     """The target's first `config.exit_layer` layers (through `decoder`) + the imitation blocks + a norm."""
 
