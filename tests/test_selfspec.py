@@ -107,7 +107,8 @@ def test_bundle_grows_by_the_imitation_network_only(bundle, trained):
     # what the draft adds to the bundle is its graph file (no data file of its own)
     assert sorted(p.name for p in onnx_dir.iterdir()) == ["draft.onnx", "target.onnx", "target.onnx.data",
                                                           "vision.onnx"]
-    assert (onnx_dir / "draft.onnx").stat().st_size <= imitation * 1.05 + 64 * 1024
+    # the imitation weights, plus the graph's nodes and sub-kilobyte constants (norm scales): ~12 KB a layer
+    assert (onnx_dir / "draft.onnx").stat().st_size <= imitation + 16 * 1024 * (EXIT + 1) + 64 * 1024
     # every shared layer's weights (and the LM head) are read from the target's data file
     graph = onnx.load(str(onnx_dir / "draft.onnx"), load_external_data=False)
     shared = sum(int(next(e.value for e in t.external_data if e.key == "length")) for t in graph.graph.initializer

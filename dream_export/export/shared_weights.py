@@ -60,9 +60,11 @@ def share_initializers(owner: str | Path, user: str | Path) -> dict:
         hit = index.get(_key(t, raw)) if len(raw) >= MIN_SHARED_BYTES else None
         if hit is None:
             continue
-        for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+        for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
             t.ClearField(field)
+        t.raw_data = raw  # onnx sets external data only on raw tensors; the bytes then leave the graph
         set_external_data(t, location=data_name, offset=hit[0], length=hit[1])
+        t.ClearField("raw_data")
         t.data_location = onnx.TensorProto.EXTERNAL
         shared += 1
         shared_bytes += hit[1]
