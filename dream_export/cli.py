@@ -135,7 +135,7 @@ def demo_data(out: Path, heldout_per_task: int, n_calib: int, n_train: int) -> N
 @click.option("--arch", type=click.Choice(["dream", "eagle2", "eagle3", "self-spec"]), default="dream", show_default=True,
               help="self-spec: the target's own first layers + a small imitation network (no separate draft).")
 @click.option("--exit-layer", type=int, default=None,
-              help="self-spec: decoder layers of the target the draft runs (default: a third of them).")
+              help="self-spec: decoder layers of the target the draft runs (default: a sixth of them).")
 @click.option("--imitation-blocks", type=click.IntRange(1, 2), default=1, show_default=True,
               help="self-spec: blocks of the imitation network.")
 @click.option("--steps", default=2500, show_default=True)
