@@ -190,7 +190,7 @@ def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, exi
     tcfg = DraftTrainConfig(steps=steps, batch_size=batch_size, lr=lr, vtc_keep=vtc_keep, self_feed=not no_self_feed,
                             w_logits=w[0], w_feature=w[1], w_mid=w[2], seed=seed)
     if arch == "self-spec":
-        from dream_export.draft.selfspec import train_selfspec
+        from dream_export.draft.selfspec_train import train_selfspec
 
         _, record = train_selfspec(feat_dir, target, cfg, tcfg, out_dir=out, log=click.echo, resume=resume)
     else:

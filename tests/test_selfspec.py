@@ -29,7 +29,7 @@ def trained(demo_target, tmp_path_factory):
     from dream_export.demo import data as demo_data
     from dream_export.draft.config import DraftConfig
     from dream_export.draft.data import DataConfig, generate_features
-    from dream_export.draft.selfspec import train_selfspec
+    from dream_export.draft.selfspec_train import train_selfspec
     from dream_export.draft.train import DraftTrainConfig
 
     root = tmp_path_factory.mktemp("selfspec")
