@@ -141,7 +141,12 @@ def demo_data(out: Path, heldout_per_task: int, n_calib: int, n_train: int) -> N
 @click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help='JSONL of {"image": path, "prompt": text}; the target answers each prompt itself.')
 @click.option("-o", "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Draft directory.")
-@click.option("--arch", type=click.Choice(["dream", "eagle2", "eagle3"]), default="dream", show_default=True)
+@click.option("--arch", type=click.Choice(["dream", "eagle2", "eagle3", "self-spec"]), default="dream", show_default=True,
+              help="self-spec: the target's own first layers + a small imitation network (no separate draft).")
+@click.option("--exit-layer", type=int, default=None,
+              help="self-spec: decoder layers of the target the draft runs (default: a sixth of them).")
+@click.option("--imitation-blocks", type=click.IntRange(1, 2), default=1, show_default=True,
+              help="self-spec: blocks of the imitation network.")
 @click.option("--steps", default=2500, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
@@ -161,11 +166,13 @@ def demo_data(out: Path, heldout_per_task: int, n_calib: int, n_train: int) -> N
 @click.option("--threads", default=2, show_default=True,
               help="torch CPU threads for feature capture and training (1 on a machine busy with other work).")
 @supernet_options
-def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, steps: int, batch_size: int, lr: float,
+def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, exit_layer: int | None,
+                    imitation_blocks: int, steps: int, batch_size: int, lr: float,
                     features: Path | None, mid_select: str, vtc_keep: float | None, no_cross: bool,
                     no_self_feed: bool, weights: str, seed: int, resume: bool, threads: int, supernet: bool,
                     init: Path | None, supernet_steps: int) -> None:
-    """Train a DREAM (or EAGLE-2/3 style) draft for TARGET_DIR by distillation on its own answers."""
+    """Train a DREAM (or EAGLE-2/3 style, or self-speculative) draft for TARGET_DIR by distillation on its
+    own answers."""
     _need_torch()
     import torch
 
@@ -180,9 +187,15 @@ def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, ste
         assert len(w) == 3
     except (ValueError, AssertionError) as e:
         raise click.BadParameter("--weights takes three numbers: logits,feature,mid") from e
-    rows = read_prompts(data_path)
     text_cfg = _text_config(target_dir)
-    cfg = DraftConfig.from_target(text_cfg, arch=arch, cross_attention=not no_cross)
+    extra = {}
+    if arch == "self-spec":
+        extra = {"imitation_blocks": imitation_blocks, **({} if exit_layer is None else {"exit_layer": exit_layer})}
+        no_self_feed = True  # it reads no target features: there is nothing of its own to feed back
+    elif exit_layer is not None:
+        raise click.BadParameter("--exit-layer applies to --arch self-spec only", param_hint="--exit-layer")
+    cfg = DraftConfig.from_target(text_cfg, arch=arch, cross_attention=not no_cross, **extra)
+    rows = read_prompts(data_path)
     # Features always carry the EAGLE-3 taps, so every draft architecture trains on one feature cache
     # (a supernet's: the last layers, one of which its cross-attention reads).
     taps = tuple(DraftConfig.from_target(text_cfg, arch="eagle3").fuse_layers)
@@ -198,8 +211,13 @@ def train_draft_cmd(target_dir: Path, data_path: Path, out: Path, arch: str, ste
     if supernet:
         train_supernet_cmd(target, feat_dir, cfg, tcfg, init, supernet_steps, out, click.echo)
         return
-    _, record = train_draft(feat_dir, target.model.lm_head.weight, cfg, tcfg, out_dir=out, log=click.echo,
-                            resume=resume)
+    if arch == "self-spec":
+        from dream_export.draft.selfspec_train import train_selfspec
+
+        _, record = train_selfspec(feat_dir, target, cfg, tcfg, out_dir=out, log=click.echo, resume=resume)
+    else:
+        _, record = train_draft(feat_dir, target.model.lm_head.weight, cfg, tcfg, out_dir=out, log=click.echo,
+                                resume=resume)
     click.echo(f"saved {arch} draft to {out} ({record['train_minutes']} min)")
 
 
@@ -222,13 +240,14 @@ def eval_draft_cmd(target_dir: Path, drafts: tuple, data_path: Path, tree: TreeS
     _need_torch()
     from dream_export.draft.evaluate import evaluate_drafts
     from dream_export.draft.target import load_target
-    from dream_export.draft.train import load_draft
+    from dream_export.draft.train import load_draft, load_draft_config
     from dream_export.io import atomic_write_text
 
     spec = tree
-    loaded = {Path(d).name: load_draft(d) for d in drafts}
-    taps = next((tuple(d.config.fuse_layers) for d in loaded.values() if d.config.arch == "eagle3"), ())
+    configs = [load_draft_config(d) for d in drafts]
+    taps = next((tuple(c.fuse_layers) for c in configs if c.arch == "eagle3"), ())
     target = load_target(target_dir, taps=taps)
+    loaded = {Path(d).name: load_draft(d, target) for d in drafts}
     modes = ("tree", "chain") if chain else ("tree",)
     res = evaluate_drafts(target, loaded, data_path, spec, max_new_tokens, modes, vtc_keep, limit, vtc_score=vtc_score)
     tasks = sorted({t for r in res["results"].values() for m in r.values() for t in m["tau_by_task"]})

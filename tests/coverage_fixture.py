@@ -20,3 +20,24 @@ def cached_small_demo_bundle(root: str | Path) -> Path:
                       log=lambda _s: None)
         _CACHE["demo"] = out
     return _CACHE["demo"]
+
+
+def cached_small_selfspec_bundle(root: str | Path, exit_layer: int = 6) -> Path:
+    """The demo VLM with an (untrained, early-exit initialised) self-spec draft, exported like the above:
+    its draft graph has the self-spec inputs (a K + 1 block self cache, no cross-attention)."""
+    if "selfspec" not in _CACHE:
+        from dream_export.draft.config import DraftConfig
+        from dream_export.draft.selfspec import new_selfspec
+        from dream_export.draft.target import load_target
+        from dream_export.draft.train import save_draft
+        from dream_export.export.bundle import ExportOptions, export_bundle
+
+        demo = Path(__file__).resolve().parents[1] / "dream_export" / "assets" / "demo"
+        target = load_target(demo / "vlm")
+        cfg = DraftConfig.from_target(target.model.config.text_config, arch="self-spec", exit_layer=exit_layer)
+        save_draft(new_selfspec(cfg, target.side.decoder).eval(), Path(root) / "draft", record={})
+        out = Path(root) / "bundle"
+        export_bundle(demo / "vlm", Path(root) / "draft", out,
+                      ExportOptions(kv_capacity=SMALL_CAPACITY, max_tree=SMALL_TREE), log=lambda _s: None)
+        _CACHE["selfspec"] = out
+    return _CACHE["selfspec"]

@@ -21,10 +21,10 @@ from dream_export.targets.registry import all_targets
 
 try:
     from tests.bundle_fixture import cached_tiny_bundle
-    from tests.coverage_fixture import cached_small_demo_bundle
+    from tests.coverage_fixture import cached_small_demo_bundle, cached_small_selfspec_bundle
 except ImportError:  # pragma: no cover
     from bundle_fixture import cached_tiny_bundle
-    from coverage_fixture import cached_small_demo_bundle
+    from coverage_fixture import cached_small_demo_bundle, cached_small_selfspec_bundle
 
 
 def _tmp(request, name):
@@ -33,6 +33,7 @@ def _tmp(request, name):
 
 # model families whose bundles the contract runs on: name -> bundle directory (built once per process)
 BUNDLES = {"demo": lambda request: cached_small_demo_bundle(_tmp(request, "demo-small")),
+           "demo-self-spec": lambda request: cached_small_selfspec_bundle(_tmp(request, "demo-self-spec")),
            "tiny-llava": lambda request: cached_tiny_bundle(_tmp(request, "tiny"))}
 
 
@@ -102,7 +103,8 @@ def test_profiles_stay_within_what_the_capacities_imply(recorded):
     for prof in p["draft"]:
         hi = {n: mom[2] for n, mom in prof.items()}
         assert hi["embeds"][1] <= min(cap, dcap) and hi["self_mask"][2] <= dcap + hi["embeds"][1]
-        assert hi["cross_mask"][2] <= ccap + hi["new_feats"][1] and hi["new_feats"][1] <= ccap
+        if "cross_mask" in hi:  # drafts without cross-attention (EAGLE-style, self-spec) have no cross inputs
+            assert hi["cross_mask"][2] <= ccap + hi["new_feats"][1] and hi["new_feats"][1] <= ccap
     # the recorded prefills reach the prefill profile's maximum: the plan is no wider than the runtime needs
     assert max(c.shapes["attention_mask"][2] for c in calls if c.graph == "target"
                and c.shapes["logit_rows"] == (1,)) >= prefill["attention_mask"][2] - 4

@@ -7,7 +7,27 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-ARCHS = ("dream", "eagle2", "eagle3")
+ARCHS = ("dream", "eagle2", "eagle3", "self-spec")
+
+
+def default_exit_layer(num_layers: int) -> int:
+    """The exit layer of a self-spec draft when none is given: a sixth of the depth. On the demo (24
+    layers) exits after 4, 8 and 12 layers at one training budget gave the best end-to-end speedup at 4:
+    each draft call costs (K + 1)/L of a target pass, and τ grew only a few percent with K
+    (docs/ARCHITECTURE.md, "Self-speculative drafts")."""
+    return max(1, round(num_layers / 6))
+
+
+def check_exit_layer(exit_layer: int, num_layers: int, imitation_blocks: int = 1) -> None:
+    """Refuse a self-spec exit layer outside 1..num_layers-1 (layer 0 is the embeddings, and exiting at
+    the last layer would be the target itself) or an imitation network other than 1 or 2 blocks."""
+    from dream_export.errors import UsageError
+
+    if not 1 <= exit_layer < num_layers:
+        raise UsageError(f"--exit-layer {exit_layer} is out of range: the target has {num_layers} decoder layers, "
+                         f"so the draft exits after one of layers 1..{num_layers - 1}")
+    if imitation_blocks not in (1, 2):
+        raise UsageError(f"--imitation-blocks {imitation_blocks}: the imitation network has 1 or 2 blocks")
 
 
 @dataclass
@@ -37,10 +57,15 @@ class DraftConfig:
     # A sub-network exported from a supernet (DREAM-S): the KV head each kept query head of the last
     # self-attention block reads, in order (groups may be uneven); None keeps every head, grouped evenly.
     last_block_heads: list[int] | None = None
+    # self-spec: the target's first `exit_layer` decoder layers (shared, not copied) + `imitation_blocks`
+    exit_layer: int = 0
+    imitation_blocks: int = 1
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"unknown draft arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.arch == "self-spec":
+            check_exit_layer(self.exit_layer, self.target_num_layers, self.imitation_blocks)
 
     @classmethod
     def from_target(cls, text_config: Any, arch: str = "dream", **overrides) -> DraftConfig:
@@ -60,6 +85,8 @@ class DraftConfig:
             hidden_act=g("hidden_act") or g("hidden_activation") or "silu", rope_theta=float(theta),
             final_logit_softcapping=g("final_logit_softcapping"), arch=arch, target_num_layers=n_layers,
         )
+        if arch == "self-spec":
+            cfg["exit_layer"] = default_exit_layer(n_layers)
         if arch == "eagle3":
             # low / middle / high layers, as EAGLE-3 taps them (hidden_states index = layer output)
             cfg["fuse_layers"] = [2, n_layers // 2, max(n_layers - 3, 1)]

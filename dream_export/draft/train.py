@@ -144,10 +144,14 @@ def _ckpt_path(out_dir: str | Path) -> Path:
     return out.with_name(f".{out.name}.resume.pt")
 
 
-def train_draft(data_dir: str | Path, lm_head_weight: torch.Tensor, cfg: DraftConfig, tcfg: DraftTrainConfig,
+def train_draft(data_dir: str | Path | FeatureDataset, lm_head_weight: torch.Tensor, cfg: DraftConfig, tcfg: DraftTrainConfig,
                 out_dir: str | Path | None = None, log=print, progress: bool = True,
-                holdout: int = 64, resume: bool = False, ckpt_every: int = 500) -> tuple[Draft, dict]:
+                holdout: int = 64, resume: bool = False, ckpt_every: int = 500,
+                draft: torch.nn.Module | None = None) -> tuple[Draft, dict]:
     """Train a draft on a feature directory; save (atomically) to `out_dir` when given.
+
+    `draft`: a draft built elsewhere with the DREAM draft's call signature (a self-spec draft, built
+    around the target's layers); only its parameters that require gradients are trained.
 
     The last `holdout` samples are kept out of training and report top-1 agreement with the target.
     With `out_dir`, a resume checkpoint (weights, optimiser, RNG, history) is written beside it every
@@ -157,13 +161,14 @@ def train_draft(data_dir: str | Path, lm_head_weight: torch.Tensor, cfg: DraftCo
     torch.set_num_threads(tcfg.threads)
     torch.manual_seed(tcfg.seed)
     rng = random.Random(tcfg.seed)
-    ds = FeatureDataset(data_dir)
+    ds = data_dir if isinstance(data_dir, FeatureDataset) else FeatureDataset(data_dir)
     use_taps = cfg.arch == "eagle3"
     if use_taps and not ds.meta["config"].get("taps"):
         raise IncompatibleArtifactError(f"{data_dir} has no layer taps; generate data with taps for --arch eagle3")
     n_train = max(1, len(ds) - holdout)
-    draft = Draft(cfg)
-    init_weights(draft)
+    if draft is None:
+        draft = Draft(cfg)
+        init_weights(draft)
     head = lm_head_weight.detach().float()
     logits_of = lambda x: soft_cap(x @ head.T, cfg.final_logit_softcapping)  # noqa: E731
     params = [p for p in draft.parameters() if p.requires_grad]
@@ -254,14 +259,28 @@ def save_draft(draft: Draft, out_dir: str | Path, record: dict, extra_files: dic
             (Path(tmp) / name).write_text(text)
 
 
-def load_draft(path: str | Path) -> Draft:
-    """Load a draft saved by `save_draft` (or converted from an upstream checkpoint)."""
+def load_draft_config(path: str | Path) -> DraftConfig:
+    """The `draft_config.json` of draft directory `path` (a clear error when it is not one)."""
+    if not (Path(path) / "draft_config.json").exists():
+        raise IncompatibleArtifactError(f"{path} is not a draft directory (draft_config.json missing)")
+    return DraftConfig.load(path)
+
+
+def load_draft(path: str | Path, target=None) -> Draft:
+    """Load a draft saved by `save_draft` (or converted from an upstream checkpoint).
+
+    `target`: the loaded target (`draft.target.Target`), which a self-spec draft needs (it runs the
+    target's first layers); other drafts ignore it.
+    """
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / "draft_config.json").exists():
-        raise IncompatibleArtifactError(f"{path} is not a draft directory (draft_config.json missing)")
-    draft = Draft(DraftConfig.load(path))
+    cfg = load_draft_config(path)
+    if cfg.arch == "self-spec":
+        from dream_export.draft.selfspec import load_selfspec
+
+        return load_selfspec(path, cfg, None if target is None else target.side.decoder)
+    draft = Draft(cfg)
     missing, unexpected = draft.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
     if missing or unexpected:
         raise IncompatibleArtifactError(f"{path}: weights do not match the config (missing {missing[:3]}, "

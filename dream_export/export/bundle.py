@@ -79,6 +79,17 @@ def _graph_entry(onnx_dir: Path, name: str, suffix: str = "") -> dict:
     return entry
 
 
+def _share_target_weights(onnx_dir: Path, manifest: dict, dcfg, log) -> None:
+    """A self-spec draft runs the target's first layers: their weights stay in the target's data file only."""
+    from dream_export.export.shared_weights import share_initializers
+
+    shared = share_initializers(onnx_dir / "target.onnx", onnx_dir / "draft.onnx")
+    manifest["draft"].update(exit_layer=dcfg.exit_layer, imitation_blocks=dcfg.imitation_blocks,
+                             shares_weights_with="target", shared_bytes=shared["shared_bytes"])
+    log(f"self-spec draft: {shared['shared']} initializers ({shared['shared_bytes']} bytes) shared with the "
+        "target graph")
+
+
 def _export(module, args, path: Path, spec: GraphSpec, outputs: list[str] | None = None) -> None:
     """Export `module` as graph `spec` (names and dynamic axes from the spec; `outputs` when optional ones vary)."""
     import torch
@@ -112,17 +123,22 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
 
     from dream_export.draft.data import target_identity
     from dream_export.draft.target import load_target
-    from dream_export.draft.train import load_draft
+    from dream_export.draft.train import load_draft, load_draft_config
     from dream_export.export.graphs import DraftChainGraph, DraftGraph, TargetGraph, VisionGraph
     from dream_export.families import params_from_hf, require_exportable
 
     t0 = time.time()
     check_sources(target_dir, draft_dir)  # readable, supported, made for each other: refuse before work
-    draft = load_draft(draft_dir)
-    subnets = SupernetExport.of(draft, draft_dir, opts.subnet)
-    taps = tuple(opts.taps) or tuple(draft.config.fuse_layers) or subnets.taps
-    draft = subnets.draft
+    dcfg0 = load_draft_config(draft_dir)
+    # A self-spec draft runs the target's first layers, so it loads beside the target; any other loads
+    # first, since a supernet's taps decide what the target graph exposes.
+    draft = None if dcfg0.arch == "self-spec" else load_draft(draft_dir)
+    subnets = None if draft is None else SupernetExport.of(draft, draft_dir, opts.subnet)
+    taps = tuple(opts.taps) or tuple(dcfg0.fuse_layers) or (subnets.taps if subnets else ())
     target = load_target(target_dir, taps=taps, dtype=opts.dtype)
+    if subnets is None:
+        subnets = SupernetExport.of(load_draft(draft_dir, target), draft_dir, opts.subnet)
+    draft = subnets.draft
     model, proc = target.model, target.processor
     # refuse before tracing anything: what the graphs or the runtime would not reproduce
     require_exportable(target.vlm, proc.image_processor)
@@ -193,6 +209,8 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
             baselines have none and read the predecessor's feature instead) of draft `d`: manifest entries."""
             dg = DraftGraph(d, model.lm_head, opts.topk, dcfg.final_logit_softcapping).eval()
             _export(dg, d_args, onnx_dir / f"draft{suffix}.onnx", SPECS["draft"])
+            if d.config.arch == "self-spec":
+                _share_target_weights(onnx_dir, manifest, d.config, log)
             names = ["draft"]
             if opts.chain_steps > 0 and d.uses_cross:
                 cg = DraftChainGraph(d, model.lm_head, opts.chain_steps, dcfg.final_logit_softcapping).eval()
@@ -204,9 +222,10 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
                 entries["draft_chain"].update(steps=opts.chain_steps, pairs_with=entries["draft"]["sha256"])
             return entries
 
-        for name in ("vision", "target"):
-            manifest["graphs"][name] = _graph_entry(onnx_dir, name)
-        manifest["graphs"].update(export_draft(draft))
+        manifest["graphs"]["vision"] = _graph_entry(onnx_dir, "vision")
+        drafts = export_draft(draft)  # a self-spec draft rewrites the target graph's weights as external data
+        manifest["graphs"]["target"] = _graph_entry(onnx_dir, "target")
+        manifest["graphs"].update(drafts)
         if subnets.active:
             manifest["taps_norm"] = True
             manifest["supernet"] = subnets.manifest_entry(lambda d, heads: export_draft(d, f".h{heads}"))

@@ -137,6 +137,11 @@ def convert_bundle(bundle_dir: str | Path, log=print) -> dict:
         for name in GRAPHS:
             entry = manifest["graphs"][name]
             summary[name] = convert_graph(root / entry["file"], tmp / f"{name}.onnx")
+        if manifest.get("draft", {}).get("shares_weights_with") == "target":
+            from dream_export.export.shared_weights import share_initializers
+
+            # a self-spec draft's layers are the target's: stored once in FP16 too
+            share_initializers(tmp / "target.onnx", tmp / "draft.onnx")
     for name in GRAPHS:
         path = root / OUT_DIR / f"{name}.onnx"
         manifest["graphs"][name].setdefault("variants", {})[VARIANT] = {

@@ -67,13 +67,13 @@ class _Modules:
         import torch
 
         from dream_export.draft.target import load_target
-        from dream_export.draft.train import load_draft
+        from dream_export.draft.train import load_draft, load_draft_config
         from dream_export.export.graphs import DraftGraph, TargetGraph, VisionGraph
 
         torch.manual_seed(0)
-        self.draft = load_draft(draft_dir)
-        taps = tuple(manifest.get("taps") or ()) or tuple(self.draft.config.fuse_layers)
+        taps = tuple(manifest.get("taps") or ()) or tuple(load_draft_config(draft_dir).fuse_layers)
         self.target = load_target(target_dir, taps=taps)
+        self.draft = load_draft(draft_dir, self.target)
         model = self.target.model
         text = model.config.get_text_config()
         outputs = [o["name"] for o in manifest["graphs"]["target"]["outputs"]]

@@ -44,8 +44,7 @@ class TargetDecoder(nn.Module):
     def forward(self, inputs_embeds, position_ids, mask, past_k, past_v, output_attentions: bool = False,
                 output_hidden_states: bool = False) -> dict:
         x = inputs_embeds
-        cos, sin = self.lm.rotary_emb(x, position_ids)
-        cos, sin = cos[:, None], sin[:, None]
+        cos, sin = self.rotary(x, position_ids)
         # the mask is inverted and tiled for grouped queries once, not in every layer
         hidden = group_mask(mask, self.n_heads // self.n_kv)
         # A mask narrower than cache + new rows reads only the cache's first slots: attention then costs
@@ -53,18 +52,12 @@ class TargetDecoder(nn.Module):
         used = mask.shape[-1] - x.shape[1]
         past_k, past_v = past_k[:, :, :, :used], past_v[:, :, :, :used]
         new_k, new_v, attns, hidden_states, taps = [], [], [], [x], []
-        for i, layer in enumerate(self.lm.layers[: self.n_layers]):
-            at = layer.self_attn
-            q, k, v = fused_qkv((at.q_proj, at.k_proj, at.v_proj), layer.input_layernorm(x), self.n_heads, self.n_kv,
-                                self.head_dim, cos, sin, q_scale=self.scale)
+        for i in range(self.n_layers):
+            x, (k, v), probs = self.layer(i, x, (cos, sin), (past_k[i], past_v[i]), hidden, used)
             new_k.append(k)
             new_v.append(v)
-            o, probs = segmented_attention(q, [(past_k[i], past_v[i]), (k, v)], hidden, self.n_kv,
-                                           return_probs=True, sizes=[used])
             if output_attentions:
                 attns.append(probs)
-            x = x + at.o_proj(merge_heads(o, self.n_heads, self.head_dim))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
             hidden_states.append(x)
             if i + 1 in self.taps:
                 taps.append(x)
@@ -75,6 +68,28 @@ class TargetDecoder(nn.Module):
         if output_hidden_states:
             out["hidden_states"] = hidden_states
         return out
+
+    def rotary(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The family's rotary tables [B,1,T,head_dim] for `position_ids` [B,T]."""
+        cos, sin = self.lm.rotary_emb(x, position_ids)
+        return cos[:, None], sin[:, None]
+
+    def layer(self, i: int, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor],
+              cache: tuple[torch.Tensor, torch.Tensor] | None, hidden: torch.Tensor, used: int | None = None):
+        """Decoder layer `i` over `x` [B,T,H] with cached rows `cache` (or none) → (x, (k, v) new rows,
+        grouped attention probabilities). `hidden`: the grouped mask from `group_mask` over cache + new
+        rows; `used`: the cache's (traced) size. Self-speculative drafts run the first layers through
+        this very code, so their exported weights are byte-identical to the target graph's."""
+        layer = self.lm.layers[i]
+        at = layer.self_attn
+        q, k, v = fused_qkv((at.q_proj, at.k_proj, at.v_proj), layer.input_layernorm(x), self.n_heads, self.n_kv,
+                            self.head_dim, *rot, q_scale=self.scale)
+        segments = [(k, v)] if cache is None else [cache, (k, v)]
+        sizes = None if cache is None else [cache[0].shape[2] if used is None else used]
+        o, probs = segmented_attention(q, segments, hidden, self.n_kv, return_probs=True, sizes=sizes)
+        x = x + at.o_proj(merge_heads(o, self.n_heads, self.head_dim))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return x, (k, v), probs
 
     def empty_cache(self, batch: int = 1, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero-length past K/V for a first (prefill) call."""

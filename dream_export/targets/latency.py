@@ -162,7 +162,7 @@ class LatencyModel:
 
     @property
     def _self_blocks(self) -> int:
-        return self.draft.num_blocks - self._cross_blocks
+        return self.draft.attention_blocks - self._cross_blocks  # a self-spec draft's shared layers too
 
     def work(self, call: Call, target: Target) -> tuple[int, float, float, int]:
         """(bytes, GEMM FLOPs, attention FLOPs, kernels) of `call`; `target` only decides precisions."""
@@ -194,7 +194,7 @@ class LatencyModel:
             cap_slots = self._self_blocks * m.draft_capacity + self._cross_blocks * m.cross_capacity
             used_slots = self._self_blocks * used_self + self._cross_blocks * used_cross
             nbytes = b["draft"] + b["draft_cache"] * used_slots // max(cap_slots, 1) + io
-            executor_layers = d.num_blocks
+            executor_layers = d.attention_blocks
         elif call.graph == "vision":
             v = self.model.vision
             if v is None:

@@ -7,7 +7,8 @@ What is counted, and why:
 - target weights: decoder layers + final norm + LM head (the graph's weights).
 - vision weights: vision tower + projector.
 - draft weights: DREAM's three decoder blocks at target width, plus its own copy of the LM head —
-  separate TensorRT engines cannot share weight memory, so the "shared" head is resident twice.
+  separate TensorRT engines cannot share weight memory, so the "shared" head is resident twice. A
+  self-spec draft's K target layers are stored once in the bundle but resident twice for the same reason.
 - embedding table: the runtime keeps it in fp32 (lookup + image splice on the host); it uses device
   memory only on unified-memory devices (Jetson, CPU). On a discrete GPU it sits in host RAM and is not
   counted against the GPU.
@@ -145,6 +146,9 @@ class DraftDesc:
     cross_attention: bool = True
     fuse_inputs: int = 0  # EAGLE baselines: an input FC over `fuse_inputs` × hidden features
     last_block_heads: int | None = None  # a supernet sub-network: query heads left in the last block
+    # self-spec: the target's first layers it runs. Stored once in the bundle, but loaded again by the
+    # draft's own engine/session (separate engines share no weight memory) and with their own K/V rows
+    shared_layers: int = 0
 
     @property
     def pruned_heads(self) -> int:
@@ -163,17 +167,20 @@ class DraftDesc:
         arch = cfg.get("arch", "dream")
         cross = bool(cfg.get("cross_attention", True)) and arch == "dream"
         blocks = (3 if cross else 2) if arch == "dream" else 1
+        if arch == "self-spec":
+            blocks = int(cfg.get("imitation_blocks", 1))
         fuse = len(cfg.get("fuse_layers") or []) if arch == "eagle3" else (2 if arch == "eagle2" else 0)
         last = cfg.get("last_block_heads")
+        shared = int(cfg.get("exit_layer", 0)) if arch == "self-spec" else 0
         return cls(cfg["hidden_size"], cfg["num_heads"], cfg.get("num_kv_heads") or cfg["num_heads"],
                    cfg["head_dim"], cfg["intermediate_size"], cfg["vocab_size"], blocks, cross, fuse,
-                   len(last) if last is not None else None)
+                   len(last) if last is not None else None, shared)
 
     def block_params(self) -> tuple[int, int]:
         """(parameters without the LM head, LM head parameters)."""
         text = TextDesc(1, self.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim,
                         self.intermediate_size, self.vocab_size)
-        body = self.num_blocks * text.layer_params() + self.hidden_size  # + final norm
+        body = (self.num_blocks + self.shared_layers) * text.layer_params() + self.hidden_size  # + final norm
         if self.cross_attention:
             body += 2 * self.num_heads * self.head_dim + 2  # per-head Q/K norms, tanh gates
         body += self.fuse_inputs * self.hidden_size * self.hidden_size
@@ -182,8 +189,9 @@ class DraftDesc:
 
     @property
     def attention_blocks(self) -> int:
-        """Blocks holding a K/V cache: every block (self-attn caches + the cross-attn feature cache)."""
-        return self.num_blocks
+        """Blocks holding a K/V cache: every block (self-attn caches + the cross-attn feature cache), and a
+        self-spec draft's shared layers (it keeps their rows in its own cache)."""
+        return self.num_blocks + self.shared_layers
 
 
 @dataclass(frozen=True)
@@ -420,7 +428,8 @@ def estimate(model: ModelDesc, target: Target | str, precision: str, kv_capacity
         MemoryItem("vision_weights", model.vision.params() * wb if model.vision else 0,
                    note="vision tower + projector"),
         MemoryItem("draft_weights", draft_body * wb + draft_head * head_b,
-                   note=f"{draft.num_blocks} blocks + own LM head copy"),
+                   note=f"{draft.num_blocks} blocks + own LM head copy"
+                   + (f" + {draft.shared_layers} target layers loaded again" if draft.shared_layers else "")),
         MemoryItem("embedding_table", t.vocab_size * t.hidden_size * cb, on_device=unified,
                    note="kept by the runtime (fp32)"),
         MemoryItem("kv_cache", kv, on_device=unified, note=f"capacity {kv_capacity}, fp32 runtime buffers"),
