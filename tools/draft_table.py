@@ -56,16 +56,17 @@ def measure(target_dir: Path, drafts: dict[str, Path], data: Path, limit: int, o
     from dream_export.core.prompts import read_prompts
     from dream_export.draft.evaluate import evaluate_drafts
     from dream_export.draft.target import load_target
-    from dream_export.draft.train import load_draft
+    from dream_export.draft.train import load_draft, load_draft_config
     from dream_export.export.bundle import ExportOptions, export_bundle
     from dream_export.runtime.bench import bench
     from dream_export.runtime.pipeline import Pipeline
     from dream_export.runtime.tree import TreeSpec
     from dream_export.targets.cpu_build import build_cpu
 
-    loaded = {name: load_draft(d) for name, d in drafts.items()}
-    taps = next((tuple(d.config.fuse_layers) for d in loaded.values() if d.config.arch == "eagle3"), ())
+    configs = [load_draft_config(d) for d in drafts.values()]
+    taps = next((tuple(c.fuse_layers) for c in configs if c.arch == "eagle3"), ())
     target = load_target(target_dir, taps=taps)
+    loaded = {name: load_draft(d, target) for name, d in drafts.items()}  # a self-spec draft runs target layers
     tree = TreeSpec(4, 6, 32)
     ref = evaluate_drafts(target, loaded, data, tree, 128, ("tree",), None, limit)
     del target
@@ -122,7 +123,7 @@ def main() -> None:
     a = ap.parse_args()
     drafts = {}
     for spec in a.draft:
-        name, sep, path = spec.partition("=")
+        name, sep, path = spec.rpartition("=")
         if not sep or not Path(path, "draft_config.json").exists():
             ap.error(f"--draft {spec!r}: expected NAME=DRAFT_DIR with a draft_config.json")
         drafts[name] = Path(path)
