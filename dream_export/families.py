@@ -261,6 +261,45 @@ class VLM:
             feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], 0)
         return feats.reshape(-1, feats.shape[-1]).to(self.dtype)
 
+    def view_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected features [views, rows, H] of preprocessed views [views, 3, h, w]: the computation the
+        exported vision graph traces. The runtime lays the rows out in the prompt (`vision_layout`)."""
+        if self.family == "llava_next":
+            # LLaVA-NeXT's get_image_features also tiles and packs (data-dependent); the graph stops before that
+            m, cfg = self.model.model, self.config
+            hs = m.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+            layer = cfg.vision_feature_layer
+            feats = hs[layer] if isinstance(layer, int) else torch.cat([hs[k] for k in layer], -1)
+            if cfg.vision_feature_select_strategy == "default":
+                feats = feats[:, 1:]  # the CLS token
+            return m.multi_modal_projector(feats)
+        feats = self.model.model.get_image_features(pixel_values=pixel_values)
+        if not torch.is_tensor(feats):  # transformers 5 wraps it in a model output
+            feats = getattr(feats, "pooler_output", None) if getattr(feats, "pooler_output", None) is not None \
+                else feats[0]
+        if isinstance(feats, (list, tuple)):
+            feats = torch.stack(list(feats))
+        return feats.reshape(pixel_values.shape[0], -1, feats.shape[-1])
+
+    def vision_layout(self, rows_per_view: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The manifest's `vision` entry (see `runtime.image_layout`) and the tensors it names, given the rows
+        the vision graph gives per view (None: only whether the family is laid out), or UsageError when the
+        runtime does not reproduce how this family lays image features out."""
+        if self.family == "llava":
+            return {"layout": "single", "rows_per_view": rows_per_view}, {}
+        if self.family == "llava_next":
+            vc = self.config.vision_config
+            grid = vc.image_size // vc.patch_size
+            if rows_per_view not in (None, grid * grid):
+                raise UsageError(f"llava_next views give {rows_per_view} rows, not the {grid}x{grid} grid its tiles "
+                                 "are packed into (vision_feature_select_strategy 'full' is not supported)")
+            return ({"layout": "anyres", "rows_per_view": rows_per_view, "grid": grid, "tile": vc.image_size,
+                     "pinpoints": [[int(h), int(w)] for h, w in self.config.image_grid_pinpoints],
+                     "newline": "image_newline"},
+                    {"image_newline": self.model.model.image_newline.detach().float()})
+        raise UsageError(f"the runtime does not lay out {self.family} image features (vision inputs "
+                         f"{', '.join(self.spec.required_vision_kwargs) or 'pixel_values'})")
+
     def _vision_kwargs(self, extras: dict) -> dict:
         missing = [k for k in self.spec.required_vision_kwargs if extras.get(k) is None]
         if missing:
@@ -447,9 +486,10 @@ def export_gaps(vlm: VLM, image_processor: Any) -> list[str]:
     lacks, vision inputs beyond pixel_values the vision graph does not take, and image preprocessing the
     runtime does not reproduce."""
     gaps = decoder_gaps(vlm)
-    if vlm.spec.required_vision_kwargs:
-        gaps.append(f"vision inputs {', '.join(vlm.spec.required_vision_kwargs)} (the vision graph takes "
-                    "pixel_values only)")
+    try:
+        vlm.vision_layout()
+    except UsageError as e:
+        gaps.append(str(e))
     try:
         params_from_hf(image_processor)
     except UsageError as e:
@@ -533,10 +573,11 @@ def _model_class(family: str):
 def params_from_hf(image_processor: Any) -> dict:
     """The HF image processor's parameters as a JSON-able dict for `runtime.preprocess.ImagePreprocessor`.
 
-    Kinds: "clip" (resize shortest edge, center crop: CLIP / LLaVA), "siglip" (resize to a fixed size:
+    Kinds: "clip" (resize shortest edge, center crop: CLIP / LLaVA), "llava_next" (any-resolution tiles),
+    "siglip" (resize to a fixed size:
     SigLIP / Gemma3), "pixtral" (Mistral3) and "qwen2_vl" (Qwen2-VL / Qwen2.5-VL). Raises UsageError for
-    processors whose extra steps are not reproduced (LLaVA's pad-to-square, Gemma3 pan-and-scan, the
-    tiling processors of LLaVA-NeXT and Idefics3).
+    processors whose extra steps are not reproduced (LLaVA's pad-to-square, Gemma3 pan-and-scan, Idefics3's
+    image splitting).
     """
     name = type(image_processor).__name__.removesuffix("Pil").removesuffix("Fast")
     ip = image_processor
@@ -553,6 +594,10 @@ def params_from_hf(image_processor: Any) -> dict:
             raise UsageError(f"{name} with do_pad=True (pad to square) is not reproduced by the runtime")
         return {"kind": "clip", **common, "size": size, "do_center_crop": bool(ip.do_center_crop),
                 "crop_size": _size_dict(ip.crop_size)}
+    if name == "LlavaNextImageProcessor":
+        return {"kind": "llava_next", **common, "size": size, "do_center_crop": bool(ip.do_center_crop),
+                "crop_size": _size_dict(ip.crop_size),
+                "image_grid_pinpoints": [[int(h), int(w)] for h, w in ip.image_grid_pinpoints]}
     if name in ("SiglipImageProcessor", "Gemma3ImageProcessor"):
         if getattr(ip, "do_pan_and_scan", False):
             raise UsageError("Gemma3 pan-and-scan is not reproduced by the runtime; disable do_pan_and_scan")

@@ -44,7 +44,11 @@ def _hf_answer(path, image) -> tuple[list[int], list[int]]:
     return enc["input_ids"][0].tolist(), out[0, enc["input_ids"].shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("family", ["llava"])
+# KV capacity per family: LLaVA-NeXT's prompts grow with the image (a base view plus up to 88 tile rows)
+KV_CAPACITY = {"llava": 160, "llava_next": 256}
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
 def test_family_end_to_end(tmp_path, family):
     from dream_export.runtime import Pipeline
 
@@ -60,7 +64,7 @@ def test_family_end_to_end(tmp_path, family):
     _invoke("train-draft", str(target), "--data", str(data), "-o", str(tmp_path / "draft"), "--steps", "40",
             "--batch-size", "2", "--lr", "1e-2")
     out = _invoke("export", str(target), "--draft", str(tmp_path / "draft"), "-o", str(tmp_path / "bundle"),
-                  "--kv-capacity", "160", "--max-tree", "32")
+                  "--kv-capacity", str(KV_CAPACITY[family]), "--max-tree", "32")
     assert "FAILED" not in out
     report = json.loads((tmp_path / "bundle" / "reports" / "parity.json").read_text())
     hf = report["hf_forward"]
@@ -70,7 +74,8 @@ def test_family_end_to_end(tmp_path, family):
     accepted = []
     for img in images:
         prompt_ids, want = _hf_answer(target, img)
-        assert pipe.prompt_ids(PROMPT) == prompt_ids  # the runtime's prompt, BOS included, is the processor's
+        # the runtime's prompt, BOS and the image's tokens included, is the processor's
+        assert pipe.prompt_ids(PROMPT, img) == prompt_ids
         got = pipe.generate(img, PROMPT, max_new_tokens=NEW_TOKENS, mode="tree")
         assert len(want) >= 16
         assert got.tokens == want

@@ -58,6 +58,12 @@ CHAT_TEMPLATES = {
               "{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
               "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] + ' ' }}"
               "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"),
+    # llava-hf/llava-v1.6-mistral-7b-hf: [INST] turns, images first, no BOS (the tokenizer adds it)
+    "llava_next": ("{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+                   "{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}"
+                   "{% endfor %}{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}"
+                   "{{ c['text'] }}{% endfor %}{{ ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+                   "{{ message['content'][0]['text'] + '</s>' }}{% endif %}{% endfor %}"),
 }
 # Families whose tokenizer adds BOS itself (a post-processor in tokenizer.json), as on the Hub.
 ADDS_BOS = ("llava", "llava_next", "mistral3")
@@ -146,7 +152,8 @@ def _llava_next(tok):
                                                  crop_size={"height": 32, "width": 32},
                                                  image_grid_pinpoints=pinpoints, **MEAN_STD)
     processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
-                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=CHAT_TEMPLATES["llava_next"])
     return LlavaNextForConditionalGeneration(config), processor
 
 

@@ -60,12 +60,14 @@ def _io(session_like) -> dict:
     return out
 
 
-def _export(module, args, path: Path, spec: GraphSpec, outputs: list[str] | None = None) -> None:
-    """Export `module` as graph `spec` (names and dynamic axes from the spec; `outputs` when optional ones vary)."""
+def _export(module, args, path: Path, spec: GraphSpec, outputs: list[str] | None = None,
+            axes: dict[str, dict[int, str]] | None = None) -> None:
+    """Export `module` as graph `spec` (names and dynamic axes from the spec; `outputs` when optional ones vary,
+    `axes` for dynamic axes a family adds, e.g. the views of an any-resolution image)."""
     import torch
 
     input_names, output_names = spec.input_names(), outputs or spec.output_names(present=())
-    dynamic_axes = spec.dynamic_axes(input_names + output_names)
+    dynamic_axes = {**spec.dynamic_axes(input_names + output_names), **(axes or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -141,14 +143,18 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
     }
     with atomic_dir(out) as tmp:
         onnx_dir = tmp / "onnx"
-        # vision
-        vg = VisionGraph(model).eval()
+        # vision: one call per image, over the image's views (one, or an anyres image's base view and tiles)
+        vg = VisionGraph(target.vlm).eval()
         size = proc.image_processor.crop_size
-        px = torch.zeros(1, 3, size["height"], size["width"])
+        multi = target.vlm.vision_layout()[0]["layout"] != "single"
+        px = torch.zeros(2 if multi else 1, 3, size["height"], size["width"])
         n_img = vg(px).shape[1]
-        # One image per request: the exported tower splits the CLS token with a fixed batch of 1.
-        _export(vg, (px,), onnx_dir / "vision.onnx", SPECS["vision"])
-        manifest["tokens"]["image_tokens_per_image"] = int(n_img)
+        layout, layout_tensors = target.vlm.vision_layout(int(n_img))
+        # single-view layouts keep a static batch of 1 (the exported CLIP tower splits the CLS token with it)
+        axes = {"pixel_values": {0: "views"}, "image_embeds": {0: "views"}} if multi else None
+        _export(vg, (px,), onnx_dir / "vision.onnx", SPECS["vision"], axes=axes)
+        manifest["tokens"]["image_tokens_per_image"] = int(n_img) if layout["layout"] == "single" else None
+        manifest["vision"] = layout
         # target
         tg = TargetGraph(dec, model.lm_head, opts.topk, getattr(text, "final_logit_softcapping", None),
                          importance=opts.attn_scores).eval()
@@ -192,8 +198,8 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
             manifest["graphs"]["draft_chain"].update(steps=opts.chain_steps,
                                                      pairs_with=manifest["graphs"]["draft"]["sha256"])
         # runtime assets: embedding table, tokenizer, template, image preprocessing
-        save_file({"embed_tokens": target.side.embed_tokens.weight.detach().float().contiguous()},
-                  str(tmp / "embeddings.safetensors"))
+        save_file({"embed_tokens": target.side.embed_tokens.weight.detach().float().contiguous(),
+                   **{k: v.contiguous() for k, v in layout_tensors.items()}}, str(tmp / "embeddings.safetensors"))
         proc.save_pretrained(tmp / "processor")
         for fname in ("tokenizer.json", "chat_template.jinja", "chat_template.json"):
             src = tmp / "processor" / fname

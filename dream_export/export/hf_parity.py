@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dream_export.errors import IncompatibleArtifactError
 from dream_export.export.compare import scaled_error
 from dream_export.export.feeds import TREE_PARENTS, ancestors, depths, ort_session
 
@@ -50,7 +51,9 @@ def _reference(target_dir: Path, image, prompt: str, tree_ids: np.ndarray) -> di
         pos = torch.cat([torch.arange(p), p + torch.from_numpy(depth)])[None]
         tree = vlm.decoder_forward(full, pos, mask[None]).hidden[:, p:]
         tree_logits = vlm.logits(tree)
-    return {"ids": ids[0].numpy(), "pixels": enc["pixel_values"].float().numpy(),
+    vision_inputs = {k: v.float().numpy() if k == "pixel_values" else v.numpy() for k, v in enc.items()
+                     if k != "input_ids" and torch.is_tensor(v)}
+    return {"ids": ids[0].numpy(), "vision_inputs": vision_inputs,
             "prefill": {"row_logits": out.logits[0].float().numpy(), "hidden": out.hidden_states[-1].float().numpy()},
             "tree": {"row_logits": tree_logits[0].float().numpy(), "hidden": tree.float().numpy()},
             "tree_mask": anc, "tree_depth": depth}
@@ -60,17 +63,26 @@ def _run_bundle(root: Path, m: dict, files: dict[str, str], ref: dict, tree_ids:
     """The bundle's prefill and tree-verify outputs (vision + embedding splice + target graph)."""
     from safetensors.numpy import load_file
 
+    from dream_export.runtime.image_layout import ImageLayout
+
     vision, target = ort_session(root / files["vision"], threads), ort_session(root / files["target"], threads)
     vin = {i.name: i.type for i in vision.get_inputs()}
     (name, kind), = vin.items()
-    px = ref["pixels"].astype(np.float16 if "float16" in kind else np.float32)
-    feats = vision.run(None, {name: px})[0].astype(np.float32)
     emb = m["embeddings"]
-    table = load_file(str(root / emb["file"]))[emb["tensor"]].astype(np.float32) * np.float32(emb.get("scale", 1.0))
+    tensors = load_file(str(root / emb["file"]))
+    table = tensors[emb["tensor"]].astype(np.float32) * np.float32(emb.get("scale", 1.0))
+    # the processor's pixels through the vision graph, laid out in the prompt as the runtime does
+    layout = ImageLayout.from_manifest(m, tensors)
+    dtype = np.float16 if "float16" in kind else np.float32
+    (feats,) = layout.encode(ref["vision_inputs"], 1,
+                             lambda px: vision.run(None, {name: px.astype(dtype)})[0].astype(np.float32))
     ids = ref["ids"]
     x = table[ids][None]
     is_img = ids == m["tokens"]["image_token_id"]
-    x[0, is_img] = feats.reshape(-1, feats.shape[-1])[: int(is_img.sum())]
+    if int(is_img.sum()) != len(feats):
+        raise IncompatibleArtifactError(f"the processor's prompt has {int(is_img.sum())} image tokens, the bundle's image "
+                             f"layout gives {len(feats)} rows")
+    x[0, is_img] = feats
     d, cap, p, n = m["dims"], m["kv_capacity"], len(ids), len(tree_ids)
     kv = (d["layers"], 1, d["kv_heads"], cap, d["head_dim"])
     have = {i.name for i in target.get_inputs()}

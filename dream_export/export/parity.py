@@ -76,7 +76,7 @@ class _Modules:
         model = self.target.model
         text = model.config.get_text_config()
         outputs = [o["name"] for o in manifest["graphs"]["target"]["outputs"]]
-        self.vision = VisionGraph(model).eval()
+        self.vision = VisionGraph(self.target.vlm).eval()
         self.target_graph = TargetGraph(self.target.side.decoder, model.lm_head, manifest["topk"],
                                         getattr(text, "final_logit_softcapping", None),
                                         importance="attn_importance" in outputs).eval()
@@ -154,6 +154,13 @@ def _random_feeds(name: str, m: dict, rng: np.random.Generator, emb_std: float) 
             "prev_feat": rng.standard_normal((1, t, h)).astype(f32)}
 
 
+def image_layout(m: dict, vlm):
+    """The bundle's image layout (`runtime.image_layout`), the tensors it names read from the loaded model."""
+    from dream_export.runtime.image_layout import ImageLayout
+
+    return ImageLayout.from_manifest(m, {k: v.numpy() for k, v in vlm.vision_layout()[1].items()})
+
+
 class _Realistic:
     """Realistic feeds, built in order: vision → target prefill → target tree → draft context → draft tree.
 
@@ -174,9 +181,13 @@ class _Realistic:
         mods, m = self.mods, self.m
         proc = mods.processor
         enc = proc(text=PromptEncoder(proc).prompt_text(prompt), images=image, return_tensors="pt")
-        px = enc["pixel_values"].float().numpy()
+        # the processor's pixels, cut into the vision graph's views and its rows laid out as the runtime does
+        layout = image_layout(m, mods.target.vlm)
+        inputs = {k: v.float().numpy() if k == "pixel_values" else v.numpy() for k, v in enc.items()}
+        px = layout.views(inputs, 0)
         self.cases["vision"]["realistic"] = {"pixel_values": px}
-        (img_emb,) = mods.run("vision", {"pixel_values": px}, _arg_names("vision"))
+        (views,) = mods.run("vision", {"pixel_values": px}, _arg_names("vision"))
+        img_emb = layout.pack(views, inputs, 0)
 
         # target prefill: the prompt's embeddings with the image features spliced in, causal mask
         n_tree = len(TREE_PARENTS)
