@@ -273,6 +273,16 @@ class VLM:
             if cfg.vision_feature_select_strategy == "default":
                 feats = feats[:, 1:]  # the CLS token
             return m.multi_modal_projector(feats)
+        if self.family == "idefics3":
+            # Views are whole (no padded patches), so every view has the same patch positions: computed here
+            # once, as HF's embeddings compute them for an all-ones patch mask (its data-dependent bucketing
+            # does not export), and fed as a constant. Then the encoder, post-norm and pixel-shuffle connector.
+            vm = self.model.model.vision_model
+            emb = vm.embeddings
+            x = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+            x = x + emb.position_embedding(_idefics3_positions(emb.num_patches_per_side).to(x.device))
+            hidden = vm.post_layernorm(vm.encoder(inputs_embeds=x).last_hidden_state)
+            return self.model.model.connector(hidden)
         feats = self.model.model.get_image_features(pixel_values=pixel_values)
         if not torch.is_tensor(feats):  # transformers 5 wraps it in a model output
             feats = getattr(feats, "pooler_output", None) if getattr(feats, "pooler_output", None) is not None \
@@ -297,6 +307,10 @@ class VLM:
                      "pinpoints": [[int(h), int(w)] for h, w in self.config.image_grid_pinpoints],
                      "newline": "image_newline"},
                     {"image_newline": self.model.model.image_newline.detach().float()})
+        if self.family == "idefics3":
+            # the marker tokens Idefics3Processor writes around each crop and the global view
+            return ({"layout": "split", "rows_per_view": rows_per_view, "around": "<fake_token_around_image>",
+                     "global": "<global-img>", "crop": "<row_{row}_col_{col}>"}, {})
         raise UsageError(f"the runtime does not lay out {self.family} image features (vision inputs "
                          f"{', '.join(self.spec.required_vision_kwargs) or 'pixel_values'})")
 
@@ -410,6 +424,15 @@ class VLM:
         z = self.lm_head(hidden)
         cap = self.facts.final_logit_softcapping
         return torch.tanh(z / cap) * cap if cap else z
+
+
+def _idefics3_positions(side: int) -> torch.Tensor:
+    """Patch position ids [side²] of a whole Idefics3 view, by HF's formula (bucketed fractional coordinates
+    with the all-ones patch mask), as a constant (python ints: a trace records no op for it)."""
+    boundaries = torch.arange(1 / side, 1.0, 1 / side)
+    coords = torch.clamp(torch.arange(side, dtype=torch.float32) * (1.0 / torch.tensor([side]))[0], max=1.0 - 1e-6)
+    bucket = torch.bucketize(coords, boundaries, right=True).tolist()
+    return torch.tensor([h * side + w for h in bucket for w in bucket])
 
 
 def _image_block_ids(is_img: torch.Tensor) -> torch.Tensor:
@@ -574,10 +597,10 @@ def params_from_hf(image_processor: Any) -> dict:
     """The HF image processor's parameters as a JSON-able dict for `runtime.preprocess.ImagePreprocessor`.
 
     Kinds: "clip" (resize shortest edge, center crop: CLIP / LLaVA), "llava_next" (any-resolution tiles),
+    "idefics3" (crops + global view),
     "siglip" (resize to a fixed size:
     SigLIP / Gemma3), "pixtral" (Mistral3) and "qwen2_vl" (Qwen2-VL / Qwen2.5-VL). Raises UsageError for
-    processors whose extra steps are not reproduced (LLaVA's pad-to-square, Gemma3 pan-and-scan, Idefics3's
-    image splitting).
+    processors whose extra steps are not reproduced (LLaVA's pad-to-square, Gemma3 pan-and-scan).
     """
     name = type(image_processor).__name__.removesuffix("Pil").removesuffix("Fast")
     ip = image_processor
@@ -598,6 +621,9 @@ def params_from_hf(image_processor: Any) -> dict:
         return {"kind": "llava_next", **common, "size": size, "do_center_crop": bool(ip.do_center_crop),
                 "crop_size": _size_dict(ip.crop_size),
                 "image_grid_pinpoints": [[int(h), int(w)] for h, w in ip.image_grid_pinpoints]}
+    if name == "Idefics3ImageProcessor":
+        return {"kind": "idefics3", **common, "size": size, "max_image_size": _size_dict(ip.max_image_size),
+                "do_image_splitting": bool(ip.do_image_splitting)}
     if name in ("SiglipImageProcessor", "Gemma3ImageProcessor"):
         if getattr(ip, "do_pan_and_scan", False):
             raise UsageError("Gemma3 pan-and-scan is not reproduced by the runtime; disable do_pan_and_scan")

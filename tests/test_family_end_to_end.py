@@ -45,10 +45,10 @@ def _hf_answer(path, image) -> tuple[list[int], list[int]]:
 
 
 # KV capacity per family: LLaVA-NeXT's prompts grow with the image (a base view plus up to 88 tile rows)
-KV_CAPACITY = {"llava": 160, "llava_next": 256}
+KV_CAPACITY = {"llava": 160, "llava_next": 256, "idefics3": 160}
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3"])
 def test_family_end_to_end(tmp_path, family):
     from dream_export.runtime import Pipeline
 

@@ -64,6 +64,12 @@ CHAT_TEMPLATES = {
                    "{% endfor %}{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}"
                    "{{ c['text'] }}{% endfor %}{{ ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
                    "{{ message['content'][0]['text'] + '</s>' }}{% endif %}{% endfor %}"),
+    # HuggingFaceTB/SmolVLM-Instruct: "User:<image>…<end_of_utterance>", no BOS
+    "idefics3": ("<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+                 "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+                 "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+                 "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+                 "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"),
 }
 # Families whose tokenizer adds BOS itself (a post-processor in tokenizer.json), as on the Hub.
 ADDS_BOS = ("llava", "llava_next", "mistral3")
@@ -172,10 +178,12 @@ def _idefics3(tok):
     text = LlamaConfig(**TEXT, **_ids(tok), rms_norm_eps=1e-5, tie_word_embeddings=False)
     config = Idefics3Config(vision_config=vision, text_config=text, image_token_id=_tid(tok, "<image>"),
                             scale_factor=2, pad_token_id=tok.pad_token_id)
-    # Without splitting every image becomes one 32×32 global view → (32/8)² / 2² = 4 image tokens.
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
-                                                do_image_splitting=False, **MEAN_STD)
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4)
+    # Images fit a 64 px longest edge and split into 32 px crops (1×2, 2×1 or 2×2) plus the 32×32 global
+    # view; each view gives (32/8)² / 2² = 4 image tokens.
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                                do_image_splitting=True, **MEAN_STD)
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
+                                  chat_template=CHAT_TEMPLATES["idefics3"])
     return Idefics3ForConditionalGeneration(config), processor
 
 

@@ -90,6 +90,7 @@ def _processor_adds_special_tokens(proc) -> bool:
 def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path, opts: ExportOptions,
                   log=print) -> dict:
     """Export vision, target and draft graphs, embeddings, tokenizer and manifest into bundle `out`."""
+    import numpy as np
     import torch
     from safetensors.torch import save_file
 
@@ -98,6 +99,7 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
     from dream_export.draft.train import load_draft
     from dream_export.export.graphs import DraftChainGraph, DraftGraph, TargetGraph, VisionGraph
     from dream_export.families import params_from_hf, require_exportable
+    from dream_export.runtime.preprocess import ImagePreprocessor
 
     t0 = time.time()
     check_sources(target_dir, draft_dir)  # readable, supported, made for each other: refuse before work
@@ -145,9 +147,10 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
         onnx_dir = tmp / "onnx"
         # vision: one call per image, over the image's views (one, or an anyres image's base view and tiles)
         vg = VisionGraph(target.vlm).eval()
-        size = proc.image_processor.crop_size
+        # a view's shape: what the runtime's preprocessing makes of a small blank image
+        view = ImagePreprocessor(params_from_hf(proc.image_processor)).preprocess(np.zeros((8, 8, 3), np.uint8))
         multi = target.vlm.vision_layout()[0]["layout"] != "single"
-        px = torch.zeros(2 if multi else 1, 3, size["height"], size["width"])
+        px = torch.zeros(2 if multi else 1, *view["pixel_values"].shape[-3:])
         n_img = vg(px).shape[1]
         layout, layout_tensors = target.vlm.vision_layout(int(n_img))
         # single-view layouts keep a static batch of 1 (the exported CLIP tower splits the CLS token with it)

@@ -10,6 +10,9 @@ numpy, so the runtime needs no torch:
   best grid pinpoint, the padding the tiling added cropped away ("unpadding") and the learned
   image-newline row appended after every feature row; the placeholder repeats the image token once per
   row, a count that depends on the image's size.
+- "split" (Idefics3 / SmolVLM): the rows of each crop, row-major, then of the global view; the placeholder
+  wraps each crop's image tokens in the processor's marker tokens (`<fake_token_around_image>`,
+  `<row_r_col_c>`, a newline after each crop row, `<global-img>` before the global view).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 from dream_export.errors import IncompatibleArtifactError, UsageError
 from dream_export.runtime.preprocess import select_best_resolution
 
-LAYOUTS = ("single", "anyres")
+LAYOUTS = ("single", "anyres", "split")
 
 
 @dataclass
@@ -62,6 +65,8 @@ class ImageLayout:
         px = inputs["pixel_values"]
         if self.kind == "single":
             return px[i:i + 1]
+        if self.kind == "split":
+            return px[i, :self._split_views(inputs, i)]
         return px[i, :self._grid(inputs["image_sizes"][i])[2] + 1]
 
     def count(self, inputs: dict | None, i: int = 0) -> int:
@@ -70,16 +75,27 @@ class ImageLayout:
             return self.rows_per_view
         if inputs is None:
             raise UsageError("the number of image tokens depends on the image: pass the image")
+        if self.kind == "split":
+            return self.rows_per_view * self._split_views(inputs, i)
         rows, cols = self._unpadded(inputs["image_sizes"][i])
         return self.rows_per_view + (rows[1] - rows[0]) * (cols[1] - cols[0] + 1)
 
     def text(self, inputs: dict | None, i: int, image_token: str) -> str:
         """The placeholder text image `i` expands to (what the family's HF processor writes)."""
-        return image_token * self.count(inputs, i)
+        if self.kind != "split":
+            return image_token * self.count(inputs, i)
+        if inputs is None:
+            raise UsageError("the number of image tokens depends on the image: pass the image")
+        p, rows, cols = self.params, int(inputs["rows"][i]), int(inputs["cols"][i])
+        view = image_token * self.rows_per_view
+        crops = "".join("".join(p["around"] + p["crop"].format(row=r + 1, col=c + 1) + view for c in range(cols)) + "\n"
+                        for r in range(rows))
+        glob = p["around"] + p["global"] + view + p["around"]
+        return crops + "\n" + glob if rows else glob
 
     def pack(self, feats: np.ndarray, inputs: dict, i: int) -> np.ndarray:
         """The vision graph's output for image `i` ([views, rows_per_view, H]) → prompt rows [n, H]."""
-        if self.kind == "single":
+        if self.kind != "anyres":
             return feats.reshape(-1, feats.shape[-1])
         size = inputs["image_sizes"][i]
         nh, nw, _ = self._grid(size)
@@ -94,6 +110,12 @@ class ImageLayout:
     def encode(self, inputs: dict, n_images: int, run: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray]:
         """Prompt rows of each image: `run` is the vision graph ([views,3,h,w] → [views, rows, H])."""
         return [self.pack(run(self.views(inputs, i)), inputs, i) for i in range(n_images)]
+
+    @staticmethod
+    def _split_views(inputs: dict, i: int) -> int:
+        """Idefics3: the real (not batch-padding) views of image `i`, from the processor's pixel mask (its
+        output has no rows and columns)."""
+        return int(inputs["pixel_attention_mask"][i].any((-2, -1)).sum())
 
     # ------------------------------------------------------------------------------------- anyres
 
