@@ -12,6 +12,7 @@ Supported: LLaVA, LLaVA-NeXT, Idefics3 (SmolVLM), Gemma3, Mistral3 (Pixtral), Qw
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,8 @@ class VLM:
             x = x + emb.position_embedding(_idefics3_positions(emb.num_patches_per_side).to(x.device))
             hidden = vm.post_layernorm(vm.encoder(inputs_embeds=x).last_hidden_state)
             return self.model.model.connector(hidden)
+        if self.family == "mistral3":
+            return self._pixtral_view_features(pixel_values)
         feats = self.model.model.get_image_features(pixel_values=pixel_values)
         if not torch.is_tensor(feats):  # transformers 5 wraps it in a model output
             feats = getattr(feats, "pooler_output", None) if getattr(feats, "pooler_output", None) is not None \
@@ -290,6 +293,31 @@ class VLM:
         if isinstance(feats, (list, tuple)):
             feats = torch.stack(list(feats))
         return feats.reshape(pixel_values.shape[0], -1, feats.shape[-1])
+
+    def _pixtral_view_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Mistral3: one image [1, 3, H, W] of any size (whole merged patches) → [1, rows, H]: Pixtral's tower
+        with 2-D RoPE over the image's own patch grid, then the projector's norm, the spatial patch merger
+        and the MLP. HF's merger unfolds per image from python sizes; the same merge as reshapes keeps the
+        grid's size symbolic in the exported graph."""
+        m, cfg = self.model.model, self.config
+        vt, proj = m.vision_tower, m.multi_modal_projector
+        x = vt.patch_conv(pixel_values.to(vt.patch_conv.weight.dtype))[0]  # [C, h, w]
+        h, w = x.shape[-2], x.shape[-1]
+        x = vt.ln_pre(x.flatten(1).T.unsqueeze(0))
+        hpos, wpos = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        pos = vt.patch_positional_embedding(x, torch.stack([hpos.flatten(), wpos.flatten()], -1))
+        states = [x]
+        for layer in vt.transformer.layers:
+            out = layer(states[-1], None, position_embeddings=pos)
+            states.append(out[0] if isinstance(out, tuple) else out)
+        layer = cfg.vision_feature_layer
+        feats = states[layer] if isinstance(layer, int) else torch.cat([states[k] for k in layer], -1)
+        feats = proj.norm(feats[0])
+        k, d = cfg.spatial_merge_size, feats.shape[-1]
+        # unfold's order: merged patches row-major, each holding channel-major k×k neighbourhoods
+        grid = feats.reshape(h // k, k, w // k, k, d).permute(0, 2, 4, 1, 3).reshape(-1, d * k * k)
+        hidden = proj.linear_2(proj.act(proj.linear_1(proj.patch_merger.merging_layer(grid))))
+        return hidden.unsqueeze(0)
 
     def vision_layout(self, rows_per_view: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
         """The manifest's `vision` entry (see `runtime.image_layout`) and the tensors it names, given the rows
@@ -311,6 +339,10 @@ class VLM:
             # the marker tokens Idefics3Processor writes around each crop and the global view
             return ({"layout": "split", "rows_per_view": rows_per_view, "around": "<fake_token_around_image>",
                      "global": "<global-img>", "crop": "<row_{row}_col_{col}>"}, {})
+        if self.family == "mistral3":
+            # PixtralProcessor's rows: [IMG] per merged patch, [IMG_BREAK] after each row, [IMG_END] last
+            step = self.config.vision_config.patch_size * self.config.spatial_merge_size
+            return ({"layout": "rows", "step": step, "break": "[IMG_BREAK]", "end": "[IMG_END]"}, {})
         raise UsageError(f"the runtime does not lay out {self.family} image features (vision inputs "
                          f"{', '.join(self.spec.required_vision_kwargs) or 'pixel_values'})")
 
@@ -558,13 +590,22 @@ def support_table() -> str:
 
 
 def load_processor(path: str | Path) -> Any:
-    """The checkpoint's `AutoProcessor`; an ImportError (transformers 5 builds some processors on
-    torchvision) becomes a UsageError carrying the whole message, not just its last line."""
+    """The checkpoint's `AutoProcessor`. Transformers 5 builds some processors on torchvision: for a Pixtral
+    processor the same processing is assembled from the tokenizer and PIL image processor
+    (`processors.PixtralPromptProcessor`); any other ImportError becomes a UsageError carrying the whole
+    message, not just its last line."""
     from transformers import AutoProcessor
 
     try:
         return AutoProcessor.from_pretrained(str(path))
     except ImportError as e:
+        cfg = Path(path) / "processor_config.json"
+        if "torchvision" in str(e).lower() and cfg.is_file() and \
+                json.loads(cfg.read_text()).get("processor_class") == "PixtralProcessor":
+            # Mistral3 / Pixtral: the same processing from its tokenizer and PIL image processor
+            from dream_export.processors import PixtralPromptProcessor
+
+            return PixtralPromptProcessor.from_pretrained(path)
         raise UsageError(f"loading the processor of {path} failed: {' '.join(str(e).split())}") from e
 
 

@@ -32,12 +32,13 @@ def _hf_answer(path, image) -> tuple[list[int], list[int]]:
     """(prompt ids, greedy answer) of the HF model itself, prompted through its own processor and chat
     template."""
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     from dream_export.core.prompts import PromptEncoder
+    from dream_export.families import load_processor
 
     model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
-    proc = AutoProcessor.from_pretrained(str(path))
+    proc = load_processor(path)  # AutoProcessor, or for Pixtral its torchvision-free equivalent
     enc = proc(text=PromptEncoder(proc).prompt_text(PROMPT), images=image, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=NEW_TOKENS, do_sample=False)
@@ -45,10 +46,10 @@ def _hf_answer(path, image) -> tuple[list[int], list[int]]:
 
 
 # KV capacity per family: LLaVA-NeXT's prompts grow with the image (a base view plus up to 88 tile rows)
-KV_CAPACITY = {"llava": 160, "llava_next": 256, "idefics3": 160}
+KV_CAPACITY = {"llava": 160, "llava_next": 256, "idefics3": 160, "mistral3": 160}
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3", "mistral3"])
 def test_family_end_to_end(tmp_path, family):
     from dream_export.runtime import Pipeline
 

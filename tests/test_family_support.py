@@ -50,10 +50,24 @@ def test_decoders_the_trace_gets_wrong_are_refused(tmp_path, tiny_vlm, family, g
     assert all(g in msg for g in gaps), msg
 
 
-def test_processor_import_error_is_shown_whole(tmp_path, tiny_vlm):
-    res = CliRunner().invoke(cli, ["train-draft", str(tiny_vlm("mistral3")), "--data", _data(tmp_path),
-                                   "-o", str(tmp_path / "draft"), "--steps", "1"])
-    assert "PixtralProcessor requires the Torchvision library" in _refusal(res)  # the cause, not the last line
+def test_processor_import_error_is_shown_whole(tiny_vlm):
+    from dream_export.families import load_processor
+
+    with pytest.raises(UsageError) as err:  # Qwen2.5-VL's processor insists on a torchvision video processor
+        load_processor(tiny_vlm("qwen2_5_vl"))
+    assert "Qwen2VLVideoProcessor requires the Torchvision library" in str(err.value)  # the cause, not the last line
+
+
+def test_pixtral_processor_loads_without_torchvision(tiny_vlm):
+    """Mistral3's PixtralProcessor needs torchvision: the same prompt comes from its tokenizer and PIL image
+    processor (rows of [IMG] per merged 16-px patch, [IMG_BREAK] between rows, [IMG_END] last)."""
+    from dream_export.families import load_processor
+
+    proc = load_processor(tiny_vlm("mistral3"))
+    enc = proc(text="[INST][IMG]What is shown?[/INST]", images=tiny_image(40, 30), return_tensors="np")
+    assert enc["image_sizes"].tolist() == [[32, 48]]  # 30×40 rounded up to whole 8·2 px merged patches
+    text = proc.tokenizer.decode(enc["input_ids"][0])
+    assert text.startswith("<s>[INST]" + ("[IMG]" * 3 + "[IMG_BREAK]") + "[IMG]" * 3 + "[IMG_END]What is shown?")
 
 
 def test_unsupported_family_names_the_supported_ones(tmp_path):

@@ -70,6 +70,12 @@ CHAT_TEMPLATES = {
                  "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
                  "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
                  "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"),
+    # mistralai Mistral3 / Pixtral: [INST] turns with [IMG] where the image goes (BOS from the tokenizer here)
+    "mistral3": ("{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST]' }}"
+                 "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '[IMG]' }}"
+                 "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{{ '[/INST]' }}"
+                 "{% elif message['role'] == 'assistant' %}{{ message['content'][0]['text'] + eos_token }}"
+                 "{% endif %}{% endfor %}"),
 }
 # Families whose tokenizer adds BOS itself (a post-processor in tokenizer.json), as on the Hub.
 ADDS_BOS = ("llava", "llava_next", "mistral3")
@@ -227,8 +233,13 @@ def _mistral3(tok):
                             spatial_merge_size=2, vision_feature_layer=-1, tie_word_embeddings=False)
     image_processor = PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size={"height": 8, "width": 8},
                                                **MEAN_STD)
-    # PixtralProcessor needs torchvision in transformers 5: save tokenizer and image processor instead.
-    return Mistral3ForConditionalGeneration(config), [tok, image_processor]
+    # PixtralProcessor needs torchvision in transformers 5: its torchvision-free stand-in writes the same
+    # files (processor_config.json with patch and merge sizes, chat template)
+    from dream_export.processors import PixtralPromptProcessor
+
+    processor = PixtralPromptProcessor(tok, image_processor, patch_size=8, spatial_merge_size=2,
+                                       chat_template=CHAT_TEMPLATES["mistral3"])
+    return Mistral3ForConditionalGeneration(config), processor
 
 
 def _qwen2_5_vl(tok):

@@ -148,13 +148,17 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
         # vision: one call per image, over the image's views (one, or an anyres image's base view and tiles)
         vg = VisionGraph(target.vlm).eval()
         # a view's shape: what the runtime's preprocessing makes of a small blank image
-        view = ImagePreprocessor(params_from_hf(proc.image_processor)).preprocess(np.zeros((8, 8, 3), np.uint8))
-        multi = target.vlm.vision_layout()[0]["layout"] != "single"
-        px = torch.zeros(2 if multi else 1, *view["pixel_values"].shape[-3:])
+        # (a non-square one, so that a traced image grid keeps its two sides apart)
+        view = ImagePreprocessor(params_from_hf(proc.image_processor)).preprocess(np.zeros((48, 32, 3), np.uint8))
+        kind = target.vlm.vision_layout()[0]["layout"]
+        px = torch.zeros(1 if kind in ("single", "rows") else 2, *view["pixel_values"].shape[-3:])
         n_img = vg(px).shape[1]
         layout, layout_tensors = target.vlm.vision_layout(int(n_img))
-        # single-view layouts keep a static batch of 1 (the exported CLIP tower splits the CLS token with it)
-        axes = {"pixel_values": {0: "views"}, "image_embeds": {0: "views"}} if multi else None
+        # single-view layouts keep a static batch of 1 (the exported CLIP tower splits the CLS token with it);
+        # tiled images vary in views, Pixtral's in size
+        axes = {"single": None,
+                "rows": {"pixel_values": {2: "height", 3: "width"}, "image_embeds": {1: "image_rows"}}}.get(
+                    kind, {"pixel_values": {0: "views"}, "image_embeds": {0: "views"}})
         _export(vg, (px,), onnx_dir / "vision.onnx", SPECS["vision"], axes=axes)
         manifest["tokens"]["image_tokens_per_image"] = int(n_img) if layout["layout"] == "single" else None
         manifest["vision"] = layout

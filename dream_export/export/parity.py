@@ -126,8 +126,11 @@ def _random_feeds(name: str, m: dict, rng: np.random.Generator, emb_std: float) 
     h, f32 = d["hidden"], np.float32
     if name == "vision":
         # batch 1: the runtime encodes one image per call (and the exported vision graphs of some
-        # families bake the batch size into a Split despite the symbolic 'batch' axis)
-        shape = [s if isinstance(s, int) else 1 for s in m["graphs"]["vision"]["inputs"][0]["shape"]]
+        # families bake the batch size into a Split despite the symbolic 'batch' axis); an image of dynamic
+        # size (Pixtral) is 2 × 3 merged patches
+        step = (m.get("vision") or {}).get("step", 1)
+        sides = {"height": 2 * step, "width": 3 * step}
+        shape = [s if isinstance(s, int) else sides.get(s, 1) for s in m["graphs"]["vision"]["inputs"][0]["shape"]]
         return {"pixel_values": rng.standard_normal(shape).astype(f32)}
     t = 5
     if name == "target":

@@ -13,6 +13,9 @@ numpy, so the runtime needs no torch:
 - "split" (Idefics3 / SmolVLM): the rows of each crop, row-major, then of the global view; the placeholder
   wraps each crop's image tokens in the processor's marker tokens (`<fake_token_around_image>`,
   `<row_r_col_c>`, a newline after each crop row, `<global-img>` before the global view).
+- "rows" (Mistral3 / Pixtral): one view per image at its own size (the vision graph's grid is dynamic);
+  one row per merged patch, the placeholder `[IMG]` per merged patch with `[IMG_BREAK]` after each row
+  and `[IMG_END]` last.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import numpy as np
 from dream_export.errors import IncompatibleArtifactError, UsageError
 from dream_export.runtime.preprocess import select_best_resolution
 
-LAYOUTS = ("single", "anyres", "split")
+LAYOUTS = ("single", "anyres", "split", "rows")
 
 
 @dataclass
@@ -51,7 +54,7 @@ class ImageLayout:
             if v.get("newline") not in tensors:
                 raise IncompatibleArtifactError("the bundle's anyres image layout lacks its image-newline row")
             newline = tensors[v["newline"]].astype(np.float32)
-        return cls(kind, int(v["rows_per_view"]), dict(v), newline)
+        return cls(kind, int(v.get("rows_per_view", 0)), dict(v), newline)
 
     @property
     def variable(self) -> bool:
@@ -67,6 +70,9 @@ class ImageLayout:
             return px[i:i + 1]
         if self.kind == "split":
             return px[i, :self._split_views(inputs, i)]
+        if self.kind == "rows":  # the image without the batch's padding
+            h, w = (int(x) for x in inputs["image_sizes"][i])
+            return px[i:i + 1, :, :h, :w]
         return px[i, :self._grid(inputs["image_sizes"][i])[2] + 1]
 
     def count(self, inputs: dict | None, i: int = 0) -> int:
@@ -77,15 +83,20 @@ class ImageLayout:
             raise UsageError("the number of image tokens depends on the image: pass the image")
         if self.kind == "split":
             return self.rows_per_view * self._split_views(inputs, i)
+        if self.kind == "rows":
+            rows, cols = self._merged_grid(inputs, i)
+            return rows * cols
         rows, cols = self._unpadded(inputs["image_sizes"][i])
         return self.rows_per_view + (rows[1] - rows[0]) * (cols[1] - cols[0] + 1)
 
     def text(self, inputs: dict | None, i: int, image_token: str) -> str:
         """The placeholder text image `i` expands to (what the family's HF processor writes)."""
-        if self.kind != "split":
+        if self.kind not in ("split", "rows"):
             return image_token * self.count(inputs, i)
         if inputs is None:
             raise UsageError("the number of image tokens depends on the image: pass the image")
+        if self.kind == "rows":
+            return pixtral_text(*self._merged_grid(inputs, i), image_token, self.params["break"], self.params["end"])
         p, rows, cols = self.params, int(inputs["rows"][i]), int(inputs["cols"][i])
         view = image_token * self.rows_per_view
         crops = "".join("".join(p["around"] + p["crop"].format(row=r + 1, col=c + 1) + view for c in range(cols)) + "\n"
@@ -111,6 +122,11 @@ class ImageLayout:
         """Prompt rows of each image: `run` is the vision graph ([views,3,h,w] → [views, rows, H])."""
         return [self.pack(run(self.views(inputs, i)), inputs, i) for i in range(n_images)]
 
+    def _merged_grid(self, inputs: dict, i: int) -> tuple[int, int]:
+        """Pixtral: (rows, columns) of merged patches of image `i`."""
+        h, w = (int(x) for x in inputs["image_sizes"][i])
+        return h // self.params["step"], w // self.params["step"]
+
     @staticmethod
     def _split_views(inputs: dict, i: int) -> int:
         """Idefics3: the real (not batch-padding) views of image `i`, from the processor's pixel mask (its
@@ -135,3 +151,9 @@ class ImageLayout:
             return (pad, ch - pad), (0, cw)
         pad = (cw - int(round(ow * (ch / oh), 7))) // 2
         return (0, ch), (pad, cw - pad)
+
+
+def pixtral_text(rows: int, cols: int, image: str, brk: str, end: str) -> str:
+    """Pixtral's placeholder of a rows × cols grid of merged patches: a row of `image` tokens then `brk`,
+    `end` instead of the last `brk` (what PixtralProcessor writes)."""
+    return (image * cols + brk) * (rows - 1) + image * cols + end
