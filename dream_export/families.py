@@ -562,17 +562,19 @@ def require_exportable(vlm: VLM, image_processor: Any = None) -> None:
 
 
 # Families whose checkpoints (as the Hub ships them) pass export, check and the runtime end to end.
-EXPORTABLE = ("llava",)
+EXPORTABLE = ("llava", "llava_next", "idefics3")
 
 # The README's support table, one row per family: (checkpoints, vision input handling, what works).
 # tests/test_family_*.py back every claim: end to end for EXPORTABLE, the refusals for the others.
 SUPPORT = {
     "llava": ("LLaVA-1.5 (llava-hf layout)", "CLIP shortest-edge resize + center crop, one image",
               "train-draft, export, check (HF forward), runtime: token-equal to HF generate"),
-    "llava_next": ("LLaVA-1.6 / NeXT", "anyres tiles + image_sizes (HF processor in train-draft)",
-                   "train-draft; export refused (tiling and image_sizes not in the runtime/vision graph)"),
-    "idefics3": ("SmolVLM / Idefics3", "image splitting, pixel shuffle (HF processor in train-draft)",
-                 "train-draft; export refused (its image processor is not reproduced by the runtime)"),
+    "llava_next": ("LLaVA-1.6 / NeXT (llava-hf layout)", "anyres: a base view + the tiles of the best grid "
+                   "pinpoint; unpadding and image-newline rows; image tokens per image from its size",
+                   "train-draft, export, check (HF forward), runtime: token-equal to HF generate"),
+    "idefics3": ("SmolVLM / Idefics3", "longest-edge resize, split into crops + a global view, pixel shuffle; "
+                 "<row_r_col_c> / <global-img> markers in the prompt",
+                 "train-draft, export, check (HF forward), runtime: token-equal to HF generate"),
     "gemma3": ("Gemma3", "SigLIP fixed-size resize", "refused: decoder norms, scaling, sliding window and "
                "bidirectional image attention are not in the traced decoder"),
     "mistral3": ("Pixtral / Mistral3", "variable image size, [IMG_BREAK] rows",

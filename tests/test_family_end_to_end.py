@@ -47,6 +47,9 @@ def _hf_answer(path, image) -> tuple[list[int], list[int]]:
 
 # KV capacity per family: LLaVA-NeXT's prompts grow with the image (a base view plus up to 88 tile rows)
 KV_CAPACITY = {"llava": 160, "llava_next": 256, "idefics3": 160, "mistral3": 160}
+# Draft learning rate: 40 steps sit inside the 100-step warmup, so the peak is never reached; the
+# families whose answers take longer to settle into the tiny targets' loops need a higher one.
+LR = {"idefics3": "3e-2", "mistral3": "3e-2"}
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3", "mistral3"])
@@ -63,7 +66,7 @@ def test_family_end_to_end(tmp_path, family):
     data.write_text("\n".join(rows) + "\n")
 
     _invoke("train-draft", str(target), "--data", str(data), "-o", str(tmp_path / "draft"), "--steps", "40",
-            "--batch-size", "2", "--lr", "1e-2")
+            "--batch-size", "2", "--lr", LR.get(family, "1e-2"))
     out = _invoke("export", str(target), "--draft", str(tmp_path / "draft"), "-o", str(tmp_path / "bundle"),
                   "--kv-capacity", str(KV_CAPACITY[family]), "--max-tree", "32")
     assert "FAILED" not in out

@@ -111,4 +111,4 @@ def test_readme_support_table_is_the_generated_one():
     block = readme.split("<!-- support-table:start -->\n")[1].split("\n<!-- support-table:end -->")[0]
     assert block == support_table()
     assert tuple(SUPPORT) == supported_families()
-    assert EXPORTABLE == ("llava",)  # the families test_family_end_to_end covers
+    assert EXPORTABLE == ("llava", "llava_next", "idefics3")  # the families test_family_end_to_end covers
