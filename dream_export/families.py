@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dream_export.errors import UsageError
@@ -317,17 +318,27 @@ class VLM:
     def prefill_mask(self, input_ids: torch.Tensor, **processor_extras: Any) -> torch.Tensor:
         """Bool [B,T,T] "query may attend key" mask of the prompt as the HF model builds it: causal,
         and for Gemma3 also bidirectional within each image's block of image tokens (HF does that when
-        the processor's token_type_ids are passed, which its processor always returns)."""
-        b, t = input_ids.shape
-        mask = torch.ones(t, t, dtype=torch.bool, device=self.device).tril().expand(b, t, t).clone()
-        if self.spec.bidirectional_image_blocks:
-            types = processor_extras.get("token_type_ids")
-            is_img = (types.to(self.device) == 1) if types is not None else self.image_token_mask(input_ids)
-            block = _image_block_ids(is_img)
-            mask |= (block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0)
-        return mask
+        the processor's token_type_ids are passed, which its processor always returns). The rule is
+        `runtime.masks.prefill_mask`, the one the runtime applies."""
+        from dream_export.runtime.masks import prefill_mask
+
+        types = processor_extras.get("token_type_ids")
+        is_img = (types == 1) if types is not None and self.spec.bidirectional_image_blocks \
+            else self.image_token_mask(input_ids)
+        rows = [prefill_mask(r.cpu().numpy(), self.spec.bidirectional_image_blocks) for r in is_img]
+        return torch.from_numpy(np.stack(rows)).to(self.device)
 
     # ---------------------------------------------------------------------------------- decoder
+
+    def decoder(self, taps: tuple[int, ...] = ()) -> torch.nn.Module:
+        """The explicit-KV decoder the export traces and drafting reads features from
+        (`modeling.decoder.TargetDecoder`), laid out as this family's blocks compute."""
+        from dream_export.modeling.decoder import DecoderLayout, TargetDecoder
+
+        f = self.facts
+        layout = DecoderLayout(f.layer_types, f.sliding_window, f.attention_scale, f.qk_norm, f.sandwich_norm,
+                               rope_by_layer_type=isinstance(f.rope_parameters.get("full_attention"), dict))
+        return TargetDecoder(self.language_model, taps=taps, layout=layout)
 
     def decoder_forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
                         attention_mask: torch.Tensor | None = None, output_hidden_states: bool = False,
@@ -336,7 +347,9 @@ class VLM:
 
         attention_mask: bool [B,T,T] (or [B,1,T,T]), True where query i may attend key j — causal
         prefill, a tree-ancestry mask, or `prefill_mask(...)`; None means causal. Sliding-window
-        layers additionally restrict keys to i - j < window (sequence indices, as HF does).
+        layers additionally restrict keys to those less than `window` positions back (by position, so a
+        tree node sees the ancestors HF's token-by-token decoding of its path would; for a sequence
+        with positions 0..T-1 this is HF's own i - j < window).
         position_ids: [B,T], or [3,B,T] for mRoPE families.
         """
         b, t, _ = inputs_embeds.shape
@@ -344,13 +357,14 @@ class VLM:
             attention_mask = torch.ones(t, t, dtype=torch.bool, device=inputs_embeds.device).tril()
         allowed = attention_mask.to(inputs_embeds.device, torch.bool).reshape(-1, 1, t, t).expand(b, 1, t, t)
         out = self.language_model(inputs_embeds=inputs_embeds, position_ids=position_ids.to(inputs_embeds.device),
-                                  attention_mask=self._hf_masks(allowed, inputs_embeds.dtype), use_cache=False,
+                                  attention_mask=self._hf_masks(allowed, position_ids, inputs_embeds.dtype),
+                                  use_cache=False,
                                   output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                                   return_dict=True)
         return DecoderOutput(out.last_hidden_state, out.hidden_states if output_hidden_states else None,
                              out.attentions if output_attentions else None)
 
-    def _hf_masks(self, allowed: torch.Tensor, dtype: torch.dtype):
+    def _hf_masks(self, allowed: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
         """Additive 4D masks in the form the HF decoder takes: one tensor when every layer is alike,
         else a {layer_type: mask} dict (Gemma3, Qwen2.5-VL with sliding layers accept it). Additive
         float rather than bool because HF's eager attention adds the mask to the scores."""
@@ -359,8 +373,8 @@ class VLM:
         for kind in set(self.facts.layer_types):
             m = allowed
             if kind == "sliding_attention" and self.facts.sliding_window:
-                idx = torch.arange(t, device=allowed.device)
-                m = m & ((idx[:, None] - idx[None, :]) < self.facts.sliding_window)
+                pos = position_ids.to(allowed.device).reshape(-1, t)[:, None]  # [B,1,T] (1-D positions)
+                m = m & ((pos[..., :, None] - pos[..., None, :]) < self.facts.sliding_window)
             masks[kind] = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
         return next(iter(masks.values())) if len(masks) == 1 else masks
 
@@ -371,13 +385,6 @@ class VLM:
         z = self.lm_head(hidden)
         cap = self.facts.final_logit_softcapping
         return torch.tanh(z / cap) * cap if cap else z
-
-
-def _image_block_ids(is_img: torch.Tensor) -> torch.Tensor:
-    """[B,T] index of the contiguous image-token run each token belongs to, -1 for text tokens."""
-    prev = torch.nn.functional.pad(is_img, (1, 0), value=False)[:, :-1]
-    starts = is_img & ~prev
-    return torch.where(is_img, torch.cumsum(starts.int(), 1) - 1, torch.full_like(is_img, -1, dtype=torch.int))
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -418,27 +425,16 @@ def wrap_vlm(model: Any, path: str | Path | None = None) -> VLM:
 
 
 def decoder_gaps(vlm: VLM) -> list[str]:
-    """What the explicit-KV decoder the export traces (`modeling.decoder.TargetDecoder`: Llama/Mistral
-    blocks, 1-D RoPE, causal or tree masks) does not reproduce of this checkpoint's decoder. Empty when
-    an export would compute what the HF model computes; otherwise export refuses rather than write a
-    silently wrong graph."""
+    """What the explicit-KV decoder the export traces (`VLM.decoder`) does not reproduce of this
+    checkpoint's decoder. Empty when an export would compute what the HF model computes; otherwise
+    export refuses rather than write a silently wrong graph."""
     f, gaps = vlm.facts, []
-    if f.norm != "rms":
-        gaps.append("(1+w) RMSNorm")
-    if f.embed_scale != 1.0:
-        gaps.append(f"embedding scale {f.embed_scale:g}")
-    if f.qk_norm:
-        gaps.append("q/k norms")
-    if f.sandwich_norm:
-        gaps.append("pre/post feed-forward norms")
-    if abs(f.attention_scale - f.head_dim**-0.5) > 1e-9 * f.attention_scale:
-        gaps.append(f"attention scale {f.attention_scale:g} (query_pre_attn_scalar)")
-    if f.sliding_window:
-        gaps.append(f"sliding-window layers ({f.sliding_window})")
     if f.rope_kind != "default":
         gaps.append("3-D mRoPE positions")
-    if vlm.spec.bidirectional_image_blocks:
-        gaps.append("bidirectional attention among image tokens")
+    if f.sliding_window and f.rope_kind != "default":
+        gaps.append("sliding-window layers over 3-D positions")
+    if getattr(vlm.text_config, "attn_logit_softcapping", None):
+        gaps.append("attention logit soft-capping")
     return gaps
 
 
@@ -515,6 +511,16 @@ def eos_ids(model: Any, tokenizer: Any = None) -> list[int]:
         if ids:
             return list(dict.fromkeys(ids))
     return []
+
+
+def image_prompt_text(vlm: VLM, processor: Any, n_tokens: int) -> tuple[str, str]:
+    """(what the chat template writes for one image, the text the processor expands it to): the image
+    token and `n_tokens` of it, or Gemma3's <start_of_image> and its blank-line-framed
+    <start_of_image> + image tokens + <end_of_image>."""
+    if vlm.family == "gemma3":
+        return processor.boi_token, processor.full_image_sequence
+    token = processor.tokenizer.convert_ids_to_tokens(vlm.image_token_id)
+    return token, token * n_tokens
 
 
 def _model_class(family: str):

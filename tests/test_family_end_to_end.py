@@ -29,22 +29,22 @@ def _invoke(*args: str) -> str:
 
 
 def _hf_answer(path, image) -> tuple[list[int], list[int]]:
-    """(prompt ids, greedy answer) of the HF model itself, prompted through its own processor and chat
-    template."""
+    """(prompt ids, greedy answer) of the HF model itself, prompted as its model cards show: the
+    processor's `apply_chat_template` with the image in the message."""
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from dream_export.core.prompts import PromptEncoder
-
     model = AutoModelForImageTextToText.from_pretrained(str(path), dtype=torch.float32).eval()
     proc = AutoProcessor.from_pretrained(str(path))
-    enc = proc(text=PromptEncoder(proc).prompt_text(PROMPT), images=image, return_tensors="pt")
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": PROMPT}]}]
+    enc = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                   return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**enc, max_new_tokens=NEW_TOKENS, do_sample=False)
     return enc["input_ids"][0].tolist(), out[0, enc["input_ids"].shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("family", ["llava"])
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
 def test_family_end_to_end(tmp_path, family):
     from dream_export.runtime import Pipeline
 

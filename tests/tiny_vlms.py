@@ -32,7 +32,7 @@ FAMILY_SPECIALS: dict[str, tuple[list[str], dict[str, str]]] = {
     "llava_next": (["<image>"], {"image_token": "<image>"}),
     "idefics3": (["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
                  + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)], {}),
-    "gemma3": (["<start_of_image>", "<image_soft_token>", "<end_of_image>"],
+    "gemma3": (["<start_of_image>", "<image_soft_token>", "<end_of_image>", "<start_of_turn>", "<end_of_turn>"],
                {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>",
                 "eoi_token": "<end_of_image>"}),
     "mistral3": (["[IMG]", "[IMG_BREAK]", "[IMG_END]"], {}),
@@ -52,15 +52,31 @@ PROMPTS = {
 
 
 # Chat templates as the families' Hub checkpoints ship them (trimmed to user turns with one image);
-# llava-hf's carries no BOS: its Llama tokenizer adds one.
+# llava-hf's carries no BOS: its Llama tokenizer adds one. Gemma3's writes the BOS although its tokenizer
+# adds one too (HF's apply_chat_template then tokenizes without special tokens).
 CHAT_TEMPLATES = {
     "llava": ("{% for message in messages %}{{ message['role'].upper() + ': ' }}"
               "{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
               "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] + ' ' }}"
               "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"),
+    "gemma3": ("{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+               "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}"
+               "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = '' -%}"
+               "{%- set loop_messages = messages -%}{%- endif -%}"
+               "{%- for message in loop_messages -%}"
+               "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+               "{%- endif -%}{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+               "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+               "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+               "{%- else -%}{%- for item in message['content'] -%}"
+               "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+               "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}{%- endif -%}"
+               "{{ '<end_of_turn>\n' }}{%- endfor -%}"
+               "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"),
 }
 # Families whose tokenizer adds BOS itself (a post-processor in tokenizer.json), as on the Hub.
-ADDS_BOS = ("llava", "llava_next", "mistral3")
+ADDS_BOS = ("llava", "llava_next", "gemma3", "mistral3")
 
 
 def tiny_tokenizer(family: str):
@@ -191,8 +207,12 @@ def _gemma3(tok):
                           boi_token_index=_tid(tok, "<start_of_image>"), eoi_token_index=_tid(tok, "<end_of_image>"),
                           image_token_index=_tid(tok, "<image_soft_token>"))
     image_processor = Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, **MEAN_STD)
-    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=4)
-    return Gemma3ForConditionalGeneration(config), processor
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=4,
+                                chat_template=CHAT_TEMPLATES["gemma3"])
+    model = Gemma3ForConditionalGeneration(config)
+    # as on the Hub: an answer ends at <eos> or at the end of the model's turn
+    model.generation_config.eos_token_id = [tok.eos_token_id, _tid(tok, "<end_of_turn>")]
+    return model, processor
 
 
 def _mistral3(tok):

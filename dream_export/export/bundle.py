@@ -78,11 +78,11 @@ def _export(module, args, path: Path, spec: GraphSpec, outputs: list[str] | None
 def _processor_adds_special_tokens(proc) -> bool:
     """Whether the HF processor's tokenization adds the tokenizer's special tokens (llava-hf: a BOS the
     chat template leaves out), so the runtime encodes prompts the same way."""
-    from dream_export.core.prompts import PromptEncoder
+    from dream_export.core.prompts import PromptEncoder, adds_special_tokens
 
     text = PromptEncoder(proc).prompt_text("?")
     plain = proc.tokenizer(text, add_special_tokens=False)["input_ids"]
-    return proc.tokenizer(text)["input_ids"] != plain
+    return adds_special_tokens(proc.tokenizer, text) and proc.tokenizer(text)["input_ids"] != plain
 
 
 def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path, opts: ExportOptions,
@@ -95,7 +95,7 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
     from dream_export.draft.target import load_target
     from dream_export.draft.train import load_draft
     from dream_export.export.graphs import DraftChainGraph, DraftGraph, TargetGraph, VisionGraph
-    from dream_export.families import params_from_hf, require_exportable
+    from dream_export.families import image_prompt_text, params_from_hf, require_exportable
 
     t0 = time.time()
     check_sources(target_dir, draft_dir)  # readable, supported, made for each other: refuse before work
@@ -135,7 +135,13 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
                    "bos_id": proc.tokenizer.bos_token_id, "eos_id": target.eos_ids[0], "eos_ids": target.eos_ids,
                    "pad_id": proc.tokenizer.pad_token_id,
                    "add_special_tokens": _processor_adds_special_tokens(proc)},
-        "embeddings": {"file": "embeddings.safetensors", "tensor": "embed_tokens", "scale": 1.0},
+        # the table is stored as the checkpoint holds it; the runtime multiplies by the family's scale
+        # (Gemma3: sqrt(hidden)), as the HF embedding module does — image features are not scaled
+        "embeddings": {"file": "embeddings.safetensors", "tensor": "embed_tokens",
+                       "scale": target.vlm.facts.embed_scale},
+        # how the runtime lays out a prompt for this decoder (see runtime.masks.prefill_mask)
+        "decoder": {"family": target.vlm.family, "image_blocks_bidirectional": target.vlm.spec.bidirectional_image_blocks,
+                    "rope": target.vlm.facts.rope_kind, "sliding_window": target.vlm.facts.sliding_window},
         "precision": {"vision": opts.precision, "target": opts.precision, "draft": opts.precision},
         "graphs": {},
     }
@@ -143,12 +149,14 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
         onnx_dir = tmp / "onnx"
         # vision
         vg = VisionGraph(model).eval()
-        size = proc.image_processor.crop_size
+        size = getattr(proc.image_processor, "crop_size", None) or proc.image_processor.size
         px = torch.zeros(1, 3, size["height"], size["width"])
         n_img = vg(px).shape[1]
         # One image per request: the exported tower splits the CLS token with a fixed batch of 1.
         _export(vg, (px,), onnx_dir / "vision.onnx", SPECS["vision"])
         manifest["tokens"]["image_tokens_per_image"] = int(n_img)
+        manifest["tokens"]["image_placeholder"], manifest["tokens"]["image_text"] = image_prompt_text(
+            target.vlm, proc, int(n_img))
         # target
         tg = TargetGraph(dec, model.lm_head, opts.topk, getattr(text, "final_logit_softcapping", None),
                          importance=opts.attn_scores).eval()
@@ -172,7 +180,8 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
         # the predecessor's feature instead)
         if opts.chain_steps > 0 and draft.uses_cross:
             cg = DraftChainGraph(draft, model.lm_head, opts.chain_steps, dcfg.final_logit_softcapping).eval()
-            c_args = (*d_args[:-1], target.side.embed_tokens.weight.detach().float())
+            # the table the chain's steps look up carries the family's embedding scale, as the runtime's does
+            c_args = (*d_args[:-1], target.side.embed_tokens.weight.detach().float() * target.vlm.facts.embed_scale)
             _export(cg, c_args, onnx_dir / "draft_chain.onnx", SPECS["draft_chain"])
             graphs.append("draft_chain")
         for name in graphs:

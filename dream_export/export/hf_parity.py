@@ -21,6 +21,7 @@ import numpy as np
 
 from dream_export.export.compare import scaled_error
 from dream_export.export.feeds import TREE_PARENTS, ancestors, depths, ort_session
+from dream_export.runtime.masks import prefill_mask
 
 # fp32: ONNX Runtime vs transformers differ only in summation order and fused kernels. fp16: as the
 # graph-against-module parity (`parity.TOLERANCE`).
@@ -34,7 +35,7 @@ def _reference(target_dir: Path, image, prompt: str, tree_ids: np.ndarray) -> di
 
     vlm = load_vlm(target_dir, dtype=torch.float32)
     proc = load_processor(target_dir)
-    enc = dict(proc(text=PromptEncoder(proc).prompt_text(prompt), images=image, return_tensors="pt"))
+    enc = dict(PromptEncoder(proc).encode([image], [prompt]))
     anc, depth = ancestors(TREE_PARENTS), depths(TREE_PARENTS)
     with torch.no_grad():
         out = vlm.model(**enc, output_hidden_states=True)
@@ -44,7 +45,7 @@ def _reference(target_dir: Path, image, prompt: str, tree_ids: np.ndarray) -> di
         merged = vlm.merge(ids, enc["pixel_values"], **extras)
         full = torch.cat([merged, vlm.embed_text(torch.from_numpy(tree_ids)[None])], 1)
         mask = torch.zeros(p + n, p + n, dtype=torch.bool)
-        mask[:p, :p] = torch.ones(p, p, dtype=torch.bool).tril()
+        mask[:p, :p] = vlm.prefill_mask(ids, **extras)[0]
         mask[p:, :p] = True
         mask[p:, p:] = torch.from_numpy(anc)
         pos = torch.cat([torch.arange(p), p + torch.from_numpy(depth)])[None]
@@ -80,7 +81,7 @@ def _run_bundle(root: Path, m: dict, files: dict[str, str], ref: dict, tree_ids:
         return dict(zip(outs, target.run(outs, {k: v for k, v in feeds.items() if k in have}), strict=True))
 
     mask = np.zeros((1, p, cap + p), bool)
-    mask[0, :, cap:] = np.tril(np.ones((p, p), bool))
+    mask[0, :, cap:] = prefill_mask(is_img, m.get("decoder", {}).get("image_blocks_bidirectional", False))
     pre = run({"inputs_embeds": x, "position_ids": np.arange(p)[None], "attention_mask": mask,
                "past_key": np.zeros(kv, np.float32), "past_value": np.zeros(kv, np.float32),
                "logit_rows": np.arange(p)})

@@ -75,7 +75,11 @@ def normalize(messages: Sequence[dict]) -> tuple[list[dict], list[Any]]:
 class ChatTemplate:
     """The bundle's chat template, sandboxed, with the special tokens and image-token expansion it needs."""
 
-    def __init__(self, source: str | None, bos_token: str, eos_token: str, image_token: str, image_rows: int):
+    def __init__(self, source: str | None, bos_token: str, eos_token: str, image_token: str, image_rows: int,
+                 image_text: tuple[str, str] | None = None):
+        """`image_text`: (what the template writes for an image, the text the processor expands it to)
+        when that is not the image token repeated `image_rows` times (Gemma3: <start_of_image> becomes
+        blank lines around <start_of_image>, the image tokens and <end_of_image>)."""
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
@@ -83,6 +87,7 @@ class ChatTemplate:
         self.template = env.from_string(source or DEFAULT_TEMPLATE)
         self.tokens = {"bos_token": bos_token, "eos_token": eos_token, "image_token": image_token}
         self.image_token, self.image_rows = image_token, image_rows
+        self.image_text = image_text or (image_token, image_token * image_rows)
         # Many VLM templates (LLaVA's among them) drop system messages. The prompt is then folded into
         # the first user turn, as Mistral's and Gemma's own templates do, rather than silently lost.
         try:
@@ -103,7 +108,7 @@ class ChatTemplate:
             text = self._render(messages)
         except _TemplateRaised as e:
             raise UsageError(f"the bundle's chat template refused the conversation: {e}") from e
-        return text.replace(self.image_token, self.image_token * self.image_rows)
+        return text.replace(*self.image_text)
 
 
 def fold_system(messages: list[dict]) -> list[dict]:

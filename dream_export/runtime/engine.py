@@ -36,7 +36,7 @@ from dream_export.runtime.drafting import (
     StepwiseChainDrafter,
     TreeDrafter,
 )
-from dream_export.runtime.masks import SLOT_BUCKET, cache_mask, row_index
+from dream_export.runtime.masks import SLOT_BUCKET, cache_mask, prefill_mask, row_index
 from dream_export.runtime.target import TargetRunner
 from dream_export.runtime.tree import TreeSpec, VerifyTree, causal
 
@@ -130,6 +130,8 @@ class SpecEngine:
         # a chain round is as deep as the exported chain graph (its steps + the context pass's token)
         chain = m["graphs"].get("draft_chain")
         self.chain_depth = chain["steps"] + 1 if chain else DEFAULT_CHAIN_DEPTH
+        # Gemma3 reads each image's tokens bidirectionally at prefill
+        self.image_blocks = bool(m.get("decoder", {}).get("image_blocks_bidirectional", False))
 
     def embed(self, ids) -> np.ndarray:
         """Embedding rows of token ids."""
@@ -167,7 +169,7 @@ class SpecEngine:
         eos_ids = frozenset(() if eos_id is None else [eos_id] if isinstance(eos_id, int) else eos_id)
         st = RoundState(sampling or SamplingParams(), eos_ids, max_new_tokens,
                         stats if stats is not None else EngineStats())
-        out = self.prefill(prompt_embeds, st)
+        out = self.prefill(prompt_embeds, st, image_mask)
         yield Round([st.root], 1)
         if st.done:
             return
@@ -186,13 +188,15 @@ class SpecEngine:
         # ended by EOS, max_new_tokens or the KV capacity (the pipeline reports finish_reason="capacity")
 
     # ---- the steps of a request ----------------------------------------------------------------
-    def prefill(self, prompt_embeds: np.ndarray, st: RoundState) -> dict:
-        """Run the prompt through the target, commit its KV rows and pick the first token (the root)."""
+    def prefill(self, prompt_embeds: np.ndarray, st: RoundState, image_mask: np.ndarray | None = None) -> dict:
+        """Run the prompt through the target, commit its KV rows and pick the first token (the root).
+        `image_mask` [n]: the image-token slots (the family's prefill mask may read images bidirectionally)."""
         n = prompt_embeds.shape[0]
         if n + 1 > self.target.capacity:
             raise UsageError(f"prompt of {n} tokens does not fit the KV capacity {self.target.capacity}")
+        mask = causal(n) if image_mask is None else prefill_mask(image_mask, self.image_blocks)
         with st.stats.timed("prefill"):
-            out = self.target.run(prompt_embeds, np.arange(n), causal(n), [n - 1], past=0)
+            out = self.target.run(prompt_embeds, np.arange(n), mask, [n - 1], past=0)
             self.target.commit(out, np.arange(n), 0)
         st.root = self._choose(out, 0, st)
         st.committed, st.produced, st.stopped = n, 1, st.root in st.eos_ids

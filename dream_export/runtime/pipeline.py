@@ -122,8 +122,9 @@ class Pipeline:
         self.bos_token = self.tokenizer.id_to_token(tok["bos_id"]) if tok.get("bos_id") is not None else ""
         self.eos_token = self.tokenizer.id_to_token(self.eos_id)
         self.n_image_tokens = tok["image_tokens_per_image"]
+        image_text = (tok["image_placeholder"], tok["image_text"]) if tok.get("image_text") else None
         self.template = ChatTemplate(m.get("chat_template"), self.bos_token, self.eos_token, self.image_token,
-                                     self.n_image_tokens)
+                                     self.n_image_tokens, image_text)
         self.engine = SpecEngine(bundle, backend, self.embed_table)
         self.kv_capacity = self.engine.target.capacity
         self._lock = threading.Lock()
