@@ -337,7 +337,8 @@ class VLM:
 
         f = self.facts
         layout = DecoderLayout(f.layer_types, f.sliding_window, f.attention_scale, f.qk_norm, f.sandwich_norm,
-                               rope_by_layer_type=isinstance(f.rope_parameters.get("full_attention"), dict))
+                               rope_by_layer_type=isinstance(f.rope_parameters.get("full_attention"), dict),
+                               mrope=f.rope_kind == "mrope")
         return TargetDecoder(self.language_model, taps=taps, layout=layout)
 
     def decoder_forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
@@ -429,8 +430,6 @@ def decoder_gaps(vlm: VLM) -> list[str]:
     checkpoint's decoder. Empty when an export would compute what the HF model computes; otherwise
     export refuses rather than write a silently wrong graph."""
     f, gaps = vlm.facts, []
-    if f.rope_kind != "default":
-        gaps.append("3-D mRoPE positions")
     if f.sliding_window and f.rope_kind != "default":
         gaps.append("sliding-window layers over 3-D positions")
     if getattr(vlm.text_config, "attn_logit_softcapping", None):
@@ -463,7 +462,7 @@ def require_exportable(vlm: VLM, image_processor: Any = None) -> None:
 
 
 # Families whose checkpoints (as the Hub ships them) pass export, check and the runtime end to end.
-EXPORTABLE = ("llava",)
+EXPORTABLE = ("llava", "gemma3")
 
 # The README's support table, one row per family: (checkpoints, vision input handling, what works).
 # tests/test_family_*.py back every claim: end to end for EXPORTABLE, the refusals for the others.
@@ -474,8 +473,9 @@ SUPPORT = {
                    "train-draft; export refused (tiling and image_sizes not in the runtime/vision graph)"),
     "idefics3": ("SmolVLM / Idefics3", "image splitting, pixel shuffle (HF processor in train-draft)",
                  "train-draft; export refused (its image processor is not reproduced by the runtime)"),
-    "gemma3": ("Gemma3", "SigLIP fixed-size resize", "refused: decoder norms, scaling, sliding window and "
-               "bidirectional image attention are not in the traced decoder"),
+    "gemma3": ("Gemma3", "SigLIP fixed-size resize (no pan-and-scan), <start_of_image> block",
+               "train-draft, export, check (HF forward), runtime: token-equal to HF generate (sliding window, "
+               "bidirectional image prefill, all EOS ids)"),
     "mistral3": ("Pixtral / Mistral3", "variable image size, [IMG_BREAK] rows",
                  "not yet: under transformers 5 its processor needs torchvision (the whole ImportError is shown)"),
     "qwen2_5_vl": ("Qwen2.5-VL", "dynamic resolution, image_grid_thw", "refused: 3-D mRoPE positions are not "

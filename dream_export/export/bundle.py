@@ -141,7 +141,8 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
                        "scale": target.vlm.facts.embed_scale},
         # how the runtime lays out a prompt for this decoder (see runtime.masks.prefill_mask)
         "decoder": {"family": target.vlm.family, "image_blocks_bidirectional": target.vlm.spec.bidirectional_image_blocks,
-                    "rope": target.vlm.facts.rope_kind, "sliding_window": target.vlm.facts.sliding_window},
+                    "rope": target.vlm.facts.rope_kind, "sliding_window": target.vlm.facts.sliding_window,
+                    "spatial_merge_size": getattr(getattr(cfg, "vision_config", None), "spatial_merge_size", None)},
         "precision": {"vision": opts.precision, "target": opts.precision, "draft": opts.precision},
         "graphs": {},
     }
@@ -161,7 +162,9 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
         tg = TargetGraph(dec, model.lm_head, opts.topk, getattr(text, "final_logit_softcapping", None),
                          importance=opts.attn_scores).eval()
         t = 4
-        t_args = (torch.zeros(1, t, hidden), torch.arange(t)[None], torch.ones(1, t, cap + t, dtype=torch.bool),
+        # positions [1, T], or mRoPE's [3, T] (the runtime computes them: runtime.positions)
+        pos = torch.arange(t)[None].expand(3 if target.vlm.facts.rope_kind == "mrope" else 1, t)
+        t_args = (torch.zeros(1, t, hidden), pos, torch.ones(1, t, cap + t, dtype=torch.bool),
                   torch.zeros(n_layers, 1, kvh, cap, hd), torch.zeros(n_layers, 1, kvh, cap, hd), torch.tensor([t - 1]))
         scores = ["attn_importance", "attn_importance_max"] if opts.attn_scores else []
         t_out = SPECS["target"].output_names(present=scores + (["taps"] if taps else []))

@@ -37,6 +37,7 @@ class DecoderLayout:
     qk_norm: bool = False
     sandwich_norm: bool = False
     rope_by_layer_type: bool = False
+    mrope: bool = False  # 3-D (temporal, height, width) positions: [3,T] in the graph, [3,B,T] in torch
 
 
 class TargetDecoder(nn.Module):
@@ -65,8 +66,10 @@ class TargetDecoder(nn.Module):
         self.taps = tuple(taps)
 
     def _rope(self, x: torch.Tensor, position_ids: torch.Tensor) -> dict:
-        """(cos, sin) [B,1,T,D] per layer type; position_ids [B,T], or [3,B,T] for mRoPE (the HF rotary
-        module lays the three axes out over the frequency sections)."""
+        """(cos, sin) [B,1,T,D] per layer type; position_ids [B,T], or for mRoPE [3,B,T] or the graph's [3,T]
+        (the HF rotary module lays the three axes out over the frequency sections)."""
+        if self.layout.mrope and position_ids.dim() == 2:
+            position_ids = position_ids[:, None]
         out = {}
         for kind in dict.fromkeys(self.layout.layer_types):
             args = (kind,) if self.layout.rope_by_layer_type else ()
