@@ -478,8 +478,9 @@ SUPPORT = {
                "bidirectional image prefill, all EOS ids)"),
     "mistral3": ("Pixtral / Mistral3", "variable image size, [IMG_BREAK] rows",
                  "not yet: under transformers 5 its processor needs torchvision (the whole ImportError is shown)"),
-    "qwen2_5_vl": ("Qwen2.5-VL", "dynamic resolution, image_grid_thw", "refused: 3-D mRoPE positions are not "
-                   "in the traced decoder"),
+    "qwen2_5_vl": ("Qwen2.5-VL", "dynamic resolution, image_grid_thw (processor loads without torchvision)",
+                   "train-draft; target graph with runtime 3-D mRoPE positions equals HF forward and generate; "
+                   "export refused (window-attention vision over image_grid_thw not in the vision graph)"),
 }
 
 
@@ -492,13 +493,46 @@ def support_table() -> str:
 
 def load_processor(path: str | Path) -> Any:
     """The checkpoint's `AutoProcessor`; an ImportError (transformers 5 builds some processors on
-    torchvision) becomes a UsageError carrying the whole message, not just its last line."""
-    from transformers import AutoProcessor
+    torchvision) becomes a UsageError carrying the whole message, not just its last line. Qwen2.5-VL's
+    processor needs torchvision only for its video processor: without it, the same processor class is
+    built from the saved tokenizer and image processor, images only (`_qwen_image_processor`)."""
+    from transformers import AutoConfig, AutoProcessor
 
     try:
         return AutoProcessor.from_pretrained(str(path))
     except ImportError as e:
+        if getattr(AutoConfig.from_pretrained(str(path)), "model_type", None) == "qwen2_5_vl":
+            return _qwen_image_processor(path)
         raise UsageError(f"loading the processor of {path} failed: {' '.join(str(e).split())}") from e
+
+
+def _qwen_image_processor(path: str | Path) -> Any:
+    """transformers' own `Qwen2_5_VLProcessor` (its image-token expansion, mm_token_type_ids and chat
+    template) over the checkpoint's tokenizer and image processor, without the video processor whose
+    import needs torchvision (its wheels are CUDA builds that do not sit beside a CPU torch)."""
+    import json
+
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class Qwen2_5_VLImageProcessor(Qwen2_5_VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            # what Qwen2_5_VLProcessor.__init__ sets, minus the video processor it passes on
+            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    template = None
+    if (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text()
+    elif (path / "chat_template.json").is_file():
+        template = json.loads((path / "chat_template.json").read_text())["chat_template"]
+    return Qwen2_5_VLImageProcessor(AutoImageProcessor.from_pretrained(str(path)), tokenizer,
+                                    chat_template=template or getattr(tokenizer, "chat_template", None))
 
 
 def eos_ids(model: Any, tokenizer: Any = None) -> list[int]:

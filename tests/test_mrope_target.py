@@ -48,6 +48,7 @@ def test_exported_target_follows_hf_forward_and_generate(tmp_path, qwen):
     from dream_export.export.graphs import TargetGraph
 
     vlm = load_vlm(qwen)
+    vlm.model.generation_config.eos_token_id = None  # greedy through EOS: every answer has `new` tokens
     f = vlm.facts
     cap, new = 128, 16
     graph = TargetGraph(vlm.decoder(), vlm.lm_head, topk=4).eval()

@@ -36,7 +36,8 @@ FAMILY_SPECIALS: dict[str, tuple[list[str], dict[str, str]]] = {
                {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>",
                 "eoi_token": "<end_of_image>"}),
     "mistral3": (["[IMG]", "[IMG_BREAK]", "[IMG_END]"], {}),
-    "qwen2_5_vl": (["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+    "qwen2_5_vl": (["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|im_start|>",
+                    "<|im_end|>", "<|endoftext|>"],
                    {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}),
 }
 
@@ -74,6 +75,14 @@ CHAT_TEMPLATES = {
                "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}{%- endif -%}"
                "{{ '<end_of_turn>\n' }}{%- endfor -%}"
                "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"),
+    # Qwen2.5-VL's (no BOS anywhere: its tokenizer has none), without the video and vision-id branches
+    "qwen2_5_vl": ("{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+                   "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+                   "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+                   "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+                   "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+                   "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
+                   "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
 }
 # Families whose tokenizer adds BOS itself (a post-processor in tokenizer.json), as on the Hub.
 ADDS_BOS = ("llava", "llava_next", "gemma3", "mistral3")
@@ -260,7 +269,10 @@ def _qwen2_5_vl(tok):
     image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 96 * 96},
                                                patch_size=8, merge_size=2, temporal_patch_size=2, **MEAN_STD)
     # Qwen2_5_VLProcessor insists on a video processor, which needs torchvision: save the parts instead.
-    return Qwen2_5_VLForConditionalGeneration(config), [tok, image_processor]
+    tok.chat_template = CHAT_TEMPLATES["qwen2_5_vl"]
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [_tid(tok, "<|im_end|>"), _tid(tok, "<|endoftext|>")]
+    return model, [tok, image_processor]
 
 
 BUILDERS: dict[str, Callable] = {"llava": _llava, "llava_next": _llava_next, "idefics3": _idefics3,
