@@ -41,8 +41,8 @@ from dream_export.errors import UsageError
 from dream_export.export.compare import scaled_error
 from dream_export.export.feeds import TREE_PARENTS, ancestors, depths, ort_session
 from dream_export.io import atomic_write_text
-from dream_export.runtime.masks import prefill_mask
 from dream_export.runtime.bundle import GRAPHS
+from dream_export.runtime.masks import prefill_mask
 
 # Max error relative to the output's scale. FP32: ONNX Runtime and torch differ only in summation order
 # and fused kernels (~1e-6 relative); 1e-3 leaves room for deep models. FP16 keeps ~3 significant
