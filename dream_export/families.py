@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dream_export.errors import UsageError
@@ -325,6 +326,11 @@ class VLM:
         runtime does not reproduce how this family lays image features out."""
         if self.family == "llava":
             return {"layout": "single", "rows_per_view": rows_per_view}, {}
+        if self.family == "gemma3":
+            # Gemma3Processor's full_image_sequence: the template's <start_of_image> becomes blank lines around
+            # <start_of_image>, the image tokens and <end_of_image>
+            return ({"layout": "single", "rows_per_view": rows_per_view, "placeholder": "<start_of_image>",
+                     "before": "\n\n<start_of_image>", "after": "<end_of_image>\n\n"}, {})
         if self.family == "llava_next":
             vc = self.config.vision_config
             grid = vc.image_size // vc.patch_size
@@ -402,17 +408,28 @@ class VLM:
     def prefill_mask(self, input_ids: torch.Tensor, **processor_extras: Any) -> torch.Tensor:
         """Bool [B,T,T] "query may attend key" mask of the prompt as the HF model builds it: causal,
         and for Gemma3 also bidirectional within each image's block of image tokens (HF does that when
-        the processor's token_type_ids are passed, which its processor always returns)."""
-        b, t = input_ids.shape
-        mask = torch.ones(t, t, dtype=torch.bool, device=self.device).tril().expand(b, t, t).clone()
-        if self.spec.bidirectional_image_blocks:
-            types = processor_extras.get("token_type_ids")
-            is_img = (types.to(self.device) == 1) if types is not None else self.image_token_mask(input_ids)
-            block = _image_block_ids(is_img)
-            mask |= (block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0)
-        return mask
+        the processor's token_type_ids are passed, which its processor always returns). The rule is
+        `runtime.masks.prefill_mask`, the one the runtime applies."""
+        from dream_export.runtime.masks import prefill_mask
+
+        types = processor_extras.get("token_type_ids")
+        is_img = (types == 1) if types is not None and self.spec.bidirectional_image_blocks \
+            else self.image_token_mask(input_ids)
+        rows = [prefill_mask(r.cpu().numpy(), self.spec.bidirectional_image_blocks) for r in is_img]
+        return torch.from_numpy(np.stack(rows)).to(self.device)
 
     # ---------------------------------------------------------------------------------- decoder
+
+    def decoder(self, taps: tuple[int, ...] = ()) -> torch.nn.Module:
+        """The explicit-KV decoder the export traces and drafting reads features from
+        (`modeling.decoder.TargetDecoder`), laid out as this family's blocks compute."""
+        from dream_export.modeling.decoder import DecoderLayout, TargetDecoder
+
+        f = self.facts
+        layout = DecoderLayout(f.layer_types, f.sliding_window, f.attention_scale, f.qk_norm, f.sandwich_norm,
+                               rope_by_layer_type=isinstance(f.rope_parameters.get("full_attention"), dict),
+                               mrope=f.rope_kind == "mrope")
+        return TargetDecoder(self.language_model, taps=taps, layout=layout)
 
     def decoder_forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
                         attention_mask: torch.Tensor | None = None, output_hidden_states: bool = False,
@@ -421,7 +438,9 @@ class VLM:
 
         attention_mask: bool [B,T,T] (or [B,1,T,T]), True where query i may attend key j — causal
         prefill, a tree-ancestry mask, or `prefill_mask(...)`; None means causal. Sliding-window
-        layers additionally restrict keys to i - j < window (sequence indices, as HF does).
+        layers additionally restrict keys to those less than `window` positions back (by position, so a
+        tree node sees the ancestors HF's token-by-token decoding of its path would; for a sequence
+        with positions 0..T-1 this is HF's own i - j < window).
         position_ids: [B,T], or [3,B,T] for mRoPE families.
         """
         b, t, _ = inputs_embeds.shape
@@ -429,13 +448,14 @@ class VLM:
             attention_mask = torch.ones(t, t, dtype=torch.bool, device=inputs_embeds.device).tril()
         allowed = attention_mask.to(inputs_embeds.device, torch.bool).reshape(-1, 1, t, t).expand(b, 1, t, t)
         out = self.language_model(inputs_embeds=inputs_embeds, position_ids=position_ids.to(inputs_embeds.device),
-                                  attention_mask=self._hf_masks(allowed, inputs_embeds.dtype), use_cache=False,
+                                  attention_mask=self._hf_masks(allowed, position_ids, inputs_embeds.dtype),
+                                  use_cache=False,
                                   output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                                   return_dict=True)
         return DecoderOutput(out.last_hidden_state, out.hidden_states if output_hidden_states else None,
                              out.attentions if output_attentions else None)
 
-    def _hf_masks(self, allowed: torch.Tensor, dtype: torch.dtype):
+    def _hf_masks(self, allowed: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
         """Additive 4D masks in the form the HF decoder takes: one tensor when every layer is alike,
         else a {layer_type: mask} dict (Gemma3, Qwen2.5-VL with sliding layers accept it). Additive
         float rather than bool because HF's eager attention adds the mask to the scores."""
@@ -444,8 +464,8 @@ class VLM:
         for kind in set(self.facts.layer_types):
             m = allowed
             if kind == "sliding_attention" and self.facts.sliding_window:
-                idx = torch.arange(t, device=allowed.device)
-                m = m & ((idx[:, None] - idx[None, :]) < self.facts.sliding_window)
+                pos = position_ids.to(allowed.device).reshape(-1, t)[:, None]  # [B,1,T] (1-D positions)
+                m = m & ((pos[..., :, None] - pos[..., None, :]) < self.facts.sliding_window)
             masks[kind] = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
         return next(iter(masks.values())) if len(masks) == 1 else masks
 
@@ -512,27 +532,14 @@ def wrap_vlm(model: Any, path: str | Path | None = None) -> VLM:
 
 
 def decoder_gaps(vlm: VLM) -> list[str]:
-    """What the explicit-KV decoder the export traces (`modeling.decoder.TargetDecoder`: Llama/Mistral
-    blocks, 1-D RoPE, causal or tree masks) does not reproduce of this checkpoint's decoder. Empty when
-    an export would compute what the HF model computes; otherwise export refuses rather than write a
-    silently wrong graph."""
+    """What the explicit-KV decoder the export traces (`VLM.decoder`) does not reproduce of this
+    checkpoint's decoder. Empty when an export would compute what the HF model computes; otherwise
+    export refuses rather than write a silently wrong graph."""
     f, gaps = vlm.facts, []
-    if f.norm != "rms":
-        gaps.append("(1+w) RMSNorm")
-    if f.embed_scale != 1.0:
-        gaps.append(f"embedding scale {f.embed_scale:g}")
-    if f.qk_norm:
-        gaps.append("q/k norms")
-    if f.sandwich_norm:
-        gaps.append("pre/post feed-forward norms")
-    if abs(f.attention_scale - f.head_dim**-0.5) > 1e-9 * f.attention_scale:
-        gaps.append(f"attention scale {f.attention_scale:g} (query_pre_attn_scalar)")
-    if f.sliding_window:
-        gaps.append(f"sliding-window layers ({f.sliding_window})")
-    if f.rope_kind != "default":
-        gaps.append("3-D mRoPE positions")
-    if vlm.spec.bidirectional_image_blocks:
-        gaps.append("bidirectional attention among image tokens")
+    if f.sliding_window and f.rope_kind != "default":
+        gaps.append("sliding-window layers over 3-D positions")
+    if getattr(vlm.text_config, "attn_logit_softcapping", None):
+        gaps.append("attention logit soft-capping")
     return gaps
 
 
@@ -562,7 +569,7 @@ def require_exportable(vlm: VLM, image_processor: Any = None) -> None:
 
 
 # Families whose checkpoints (as the Hub ships them) pass export, check and the runtime end to end.
-EXPORTABLE = ("llava", "llava_next", "idefics3")
+EXPORTABLE = ("llava", "llava_next", "idefics3", "mistral3", "gemma3")
 
 # The README's support table, one row per family: (checkpoints, vision input handling, what works).
 # tests/test_family_*.py back every claim: end to end for EXPORTABLE, the refusals for the others.
@@ -575,14 +582,16 @@ SUPPORT = {
     "idefics3": ("SmolVLM / Idefics3", "longest-edge resize, split into crops + a global view, pixel shuffle; "
                  "<row_r_col_c> / <global-img> markers in the prompt",
                  "train-draft, export, check (HF forward), runtime: token-equal to HF generate"),
-    "gemma3": ("Gemma3", "SigLIP fixed-size resize", "refused: decoder norms, scaling, sliding window and "
-               "bidirectional image attention are not in the traced decoder"),
+    "gemma3": ("Gemma3", "SigLIP fixed-size resize (no pan-and-scan), <start_of_image> block",
+               "train-draft, export, check (HF forward), runtime: token-equal to HF generate (sliding window, "
+               "bidirectional image prefill, all EOS ids)"),
     "mistral3": ("Pixtral / Mistral3", "any image size (a dynamic patch grid with 2-D RoPE in the vision graph), "
                  "[IMG_BREAK] / [IMG_END] rows; processor built without torchvision",
-                 "train-draft, export, check (HF forward), runtime: token-equal to HF generate; not listed as "
-                 "exportable: the test's tiny draft reaches τ > 1.5 on 2 of 6 images only"),
-    "qwen2_5_vl": ("Qwen2.5-VL", "dynamic resolution, image_grid_thw", "refused: 3-D mRoPE positions are not "
-                   "in the traced decoder"),
+                 "train-draft, export, check (HF forward), runtime: token-equal to HF generate; the test's tiny "
+                 "draft reaches τ > 1.5 on 2 of 6 images only"),
+    "qwen2_5_vl": ("Qwen2.5-VL", "dynamic resolution, image_grid_thw (processor loads without torchvision)",
+                   "train-draft; target graph with runtime 3-D mRoPE positions equals HF forward and generate; "
+                   "export refused (window-attention vision over image_grid_thw not in the vision graph)"),
 }
 
 
@@ -596,9 +605,11 @@ def support_table() -> str:
 def load_processor(path: str | Path) -> Any:
     """The checkpoint's `AutoProcessor`. Transformers 5 builds some processors on torchvision: for a Pixtral
     processor the same processing is assembled from the tokenizer and PIL image processor
-    (`processors.PixtralPromptProcessor`); any other ImportError becomes a UsageError carrying the whole
-    message, not just its last line."""
-    from transformers import AutoProcessor
+    (`processors.PixtralPromptProcessor`); Qwen2.5-VL's needs torchvision only for its video processor, so the
+    same processor class is built from the saved tokenizer and image processor, images only
+    (`_qwen_image_processor`). Any other ImportError becomes a UsageError carrying the whole message, not
+    just its last line."""
+    from transformers import AutoConfig, AutoProcessor
 
     try:
         return AutoProcessor.from_pretrained(str(path))
@@ -610,7 +621,36 @@ def load_processor(path: str | Path) -> Any:
             from dream_export.processors import PixtralPromptProcessor
 
             return PixtralPromptProcessor.from_pretrained(path)
+        if getattr(AutoConfig.from_pretrained(str(path)), "model_type", None) == "qwen2_5_vl":
+            return _qwen_image_processor(path)
         raise UsageError(f"loading the processor of {path} failed: {' '.join(str(e).split())}") from e
+
+
+def _qwen_image_processor(path: str | Path) -> Any:
+    """transformers' own `Qwen2_5_VLProcessor` (its image-token expansion, mm_token_type_ids and chat
+    template) over the checkpoint's tokenizer and image processor, without the video processor whose
+    import needs torchvision (its wheels are CUDA builds that do not sit beside a CPU torch)."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class Qwen2_5_VLImageProcessor(Qwen2_5_VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            # what Qwen2_5_VLProcessor.__init__ sets, minus the video processor it passes on
+            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    template = None
+    if (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text()
+    elif (path / "chat_template.json").is_file():
+        template = json.loads((path / "chat_template.json").read_text())["chat_template"]
+    return Qwen2_5_VLImageProcessor(AutoImageProcessor.from_pretrained(str(path)), tokenizer,
+                                    chat_template=template or getattr(tokenizer, "chat_template", None))
 
 
 def eos_ids(model: Any, tokenizer: Any = None) -> list[int]:

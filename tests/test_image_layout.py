@@ -1,7 +1,7 @@
 """The runtime's image layout writes each image's placeholder exactly as the family's HF processor does:
 the prompt ids equal the processor's on ten image sizes (LLaVA-NeXT's token count from the tiling and
-unpadding, Idefics3's crop and global markers, Pixtral's rows), and an image-dependent count without the
-image is refused clearly."""
+unpadding, Idefics3's crop and global markers, Pixtral's rows, Gemma3's <start_of_image> block), and an
+image-dependent count without the image is refused clearly."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ except ImportError:  # pytest run without the repository root on sys.path (tests
     from test_preprocess import TEN_SIZES
     from tiny_vlms import PROMPTS, build_tiny_vlm, tiny_image
 
-FAMILIES = ("llava_next", "idefics3", "mistral3")
+FAMILIES = ("llava_next", "idefics3", "mistral3", "gemma3")
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,8 @@ def _layout(path):
     entry, tensors = vlm.vision_layout()
     if entry["layout"] == "split":
         entry["rows_per_view"] = proc.image_seq_len
+    elif entry["layout"] == "single":
+        entry["rows_per_view"] = proc.image_seq_length
     elif entry["layout"] == "anyres":
         entry["rows_per_view"] = entry["grid"] ** 2
     layout = ImageLayout.from_manifest({"vision": entry}, {k: v.numpy() for k, v in tensors.items()})
@@ -45,11 +47,12 @@ def _layout(path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_placeholder_ids_equal_the_processor(family, checkpoints):
     proc, pre, layout = _layout(checkpoints[family])
-    image_token = {"mistral3": "[IMG]"}.get(family, "<image>")
+    image_token = {"mistral3": "[IMG]", "gemma3": "<image_soft_token>"}.get(family, "<image>")
+    placeholder = layout.placeholder(image_token)  # what the chat template writes
     for i, (w, h) in enumerate(TEN_SIZES):
         image = tiny_image(w, h, seed=i)
         want = proc(text=PROMPTS[family], images=image, return_tensors="np")["input_ids"][0].tolist()
-        text = PROMPTS[family].replace(image_token, layout.text(pre.preprocess(image), 0, image_token))
+        text = PROMPTS[family].replace(placeholder, layout.text(pre.preprocess(image), 0, image_token))
         assert proc.tokenizer(text)["input_ids"] == want, (w, h)
         assert layout.count(pre.preprocess(image)) == int(np.sum(np.array(want) == proc.tokenizer.convert_tokens_to_ids(
             image_token)))

@@ -80,11 +80,11 @@ def _export(module, args, path: Path, spec: GraphSpec, outputs: list[str] | None
 def _processor_adds_special_tokens(proc) -> bool:
     """Whether the HF processor's tokenization adds the tokenizer's special tokens (llava-hf: a BOS the
     chat template leaves out), so the runtime encodes prompts the same way."""
-    from dream_export.core.prompts import PromptEncoder
+    from dream_export.core.prompts import PromptEncoder, adds_special_tokens
 
     text = PromptEncoder(proc).prompt_text("?")
     plain = proc.tokenizer(text, add_special_tokens=False)["input_ids"]
-    return proc.tokenizer(text)["input_ids"] != plain
+    return adds_special_tokens(proc.tokenizer, text) and proc.tokenizer(text)["input_ids"] != plain
 
 
 def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path, opts: ExportOptions,
@@ -139,7 +139,14 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
                    "bos_id": proc.tokenizer.bos_token_id, "eos_id": target.eos_ids[0], "eos_ids": target.eos_ids,
                    "pad_id": proc.tokenizer.pad_token_id,
                    "add_special_tokens": _processor_adds_special_tokens(proc)},
-        "embeddings": {"file": "embeddings.safetensors", "tensor": "embed_tokens", "scale": 1.0},
+        # the table is stored as the checkpoint holds it; the runtime multiplies by the family's scale
+        # (Gemma3: sqrt(hidden)), as the HF embedding module does — image features are not scaled
+        "embeddings": {"file": "embeddings.safetensors", "tensor": "embed_tokens",
+                       "scale": target.vlm.facts.embed_scale},
+        # how the runtime lays out a prompt for this decoder (see runtime.masks.prefill_mask)
+        "decoder": {"family": target.vlm.family, "image_blocks_bidirectional": target.vlm.spec.bidirectional_image_blocks,
+                    "rope": target.vlm.facts.rope_kind, "sliding_window": target.vlm.facts.sliding_window,
+                    "spatial_merge_size": getattr(getattr(cfg, "vision_config", None), "spatial_merge_size", None)},
         "precision": {"vision": opts.precision, "target": opts.precision, "draft": opts.precision},
         "graphs": {},
     }
@@ -166,7 +173,9 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
         tg = TargetGraph(dec, model.lm_head, opts.topk, getattr(text, "final_logit_softcapping", None),
                          importance=opts.attn_scores).eval()
         t = 4
-        t_args = (torch.zeros(1, t, hidden), torch.arange(t)[None], torch.ones(1, t, cap + t, dtype=torch.bool),
+        # positions [1, T], or mRoPE's [3, T] (the runtime computes them: runtime.positions)
+        pos = torch.arange(t)[None].expand(3 if target.vlm.facts.rope_kind == "mrope" else 1, t)
+        t_args = (torch.zeros(1, t, hidden), pos, torch.ones(1, t, cap + t, dtype=torch.bool),
                   torch.zeros(n_layers, 1, kvh, cap, hd), torch.zeros(n_layers, 1, kvh, cap, hd), torch.tensor([t - 1]))
         scores = ["attn_importance", "attn_importance_max"] if opts.attn_scores else []
         t_out = SPECS["target"].output_names(present=scores + (["taps"] if taps else []))
@@ -185,7 +194,8 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
         # the predecessor's feature instead)
         if opts.chain_steps > 0 and draft.uses_cross:
             cg = DraftChainGraph(draft, model.lm_head, opts.chain_steps, dcfg.final_logit_softcapping).eval()
-            c_args = (*d_args[:-1], target.side.embed_tokens.weight.detach().float())
+            # the table the chain's steps look up carries the family's embedding scale, as the runtime's does
+            c_args = (*d_args[:-1], target.side.embed_tokens.weight.detach().float() * target.vlm.facts.embed_scale)
             _export(cg, c_args, onnx_dir / "draft_chain.onnx", SPECS["draft_chain"])
             graphs.append("draft_chain")
         for name in graphs:

@@ -5,7 +5,10 @@ into a fixed number of rows each. How a family lays those rows out in the prompt
 bundle's manifest (`vision`, written by `families.VLM.vision_layout` at export) and reproduced here in
 numpy, so the runtime needs no torch:
 
-- "single" (LLaVA): one view per image, its rows in order; the placeholder is the image token repeated.
+- "single" (LLaVA, Gemma3): one view per image, its rows in order; the placeholder is the image token
+  repeated, framed by the layout's `before` / `after` text where the processor writes one (Gemma3: the
+  template's `placeholder` <start_of_image> becomes blank lines, <start_of_image>, the image tokens,
+  <end_of_image>).
 - "anyres" (LLaVA-NeXT): the base view's rows, then the tile rows arranged as one feature map over the
   best grid pinpoint, the padding the tiling added cropped away ("unpadding") and the learned
   image-newline row appended after every feature row; the placeholder repeats the image token once per
@@ -89,9 +92,15 @@ class ImageLayout:
         rows, cols = self._unpadded(inputs["image_sizes"][i])
         return self.rows_per_view + (rows[1] - rows[0]) * (cols[1] - cols[0] + 1)
 
+    def placeholder(self, image_token: str) -> str:
+        """What the chat template writes where an image goes (the image token unless the layout names one)."""
+        return self.params.get("placeholder") or image_token
+
     def text(self, inputs: dict | None, i: int, image_token: str) -> str:
         """The placeholder text image `i` expands to (what the family's HF processor writes)."""
-        if self.kind not in ("split", "rows"):
+        if self.kind == "single":
+            return self.params.get("before", "") + image_token * self.count(inputs, i) + self.params.get("after", "")
+        if self.kind == "anyres":
             return image_token * self.count(inputs, i)
         if inputs is None:
             raise UsageError("the number of image tokens depends on the image: pass the image")

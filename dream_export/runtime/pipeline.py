@@ -126,7 +126,8 @@ class Pipeline:
         self.eos_token = self.tokenizer.id_to_token(self.eos_id)
         # image tokens per image (None when it depends on the image: LLaVA-NeXT's tiles)
         self.n_image_tokens = None if self.layout.variable else self.layout.rows_per_view
-        self.template = ChatTemplate(m.get("chat_template"), self.bos_token, self.eos_token, self.image_token)
+        self.template = ChatTemplate(m.get("chat_template"), self.bos_token, self.eos_token, self.image_token,
+                                     self.layout.placeholder(self.image_token))
         self.engine = SpecEngine(bundle, backend, self.embed_table)
         self.kv_capacity = self.engine.target.capacity
         self._lock = threading.Lock()
