@@ -715,7 +715,7 @@ def profile_cmd(bundle: Path, data_path: Path, component: str, limit: int, threa
     for c in comps:
         click.echo(f"\n{c} graph (ONNX Runtime, mean per call):\n{format_table(report['components'][c], top)}")
     click.echo("\nspeculative stages (s): " + ", ".join(f"{k} {v:.3f}" for k, v in stages.items()))
-    prompt_tokens = max(1, round(sum(len(pipe.prompt_ids(r["prompt"])) for r in rows) / len(rows)))
+    prompt_tokens = max(1, round(sum(len(pipe.prompt_ids(r["prompt"], r["image"])) for r in rows) / len(rows)))
     tau = sum(rounds) / len(rounds) if rounds else 1.0
     cmp = _predicted_vs_measured(b, bundle, tree, min(max(tau, 1.0), tree.depth + 1), prompt_tokens, threads, reps)
     if cmp is not None:

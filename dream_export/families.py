@@ -12,10 +12,12 @@ Supported: LLaVA, LLaVA-NeXT, Idefics3 (SmolVLM), Gemma3, Mistral3 (Pixtral), Qw
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from dream_export.errors import UsageError
@@ -261,6 +263,95 @@ class VLM:
             feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], 0)
         return feats.reshape(-1, feats.shape[-1]).to(self.dtype)
 
+    def view_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Projected features [views, rows, H] of preprocessed views [views, 3, h, w]: the computation the
+        exported vision graph traces. The runtime lays the rows out in the prompt (`vision_layout`)."""
+        if self.family == "llava_next":
+            # LLaVA-NeXT's get_image_features also tiles and packs (data-dependent); the graph stops before that
+            m, cfg = self.model.model, self.config
+            hs = m.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+            layer = cfg.vision_feature_layer
+            feats = hs[layer] if isinstance(layer, int) else torch.cat([hs[k] for k in layer], -1)
+            if cfg.vision_feature_select_strategy == "default":
+                feats = feats[:, 1:]  # the CLS token
+            return m.multi_modal_projector(feats)
+        if self.family == "idefics3":
+            # Views are whole (no padded patches), so every view has the same patch positions: computed here
+            # once, as HF's embeddings compute them for an all-ones patch mask (its data-dependent bucketing
+            # does not export), and fed as a constant. Then the encoder, post-norm and pixel-shuffle connector.
+            vm = self.model.model.vision_model
+            emb = vm.embeddings
+            x = emb.patch_embedding(pixel_values.to(emb.patch_embedding.weight.dtype)).flatten(2).transpose(1, 2)
+            x = x + emb.position_embedding(_idefics3_positions(emb.num_patches_per_side).to(x.device))
+            hidden = vm.post_layernorm(vm.encoder(inputs_embeds=x).last_hidden_state)
+            return self.model.model.connector(hidden)
+        if self.family == "mistral3":
+            return self._pixtral_view_features(pixel_values)
+        feats = self.model.model.get_image_features(pixel_values=pixel_values)
+        if not torch.is_tensor(feats):  # transformers 5 wraps it in a model output
+            feats = getattr(feats, "pooler_output", None) if getattr(feats, "pooler_output", None) is not None \
+                else feats[0]
+        if isinstance(feats, (list, tuple)):
+            feats = torch.stack(list(feats))
+        return feats.reshape(pixel_values.shape[0], -1, feats.shape[-1])
+
+    def _pixtral_view_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Mistral3: one image [1, 3, H, W] of any size (whole merged patches) → [1, rows, H]: Pixtral's tower
+        with 2-D RoPE over the image's own patch grid, then the projector's norm, the spatial patch merger
+        and the MLP. HF's merger unfolds per image from python sizes; the same merge as reshapes keeps the
+        grid's size symbolic in the exported graph."""
+        m, cfg = self.model.model, self.config
+        vt, proj = m.vision_tower, m.multi_modal_projector
+        x = vt.patch_conv(pixel_values.to(vt.patch_conv.weight.dtype))[0]  # [C, h, w]
+        h, w = x.shape[-2], x.shape[-1]
+        x = vt.ln_pre(x.flatten(1).T.unsqueeze(0))
+        hpos, wpos = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        pos = vt.patch_positional_embedding(x, torch.stack([hpos.flatten(), wpos.flatten()], -1))
+        states = [x]
+        for layer in vt.transformer.layers:
+            out = layer(states[-1], None, position_embeddings=pos)
+            states.append(out[0] if isinstance(out, tuple) else out)
+        layer = cfg.vision_feature_layer
+        feats = states[layer] if isinstance(layer, int) else torch.cat([states[k] for k in layer], -1)
+        feats = proj.norm(feats[0])
+        k, d = cfg.spatial_merge_size, feats.shape[-1]
+        # unfold's order: merged patches row-major, each holding channel-major k×k neighbourhoods
+        grid = feats.reshape(h // k, k, w // k, k, d).permute(0, 2, 4, 1, 3).reshape(-1, d * k * k)
+        hidden = proj.linear_2(proj.act(proj.linear_1(proj.patch_merger.merging_layer(grid))))
+        return hidden.unsqueeze(0)
+
+    def vision_layout(self, rows_per_view: int | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+        """The manifest's `vision` entry (see `runtime.image_layout`) and the tensors it names, given the rows
+        the vision graph gives per view (None: only whether the family is laid out), or UsageError when the
+        runtime does not reproduce how this family lays image features out."""
+        if self.family == "llava":
+            return {"layout": "single", "rows_per_view": rows_per_view}, {}
+        if self.family == "gemma3":
+            # Gemma3Processor's full_image_sequence: the template's <start_of_image> becomes blank lines around
+            # <start_of_image>, the image tokens and <end_of_image>
+            return ({"layout": "single", "rows_per_view": rows_per_view, "placeholder": "<start_of_image>",
+                     "before": "\n\n<start_of_image>", "after": "<end_of_image>\n\n"}, {})
+        if self.family == "llava_next":
+            vc = self.config.vision_config
+            grid = vc.image_size // vc.patch_size
+            if rows_per_view not in (None, grid * grid):
+                raise UsageError(f"llava_next views give {rows_per_view} rows, not the {grid}x{grid} grid its tiles "
+                                 "are packed into (vision_feature_select_strategy 'full' is not supported)")
+            return ({"layout": "anyres", "rows_per_view": rows_per_view, "grid": grid, "tile": vc.image_size,
+                     "pinpoints": [[int(h), int(w)] for h, w in self.config.image_grid_pinpoints],
+                     "newline": "image_newline"},
+                    {"image_newline": self.model.model.image_newline.detach().float()})
+        if self.family == "idefics3":
+            # the marker tokens Idefics3Processor writes around each crop and the global view
+            return ({"layout": "split", "rows_per_view": rows_per_view, "around": "<fake_token_around_image>",
+                     "global": "<global-img>", "crop": "<row_{row}_col_{col}>"}, {})
+        if self.family == "mistral3":
+            # PixtralProcessor's rows: [IMG] per merged patch, [IMG_BREAK] after each row, [IMG_END] last
+            step = self.config.vision_config.patch_size * self.config.spatial_merge_size
+            return ({"layout": "rows", "step": step, "break": "[IMG_BREAK]", "end": "[IMG_END]"}, {})
+        raise UsageError(f"the runtime does not lay out {self.family} image features (vision inputs "
+                         f"{', '.join(self.spec.required_vision_kwargs) or 'pixel_values'})")
+
     def _vision_kwargs(self, extras: dict) -> dict:
         missing = [k for k in self.spec.required_vision_kwargs if extras.get(k) is None]
         if missing:
@@ -317,17 +408,28 @@ class VLM:
     def prefill_mask(self, input_ids: torch.Tensor, **processor_extras: Any) -> torch.Tensor:
         """Bool [B,T,T] "query may attend key" mask of the prompt as the HF model builds it: causal,
         and for Gemma3 also bidirectional within each image's block of image tokens (HF does that when
-        the processor's token_type_ids are passed, which its processor always returns)."""
-        b, t = input_ids.shape
-        mask = torch.ones(t, t, dtype=torch.bool, device=self.device).tril().expand(b, t, t).clone()
-        if self.spec.bidirectional_image_blocks:
-            types = processor_extras.get("token_type_ids")
-            is_img = (types.to(self.device) == 1) if types is not None else self.image_token_mask(input_ids)
-            block = _image_block_ids(is_img)
-            mask |= (block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0)
-        return mask
+        the processor's token_type_ids are passed, which its processor always returns). The rule is
+        `runtime.masks.prefill_mask`, the one the runtime applies."""
+        from dream_export.runtime.masks import prefill_mask
+
+        types = processor_extras.get("token_type_ids")
+        is_img = (types == 1) if types is not None and self.spec.bidirectional_image_blocks \
+            else self.image_token_mask(input_ids)
+        rows = [prefill_mask(r.cpu().numpy(), self.spec.bidirectional_image_blocks) for r in is_img]
+        return torch.from_numpy(np.stack(rows)).to(self.device)
 
     # ---------------------------------------------------------------------------------- decoder
+
+    def decoder(self, taps: tuple[int, ...] = ()) -> torch.nn.Module:
+        """The explicit-KV decoder the export traces and drafting reads features from
+        (`modeling.decoder.TargetDecoder`), laid out as this family's blocks compute."""
+        from dream_export.modeling.decoder import DecoderLayout, TargetDecoder
+
+        f = self.facts
+        layout = DecoderLayout(f.layer_types, f.sliding_window, f.attention_scale, f.qk_norm, f.sandwich_norm,
+                               rope_by_layer_type=isinstance(f.rope_parameters.get("full_attention"), dict),
+                               mrope=f.rope_kind == "mrope")
+        return TargetDecoder(self.language_model, taps=taps, layout=layout)
 
     def decoder_forward(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor,
                         attention_mask: torch.Tensor | None = None, output_hidden_states: bool = False,
@@ -336,7 +438,9 @@ class VLM:
 
         attention_mask: bool [B,T,T] (or [B,1,T,T]), True where query i may attend key j — causal
         prefill, a tree-ancestry mask, or `prefill_mask(...)`; None means causal. Sliding-window
-        layers additionally restrict keys to i - j < window (sequence indices, as HF does).
+        layers additionally restrict keys to those less than `window` positions back (by position, so a
+        tree node sees the ancestors HF's token-by-token decoding of its path would; for a sequence
+        with positions 0..T-1 this is HF's own i - j < window).
         position_ids: [B,T], or [3,B,T] for mRoPE families.
         """
         b, t, _ = inputs_embeds.shape
@@ -344,13 +448,14 @@ class VLM:
             attention_mask = torch.ones(t, t, dtype=torch.bool, device=inputs_embeds.device).tril()
         allowed = attention_mask.to(inputs_embeds.device, torch.bool).reshape(-1, 1, t, t).expand(b, 1, t, t)
         out = self.language_model(inputs_embeds=inputs_embeds, position_ids=position_ids.to(inputs_embeds.device),
-                                  attention_mask=self._hf_masks(allowed, inputs_embeds.dtype), use_cache=False,
+                                  attention_mask=self._hf_masks(allowed, position_ids, inputs_embeds.dtype),
+                                  use_cache=False,
                                   output_hidden_states=output_hidden_states, output_attentions=output_attentions,
                                   return_dict=True)
         return DecoderOutput(out.last_hidden_state, out.hidden_states if output_hidden_states else None,
                              out.attentions if output_attentions else None)
 
-    def _hf_masks(self, allowed: torch.Tensor, dtype: torch.dtype):
+    def _hf_masks(self, allowed: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
         """Additive 4D masks in the form the HF decoder takes: one tensor when every layer is alike,
         else a {layer_type: mask} dict (Gemma3, Qwen2.5-VL with sliding layers accept it). Additive
         float rather than bool because HF's eager attention adds the mask to the scores."""
@@ -359,8 +464,8 @@ class VLM:
         for kind in set(self.facts.layer_types):
             m = allowed
             if kind == "sliding_attention" and self.facts.sliding_window:
-                idx = torch.arange(t, device=allowed.device)
-                m = m & ((idx[:, None] - idx[None, :]) < self.facts.sliding_window)
+                pos = position_ids.to(allowed.device).reshape(-1, t)[:, None]  # [B,1,T] (1-D positions)
+                m = m & ((pos[..., :, None] - pos[..., None, :]) < self.facts.sliding_window)
             masks[kind] = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, torch.finfo(dtype).min)
         return next(iter(masks.values())) if len(masks) == 1 else masks
 
@@ -371,6 +476,15 @@ class VLM:
         z = self.lm_head(hidden)
         cap = self.facts.final_logit_softcapping
         return torch.tanh(z / cap) * cap if cap else z
+
+
+def _idefics3_positions(side: int) -> torch.Tensor:
+    """Patch position ids [side²] of a whole Idefics3 view, by HF's formula (bucketed fractional coordinates
+    with the all-ones patch mask), as a constant (python ints: a trace records no op for it)."""
+    boundaries = torch.arange(1 / side, 1.0, 1 / side)
+    coords = torch.clamp(torch.arange(side, dtype=torch.float32) * (1.0 / torch.tensor([side]))[0], max=1.0 - 1e-6)
+    bucket = torch.bucketize(coords, boundaries, right=True).tolist()
+    return torch.tensor([h * side + w for h in bucket for w in bucket])
 
 
 def _image_block_ids(is_img: torch.Tensor) -> torch.Tensor:
@@ -418,27 +532,14 @@ def wrap_vlm(model: Any, path: str | Path | None = None) -> VLM:
 
 
 def decoder_gaps(vlm: VLM) -> list[str]:
-    """What the explicit-KV decoder the export traces (`modeling.decoder.TargetDecoder`: Llama/Mistral
-    blocks, 1-D RoPE, causal or tree masks) does not reproduce of this checkpoint's decoder. Empty when
-    an export would compute what the HF model computes; otherwise export refuses rather than write a
-    silently wrong graph."""
+    """What the explicit-KV decoder the export traces (`VLM.decoder`) does not reproduce of this
+    checkpoint's decoder. Empty when an export would compute what the HF model computes; otherwise
+    export refuses rather than write a silently wrong graph."""
     f, gaps = vlm.facts, []
-    if f.norm != "rms":
-        gaps.append("(1+w) RMSNorm")
-    if f.embed_scale != 1.0:
-        gaps.append(f"embedding scale {f.embed_scale:g}")
-    if f.qk_norm:
-        gaps.append("q/k norms")
-    if f.sandwich_norm:
-        gaps.append("pre/post feed-forward norms")
-    if abs(f.attention_scale - f.head_dim**-0.5) > 1e-9 * f.attention_scale:
-        gaps.append(f"attention scale {f.attention_scale:g} (query_pre_attn_scalar)")
-    if f.sliding_window:
-        gaps.append(f"sliding-window layers ({f.sliding_window})")
-    if f.rope_kind != "default":
-        gaps.append("3-D mRoPE positions")
-    if vlm.spec.bidirectional_image_blocks:
-        gaps.append("bidirectional attention among image tokens")
+    if f.sliding_window and f.rope_kind != "default":
+        gaps.append("sliding-window layers over 3-D positions")
+    if getattr(vlm.text_config, "attn_logit_softcapping", None):
+        gaps.append("attention logit soft-capping")
     return gaps
 
 
@@ -447,9 +548,10 @@ def export_gaps(vlm: VLM, image_processor: Any) -> list[str]:
     lacks, vision inputs beyond pixel_values the vision graph does not take, and image preprocessing the
     runtime does not reproduce."""
     gaps = decoder_gaps(vlm)
-    if vlm.spec.required_vision_kwargs:
-        gaps.append(f"vision inputs {', '.join(vlm.spec.required_vision_kwargs)} (the vision graph takes "
-                    "pixel_values only)")
+    try:
+        vlm.vision_layout()
+    except UsageError as e:
+        gaps.append(str(e))
     try:
         params_from_hf(image_processor)
     except UsageError as e:
@@ -467,23 +569,29 @@ def require_exportable(vlm: VLM, image_processor: Any = None) -> None:
 
 
 # Families whose checkpoints (as the Hub ships them) pass export, check and the runtime end to end.
-EXPORTABLE = ("llava",)
+EXPORTABLE = ("llava", "llava_next", "idefics3", "mistral3", "gemma3")
 
 # The README's support table, one row per family: (checkpoints, vision input handling, what works).
 # tests/test_family_*.py back every claim: end to end for EXPORTABLE, the refusals for the others.
 SUPPORT = {
     "llava": ("LLaVA-1.5 (llava-hf layout)", "CLIP shortest-edge resize + center crop, one image",
               "train-draft, export, check (HF forward), runtime: token-equal to HF generate"),
-    "llava_next": ("LLaVA-1.6 / NeXT", "anyres tiles + image_sizes (HF processor in train-draft)",
-                   "train-draft; export refused (tiling and image_sizes not in the runtime/vision graph)"),
-    "idefics3": ("SmolVLM / Idefics3", "image splitting, pixel shuffle (HF processor in train-draft)",
-                 "train-draft; export refused (its image processor is not reproduced by the runtime)"),
-    "gemma3": ("Gemma3", "SigLIP fixed-size resize", "refused: decoder norms, scaling, sliding window and "
-               "bidirectional image attention are not in the traced decoder"),
-    "mistral3": ("Pixtral / Mistral3", "variable image size, [IMG_BREAK] rows",
-                 "not yet: under transformers 5 its processor needs torchvision (the whole ImportError is shown)"),
-    "qwen2_5_vl": ("Qwen2.5-VL", "dynamic resolution, image_grid_thw", "refused: 3-D mRoPE positions are not "
-                   "in the traced decoder"),
+    "llava_next": ("LLaVA-1.6 / NeXT (llava-hf layout)", "anyres: a base view + the tiles of the best grid "
+                   "pinpoint; unpadding and image-newline rows; image tokens per image from its size",
+                   "train-draft, export, check (HF forward), runtime: token-equal to HF generate"),
+    "idefics3": ("SmolVLM / Idefics3", "longest-edge resize, split into crops + a global view, pixel shuffle; "
+                 "<row_r_col_c> / <global-img> markers in the prompt",
+                 "train-draft, export, check (HF forward), runtime: token-equal to HF generate"),
+    "gemma3": ("Gemma3", "SigLIP fixed-size resize (no pan-and-scan), <start_of_image> block",
+               "train-draft, export, check (HF forward), runtime: token-equal to HF generate (sliding window, "
+               "bidirectional image prefill, all EOS ids)"),
+    "mistral3": ("Pixtral / Mistral3", "any image size (a dynamic patch grid with 2-D RoPE in the vision graph), "
+                 "[IMG_BREAK] / [IMG_END] rows; processor built without torchvision",
+                 "train-draft, export, check (HF forward), runtime: token-equal to HF generate; the test's tiny "
+                 "draft reaches τ > 1.5 on 2 of 6 images only"),
+    "qwen2_5_vl": ("Qwen2.5-VL", "dynamic resolution, image_grid_thw (processor loads without torchvision)",
+                   "train-draft; target graph with runtime 3-D mRoPE positions equals HF forward and generate; "
+                   "export refused (window-attention vision over image_grid_thw not in the vision graph)"),
 }
 
 
@@ -495,14 +603,54 @@ def support_table() -> str:
 
 
 def load_processor(path: str | Path) -> Any:
-    """The checkpoint's `AutoProcessor`; an ImportError (transformers 5 builds some processors on
-    torchvision) becomes a UsageError carrying the whole message, not just its last line."""
-    from transformers import AutoProcessor
+    """The checkpoint's `AutoProcessor`. Transformers 5 builds some processors on torchvision: for a Pixtral
+    processor the same processing is assembled from the tokenizer and PIL image processor
+    (`processors.PixtralPromptProcessor`); Qwen2.5-VL's needs torchvision only for its video processor, so the
+    same processor class is built from the saved tokenizer and image processor, images only
+    (`_qwen_image_processor`). Any other ImportError becomes a UsageError carrying the whole message, not
+    just its last line."""
+    from transformers import AutoConfig, AutoProcessor
 
     try:
         return AutoProcessor.from_pretrained(str(path))
     except ImportError as e:
+        cfg = Path(path) / "processor_config.json"
+        if "torchvision" in str(e).lower() and cfg.is_file() and \
+                json.loads(cfg.read_text()).get("processor_class") == "PixtralProcessor":
+            # Mistral3 / Pixtral: the same processing from its tokenizer and PIL image processor
+            from dream_export.processors import PixtralPromptProcessor
+
+            return PixtralPromptProcessor.from_pretrained(path)
+        if getattr(AutoConfig.from_pretrained(str(path)), "model_type", None) == "qwen2_5_vl":
+            return _qwen_image_processor(path)
         raise UsageError(f"loading the processor of {path} failed: {' '.join(str(e).split())}") from e
+
+
+def _qwen_image_processor(path: str | Path) -> Any:
+    """transformers' own `Qwen2_5_VLProcessor` (its image-token expansion, mm_token_type_ids and chat
+    template) over the checkpoint's tokenizer and image processor, without the video processor whose
+    import needs torchvision (its wheels are CUDA builds that do not sit beside a CPU torch)."""
+    from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class Qwen2_5_VLImageProcessor(Qwen2_5_VLProcessor):
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            # what Qwen2_5_VLProcessor.__init__ sets, minus the video processor it passes on
+            self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+            self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    path = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    template = None
+    if (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text()
+    elif (path / "chat_template.json").is_file():
+        template = json.loads((path / "chat_template.json").read_text())["chat_template"]
+    return Qwen2_5_VLImageProcessor(AutoImageProcessor.from_pretrained(str(path)), tokenizer,
+                                    chat_template=template or getattr(tokenizer, "chat_template", None))
 
 
 def eos_ids(model: Any, tokenizer: Any = None) -> list[int]:
@@ -533,10 +681,11 @@ def _model_class(family: str):
 def params_from_hf(image_processor: Any) -> dict:
     """The HF image processor's parameters as a JSON-able dict for `runtime.preprocess.ImagePreprocessor`.
 
-    Kinds: "clip" (resize shortest edge, center crop: CLIP / LLaVA), "siglip" (resize to a fixed size:
+    Kinds: "clip" (resize shortest edge, center crop: CLIP / LLaVA), "llava_next" (any-resolution tiles),
+    "idefics3" (crops + global view),
+    "siglip" (resize to a fixed size:
     SigLIP / Gemma3), "pixtral" (Mistral3) and "qwen2_vl" (Qwen2-VL / Qwen2.5-VL). Raises UsageError for
-    processors whose extra steps are not reproduced (LLaVA's pad-to-square, Gemma3 pan-and-scan, the
-    tiling processors of LLaVA-NeXT and Idefics3).
+    processors whose extra steps are not reproduced (LLaVA's pad-to-square, Gemma3 pan-and-scan).
     """
     name = type(image_processor).__name__.removesuffix("Pil").removesuffix("Fast")
     ip = image_processor
@@ -553,6 +702,13 @@ def params_from_hf(image_processor: Any) -> dict:
             raise UsageError(f"{name} with do_pad=True (pad to square) is not reproduced by the runtime")
         return {"kind": "clip", **common, "size": size, "do_center_crop": bool(ip.do_center_crop),
                 "crop_size": _size_dict(ip.crop_size)}
+    if name == "LlavaNextImageProcessor":
+        return {"kind": "llava_next", **common, "size": size, "do_center_crop": bool(ip.do_center_crop),
+                "crop_size": _size_dict(ip.crop_size),
+                "image_grid_pinpoints": [[int(h), int(w)] for h, w in ip.image_grid_pinpoints]}
+    if name == "Idefics3ImageProcessor":
+        return {"kind": "idefics3", **common, "size": size, "max_image_size": _size_dict(ip.max_image_size),
+                "do_image_splitting": bool(ip.do_image_splitting)}
     if name in ("SiglipImageProcessor", "Gemma3ImageProcessor"):
         if getattr(ip, "do_pan_and_scan", False):
             raise UsageError("Gemma3 pan-and-scan is not reproduced by the runtime; disable do_pan_and_scan")

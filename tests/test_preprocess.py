@@ -37,6 +37,8 @@ def _hf_processors() -> dict:
     from transformers import (
         CLIPImageProcessorPil,
         Gemma3ImageProcessorPil,
+        Idefics3ImageProcessorPil,
+        LlavaNextImageProcessorPil,
         PixtralImageProcessorPil,
         Qwen2VLImageProcessorPil,
         SiglipImageProcessorPil,
@@ -65,6 +67,16 @@ def _hf_processors() -> dict:
         "qwen2vl-default": Qwen2VLImageProcessorPil(),  # min 56² px: small images are enlarged
         "qwen2vl-tiny": Qwen2VLImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 96 * 96},
                                                  patch_size=8, merge_size=2, **MEAN_STD),
+        # 336 px views, pinpoints up to 1008, bicubic
+        "llava_next-default": LlavaNextImageProcessorPil(size={"shortest_edge": 336},
+                                                         crop_size={"height": 336, "width": 336}),
+        "llava_next-tiny": LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                      image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]], **MEAN_STD),
+        "idefics3-default": Idefics3ImageProcessorPil(),  # 1456 px longest edge, 364 px crops, lanczos
+        "idefics3-tiny": Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                                   **MEAN_STD),
+        "idefics3-nosplit": Idefics3ImageProcessorPil(size={"longest_edge": 48}, max_image_size={"longest_edge": 32},
+                                                      do_image_splitting=False, resample=3),
     }
     if LlavaImageProcessorPil is not None:
         procs["llava-nopad"] = LlavaImageProcessorPil(size={"shortest_edge": 36}, crop_size={"height": 36, "width": 36})
@@ -78,6 +90,8 @@ def _assert_same_outputs(ours: dict, ref: dict) -> None:
     # Gemma3 also returns num_crops (all 0 without pan-and-scan): a count for its processor's prompt
     # expansion, not a model input.
     assert not ref.pop("num_crops", np.zeros(1)).any()
+    # Idefics3's crop rows and columns lay out the prompt (HF's processor returns them only on request)
+    ours = {k: v for k, v in ours.items() if k in ref or k not in ("rows", "cols")}
     assert set(ours) == set(ref)
     for key, value in ref.items():
         assert ours[key].dtype == value.dtype and ours[key].shape == value.shape, key
@@ -95,13 +109,16 @@ def test_numpy_preprocessing_matches_hf_pil_processor(name, width, height, mode)
     assert ours["pixel_values"].dtype == np.float32
 
 
-@pytest.mark.parametrize("name", ["pixtral-tiny", "qwen2vl-tiny", "gemma3"])
+@pytest.mark.parametrize("name", ["pixtral-tiny", "qwen2vl-tiny", "gemma3", "llava_next-tiny", "idefics3-tiny"])
 def test_batches_match_hf(name):
-    """Pixtral pads a batch to its largest image; Qwen2-VL concatenates the patches of all images."""
+    """Pixtral pads a batch to its largest image; Qwen2-VL concatenates the patches of all images; LLaVA-NeXT
+    and Idefics3 pad each image's views to the most views in the batch."""
     hf = PROCS[name]
     images = [_image(*spec) for spec in IMAGES[:3]]
     ours = ImagePreprocessor.from_dict(params_from_hf(hf)).preprocess(images)
-    _assert_same_outputs(ours, dict(hf(images=images, return_tensors="np")))
+    # Idefics3 reads a flat list as one prompt's images (their views concatenated): one list per image
+    batch = [[im] for im in images] if name.startswith("idefics3") else images
+    _assert_same_outputs(ours, dict(hf(images=batch, return_tensors="np")))
 
 
 def test_batch_and_kinds():
@@ -163,3 +180,43 @@ def test_minimal_parameter_dict():
                                     "resample")}
     image = _image(50, 80, "RGB")
     assert np.array_equal(ImagePreprocessor.from_dict(minimal)(image), ImagePreprocessor.from_dict(full)(image))
+
+
+# Ten sizes and aspect ratios: landscape, square, portrait, 2:1, 1:2.5, odd, very wide, very tall, near
+# square and tiny (each family tiles, splits or crops them differently).
+TEN_SIZES = [(40, 30), (64, 64), (33, 57), (90, 45), (48, 120), (31, 31), (200, 17), (17, 200), (101, 100), (7, 9)]
+# The families whose preprocessing the runtime reproduces, as their saved checkpoints carry it.
+REPRODUCED = ("llava", "llava_next", "idefics3", "mistral3")
+
+
+@pytest.fixture(scope="module")
+def saved_processors(tmp_path_factory):
+    from transformers import AutoImageProcessor
+
+    try:
+        from tests.tiny_vlms import build_tiny_vlm
+    except ImportError:
+        from tiny_vlms import build_tiny_vlm
+    root = tmp_path_factory.mktemp("families")
+    return {f: AutoImageProcessor.from_pretrained(str(build_tiny_vlm(f, root / f))) for f in REPRODUCED}
+
+
+@pytest.mark.parametrize("family", REPRODUCED)
+def test_family_preprocessing_equals_the_saved_hf_processor(family, saved_processors):
+    """The runtime's pixels (and image sizes, view masks, crop grid) equal the checkpoint's own HF image
+    processor on ten images of different sizes and aspect ratios: the max difference is 0 (the same
+    Pillow resampling on the same uint8 pixels), well inside 1e-4."""
+    hf = saved_processors[family]
+    pre = ImagePreprocessor.from_dict(json.loads(json.dumps(params_from_hf(hf))))
+    worst = 0.0
+    for i, (w, h) in enumerate(TEN_SIZES):
+        image = tiny_image(w, h, seed=i)
+        ref = dict(hf(images=image, return_tensors="np", **({"return_row_col_info": True} if family == "idefics3"
+                                                             else {})))
+        ours = pre.preprocess(image)
+        for key in ("rows", "cols"):  # HF nests them per prompt
+            if key in ref:
+                assert np.array_equal(np.ravel(ref.pop(key)), ours.pop(key)), key
+        _assert_same_outputs(ours, ref)
+        worst = max(worst, float(np.abs(ours["pixel_values"] - ref["pixel_values"]).max()))
+    assert worst <= 1e-4

@@ -46,9 +46,9 @@ def test_system_prompt_is_kept_when_the_template_has_no_system_role(demo_pipelin
     assert with_system == demo_pipeline.chat_ids([_user(img, "Answer briefly.\n\nHi")])
     # a template with a system role renders it itself
     tpl = ChatTemplate("{% for m in messages %}<{{ m['role'] }}>{% for p in m['content'] %}{{ p['text'] }}"
-                       "{% endfor %}{% endfor %}", "", "", "<image>", 3)
+                       "{% endfor %}{% endfor %}", "", "", "<image>")
     assert tpl.renders_system
-    assert tpl.render(normalize([{"role": "system", "content": "S"}, _user("U")])[0]) == "<system>S<user>U"
+    assert tpl.render(normalize([{"role": "system", "content": "S"}, _user("U")])[0], []) == "<system>S<user>U"
 
 
 def test_several_images_are_spliced_in_order(demo_pipeline):

@@ -32,11 +32,12 @@ FAMILY_SPECIALS: dict[str, tuple[list[str], dict[str, str]]] = {
     "llava_next": (["<image>"], {"image_token": "<image>"}),
     "idefics3": (["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>"]
                  + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)], {}),
-    "gemma3": (["<start_of_image>", "<image_soft_token>", "<end_of_image>"],
+    "gemma3": (["<start_of_image>", "<image_soft_token>", "<end_of_image>", "<start_of_turn>", "<end_of_turn>"],
                {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>",
                 "eoi_token": "<end_of_image>"}),
     "mistral3": (["[IMG]", "[IMG_BREAK]", "[IMG_END]"], {}),
-    "qwen2_5_vl": (["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+    "qwen2_5_vl": (["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>", "<|im_start|>",
+                    "<|im_end|>", "<|endoftext|>"],
                    {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"}),
 }
 
@@ -52,15 +53,57 @@ PROMPTS = {
 
 
 # Chat templates as the families' Hub checkpoints ship them (trimmed to user turns with one image);
-# llava-hf's carries no BOS: its Llama tokenizer adds one.
+# llava-hf's carries no BOS: its Llama tokenizer adds one. Gemma3's writes the BOS although its tokenizer
+# adds one too (HF's apply_chat_template then tokenizes without special tokens).
 CHAT_TEMPLATES = {
     "llava": ("{% for message in messages %}{{ message['role'].upper() + ': ' }}"
               "{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
               "{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}{{ c['text'] + ' ' }}"
               "{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"),
+    # llava-hf/llava-v1.6-mistral-7b-hf: [INST] turns, images first, no BOS (the tokenizer adds it)
+    "llava_next": ("{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' }}"
+                   "{% for c in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}"
+                   "{% endfor %}{% for c in message['content'] | selectattr('type', 'equalto', 'text') %}"
+                   "{{ c['text'] }}{% endfor %}{{ ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
+                   "{{ message['content'][0]['text'] + '</s>' }}{% endif %}{% endfor %}"),
+    # HuggingFaceTB/SmolVLM-Instruct: "User:<image>…<end_of_utterance>", no BOS
+    "idefics3": ("<|im_start|>{% for message in messages %}{{ message['role'] | capitalize }}"
+                 "{% if message['content'][0]['type'] == 'image' %}{{ ':' }}{% else %}{{ ': ' }}{% endif %}"
+                 "{% for line in message['content'] %}{% if line['type'] == 'text' %}{{ line['text'] }}"
+                 "{% elif line['type'] == 'image' %}{{ '<image>' }}{% endif %}{% endfor %}<end_of_utterance>\n"
+                 "{% endfor %}{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}"),
+    # mistralai Mistral3 / Pixtral: [INST] turns with [IMG] where the image goes (BOS from the tokenizer here)
+    "mistral3": ("{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST]' }}"
+                 "{% for c in message['content'] %}{% if c['type'] == 'image' %}{{ '[IMG]' }}"
+                 "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{{ '[/INST]' }}"
+                 "{% elif message['role'] == 'assistant' %}{{ message['content'][0]['text'] + eos_token }}"
+                 "{% endif %}{% endfor %}"),
+    "gemma3": ("{{ bos_token }}{%- if messages[0]['role'] == 'system' -%}"
+               "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}"
+               "{%- set loop_messages = messages[1:] -%}{%- else -%}{%- set first_user_prefix = '' -%}"
+               "{%- set loop_messages = messages -%}{%- endif -%}"
+               "{%- for message in loop_messages -%}"
+               "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+               "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+               "{%- endif -%}{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+               "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+               "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
+               "{%- else -%}{%- for item in message['content'] -%}"
+               "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+               "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}{%- endfor -%}{%- endif -%}"
+               "{{ '<end_of_turn>\n' }}{%- endfor -%}"
+               "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"),
+    # Qwen2.5-VL's (no BOS anywhere: its tokenizer has none), without the video and vision-id branches
+    "qwen2_5_vl": ("{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+                   "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+                   "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+                   "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+                   "{% if content['type'] == 'image' or 'image' in content %}<|vision_start|><|image_pad|><|vision_end|>"
+                   "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
+                   "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"),
 }
 # Families whose tokenizer adds BOS itself (a post-processor in tokenizer.json), as on the Hub.
-ADDS_BOS = ("llava", "llava_next", "mistral3")
+ADDS_BOS = ("llava", "llava_next", "gemma3", "mistral3")
 
 
 def tiny_tokenizer(family: str):
@@ -146,7 +189,8 @@ def _llava_next(tok):
                                                  crop_size={"height": 32, "width": 32},
                                                  image_grid_pinpoints=pinpoints, **MEAN_STD)
     processor = LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, patch_size=8,
-                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
+                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                                   chat_template=CHAT_TEMPLATES["llava_next"])
     return LlavaNextForConditionalGeneration(config), processor
 
 
@@ -165,16 +209,19 @@ def _idefics3(tok):
     text = LlamaConfig(**TEXT, **_ids(tok), rms_norm_eps=1e-5, tie_word_embeddings=False)
     config = Idefics3Config(vision_config=vision, text_config=text, image_token_id=_tid(tok, "<image>"),
                             scale_factor=2, pad_token_id=tok.pad_token_id)
-    # Without splitting every image becomes one 32×32 global view → (32/8)² / 2² = 4 image tokens.
-    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 32}, max_image_size={"longest_edge": 32},
-                                                do_image_splitting=False, **MEAN_STD)
-    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4)
+    # Images fit a 64 px longest edge and split into 32 px crops (1×2, 2×1 or 2×2) plus the 32×32 global
+    # view; each view gives (32/8)² / 2² = 4 image tokens.
+    image_processor = Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32},
+                                                do_image_splitting=True, **MEAN_STD)
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4,
+                                  chat_template=CHAT_TEMPLATES["idefics3"])
     return Idefics3ForConditionalGeneration(config), processor
 
 
 def _gemma3(tok):
     """Gemma3: SigLIP + avg-pool projector; decoder with head_dim != hidden/heads, query_pre_attn_scalar,
     (1+w) RMSNorms, q/k norms, sqrt(hidden) embedding scale and sliding-window layers."""
+    import torch
     from transformers import (
         Gemma3Config,
         Gemma3ForConditionalGeneration,
@@ -191,8 +238,17 @@ def _gemma3(tok):
                           boi_token_index=_tid(tok, "<start_of_image>"), eoi_token_index=_tid(tok, "<end_of_image>"),
                           image_token_index=_tid(tok, "<image_soft_token>"))
     image_processor = Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, **MEAN_STD)
-    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=4)
-    return Gemma3ForConditionalGeneration(config), processor
+    processor = Gemma3Processor(image_processor=image_processor, tokenizer=tok, image_seq_length=4,
+                                chat_template=CHAT_TEMPLATES["gemma3"])
+    model = Gemma3ForConditionalGeneration(config)
+    # A random tied head over unit-scale features gives near-flat next-token distributions (greedy margins
+    # of 1e-4, and soft targets a draft cannot learn from); a final norm of gain ~10 makes them as peaked
+    # as a trained model's.
+    with torch.no_grad():
+        model.model.language_model.norm.weight.normal_(9.0, 0.1)
+    # as on the Hub: an answer ends at <eos> or at the end of the model's turn
+    model.generation_config.eos_token_id = [tok.eos_token_id, _tid(tok, "<end_of_turn>")]
+    return model, processor
 
 
 def _mistral3(tok):
@@ -212,8 +268,13 @@ def _mistral3(tok):
                             spatial_merge_size=2, vision_feature_layer=-1, tie_word_embeddings=False)
     image_processor = PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size={"height": 8, "width": 8},
                                                **MEAN_STD)
-    # PixtralProcessor needs torchvision in transformers 5: save tokenizer and image processor instead.
-    return Mistral3ForConditionalGeneration(config), [tok, image_processor]
+    # PixtralProcessor needs torchvision in transformers 5: its torchvision-free stand-in writes the same
+    # files (processor_config.json with patch and merge sizes, chat template)
+    from dream_export.processors import PixtralPromptProcessor
+
+    processor = PixtralPromptProcessor(tok, image_processor, patch_size=8, spatial_merge_size=2,
+                                       chat_template=CHAT_TEMPLATES["mistral3"])
+    return Mistral3ForConditionalGeneration(config), processor
 
 
 def _qwen2_5_vl(tok):
@@ -234,7 +295,10 @@ def _qwen2_5_vl(tok):
     image_processor = Qwen2VLImageProcessorPil(size={"shortest_edge": 32 * 32, "longest_edge": 96 * 96},
                                                patch_size=8, merge_size=2, temporal_patch_size=2, **MEAN_STD)
     # Qwen2_5_VLProcessor insists on a video processor, which needs torchvision: save the parts instead.
-    return Qwen2_5_VLForConditionalGeneration(config), [tok, image_processor]
+    tok.chat_template = CHAT_TEMPLATES["qwen2_5_vl"]
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = [_tid(tok, "<|im_end|>"), _tid(tok, "<|endoftext|>")]
+    return model, [tok, image_processor]
 
 
 BUILDERS: dict[str, Callable] = {"llava": _llava, "llava_next": _llava_next, "idefics3": _idefics3,

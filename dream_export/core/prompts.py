@@ -33,6 +33,14 @@ def read_prompts(path: str | Path) -> list[dict]:
     return rows
 
 
+def adds_special_tokens(tokenizer: Any, text: str) -> bool:
+    """Whether tokenizing a rendered prompt should let the tokenizer add its special tokens: not when the
+    chat template wrote the BOS itself (Gemma3's does, and its tokenizer adds one too). HF processors'
+    `apply_chat_template` applies this rule; a prompt tokenized with both would start with two BOS."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return not (bos and text.startswith(bos))
+
+
 class PromptEncoder:
     """Chat-template + processor wrapper shared by draft training data, evaluation and the demo."""
 
@@ -51,14 +59,17 @@ class PromptEncoder:
     def encode(self, images: list, prompts: list[str]) -> dict:
         """Batch of prompts (left padded, ready for `generate`)."""
         self.tokenizer.padding_side = "left"
+        texts = [self.prompt_text(p) for p in prompts]
         # one list of images per prompt: processors that accept several images per prompt (Gemma3)
         # read a flat list as one prompt with all of them
-        return self.processor(text=[self.prompt_text(p) for p in prompts], images=[[im] for im in images],
-                              return_tensors="pt", padding=True)
+        return self.processor(text=texts, images=[[im] for im in images], return_tensors="pt", padding=True,
+                              add_special_tokens=adds_special_tokens(self.tokenizer, texts[0]))
 
     def encode_train(self, image, prompt: str, answer: str) -> dict:
         """One supervised sequence: prompt ids, answer ids + EOS, labels masked to the answer."""
-        enc = self.processor(text=self.prompt_text(prompt), images=image, return_tensors="pt")
+        text = self.prompt_text(prompt)
+        enc = self.processor(text=text, images=image, return_tensors="pt",
+                             add_special_tokens=adds_special_tokens(self.tokenizer, text))
         prompt_ids = enc["input_ids"][0].tolist()
         answer_ids = self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
         answer_ids.append(self.tokenizer.eos_token_id)

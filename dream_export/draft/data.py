@@ -109,7 +109,6 @@ def generate_features(model, processor, rows: list[dict], out_dir: str | Path, c
     from safetensors.torch import save_file
 
     from dream_export.core.prompts import PromptEncoder
-    from dream_export.modeling.decoder import TargetDecoder, causal_mask
     from dream_export.modeling.importance import column_mean
 
     out_dir = Path(out_dir)
@@ -127,7 +126,7 @@ def generate_features(model, processor, rows: list[dict], out_dir: str | Path, c
 
     enc = PromptEncoder(processor)
     vlm = wrap_vlm(model)
-    dec = TargetDecoder(vlm.language_model, taps=cfg.taps)
+    dec = vlm.decoder(cfg.taps)
     img_id = vlm.image_token_id
     eos = set(eos_ids(model, processor.tokenizer))
     pad = processor.tokenizer.pad_token_id
@@ -169,8 +168,10 @@ def generate_features(model, processor, rows: list[dict], out_dir: str | Path, c
                     merged = vlm.merge(ids, pixels, **extras)
                     t = ids.shape[1]
                     pk, pv = dec.empty_cache()
-                    o = dec(merged, torch.arange(t)[None], causal_mask(t), pk, pv, output_attentions=True,
-                            output_hidden_states=True)
+                    # the family's prefill positions and mask (Gemma3: images read bidirectionally;
+                    # Qwen2.5-VL: 3-D positions), as the exported target computes the prompt
+                    o = dec(merged, vlm.position_ids(ids, **extras), vlm.prefill_mask(ids, **extras), pk, pv,
+                            output_attentions=True, output_hidden_states=True)
                 n = len(prompt_ids)
                 attns = [a[0] for a in o["attn"]]
                 choice = select_intermediate(attns, cfg)

@@ -55,8 +55,6 @@ def load_target(path: str | Path, taps: tuple[int, ...] = (), dtype: Any = "floa
     family adapter. `dtype`: a torch dtype or its name, or "auto" for the checkpoint's own dtype."""
     import torch
 
-    from dream_export.modeling.decoder import TargetDecoder
-
     path = Path(path)
     if isinstance(dtype, str) and dtype != "auto":
         dtype = getattr(torch, dtype)
@@ -64,6 +62,6 @@ def load_target(path: str | Path, taps: tuple[int, ...] = (), dtype: Any = "floa
     # the draft's features and the exported graphs come from TargetDecoder: refuse what it gets wrong
     require_exportable(vlm)
     processor = load_processor(path)
-    side = TargetSide(TargetDecoder(vlm.language_model, taps=taps), vlm.embed_tokens, vlm.lm_head,
+    side = TargetSide(vlm.decoder(taps), vlm.embed_tokens, vlm.lm_head,
                       softcap=vlm.facts.final_logit_softcapping)
     return Target(path, vlm, processor, side)

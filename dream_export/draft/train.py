@@ -153,7 +153,8 @@ def train_draft(data_dir: str | Path | FeatureDataset, lm_head_weight: torch.Ten
     `draft`: a draft built elsewhere with the DREAM draft's call signature (a self-spec draft, built
     around the target's layers); only its parameters that require gradients are trained.
 
-    The last `holdout` samples are kept out of training and report top-1 agreement with the target.
+    The last `holdout` samples are kept out of training and report top-1 agreement with the target; a data
+    set of at most twice that many is trained on whole and its training samples report it.
     With `out_dir`, a resume checkpoint (weights, optimiser, RNG, history) is written beside it every
     `ckpt_every` steps; `resume=True` continues an interrupted run from it and reproduces the run an
     uninterrupted one would have made.
@@ -165,7 +166,10 @@ def train_draft(data_dir: str | Path | FeatureDataset, lm_head_weight: torch.Ten
     use_taps = cfg.arch == "eagle3"
     if use_taps and not ds.meta["config"].get("taps"):
         raise IncompatibleArtifactError(f"{data_dir} has no layer taps; generate data with taps for --arch eagle3")
-    n_train = max(1, len(ds) - holdout)
+    # a data set not more than twice the holdout (a few images) trains on all of it rather than on one
+    # sample, and then reports top-1 on the training samples instead
+    n_train = len(ds) - holdout if len(ds) > 2 * holdout else len(ds)
+    eval_rows = range(n_train, len(ds)) if n_train < len(ds) else range(len(ds))
     if draft is None:
         draft = Draft(cfg)
         init_weights(draft)
@@ -211,7 +215,7 @@ def train_draft(data_dir: str | Path | FeatureDataset, lm_head_weight: torch.Ten
         if step % 50 == 0 and progress:
             bar.set_postfix(loss=f"{loss.item():.3f}", p=f"{loss_p.item():.3f}")
         if (step + 1) % 500 == 0 or step + 1 == tcfg.steps:
-            acc = top1_agreement(draft, ds, range(n_train, len(ds)), logits_of, use_taps)
+            acc = top1_agreement(draft, ds, eval_rows, logits_of, use_taps)
             history.append({"step": step + 1, "loss": round(loss.item(), 4), "top1": round(acc, 4),
                             "minutes": round((time.time() - t0) / 60, 2)})
             log(json.dumps(history[-1]))

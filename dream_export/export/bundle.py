@@ -90,12 +90,14 @@ def _share_target_weights(onnx_dir: Path, manifest: dict, dcfg, log) -> None:
         "target graph")
 
 
-def _export(module, args, path: Path, spec: GraphSpec, outputs: list[str] | None = None) -> None:
-    """Export `module` as graph `spec` (names and dynamic axes from the spec; `outputs` when optional ones vary)."""
+def _export(module, args, path: Path, spec: GraphSpec, outputs: list[str] | None = None,
+            axes: dict[str, dict[int, str]] | None = None) -> None:
+    """Export `module` as graph `spec` (names and dynamic axes from the spec; `outputs` when optional ones vary,
+    `axes` for dynamic axes a family adds, e.g. the views of an any-resolution image)."""
     import torch
 
     input_names, output_names = spec.input_names(), outputs or spec.output_names(present=())
-    dynamic_axes = spec.dynamic_axes(input_names + output_names)
+    dynamic_axes = {**spec.dynamic_axes(input_names + output_names), **(axes or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -108,16 +110,17 @@ def _export(module, args, path: Path, spec: GraphSpec, outputs: list[str] | None
 def _processor_adds_special_tokens(proc) -> bool:
     """Whether the HF processor's tokenization adds the tokenizer's special tokens (llava-hf: a BOS the
     chat template leaves out), so the runtime encodes prompts the same way."""
-    from dream_export.core.prompts import PromptEncoder
+    from dream_export.core.prompts import PromptEncoder, adds_special_tokens
 
     text = PromptEncoder(proc).prompt_text("?")
     plain = proc.tokenizer(text, add_special_tokens=False)["input_ids"]
-    return proc.tokenizer(text)["input_ids"] != plain
+    return adds_special_tokens(proc.tokenizer, text) and proc.tokenizer(text)["input_ids"] != plain
 
 
 def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path, opts: ExportOptions,
                   log=print) -> dict:
     """Export vision, target and draft graphs, embeddings, tokenizer and manifest into bundle `out`."""
+    import numpy as np
     import torch
     from safetensors.torch import save_file
 
@@ -126,6 +129,7 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
     from dream_export.draft.train import load_draft, load_draft_config
     from dream_export.export.graphs import DraftChainGraph, DraftGraph, TargetGraph, VisionGraph
     from dream_export.families import params_from_hf, require_exportable
+    from dream_export.runtime.preprocess import ImagePreprocessor
 
     t0 = time.time()
     check_sources(target_dir, draft_dir)  # readable, supported, made for each other: refuse before work
@@ -172,25 +176,43 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
                    "bos_id": proc.tokenizer.bos_token_id, "eos_id": target.eos_ids[0], "eos_ids": target.eos_ids,
                    "pad_id": proc.tokenizer.pad_token_id,
                    "add_special_tokens": _processor_adds_special_tokens(proc)},
-        "embeddings": {"file": "embeddings.safetensors", "tensor": "embed_tokens", "scale": 1.0},
+        # the table is stored as the checkpoint holds it; the runtime multiplies by the family's scale
+        # (Gemma3: sqrt(hidden)), as the HF embedding module does — image features are not scaled
+        "embeddings": {"file": "embeddings.safetensors", "tensor": "embed_tokens",
+                       "scale": target.vlm.facts.embed_scale},
+        # how the runtime lays out a prompt for this decoder (see runtime.masks.prefill_mask)
+        "decoder": {"family": target.vlm.family, "image_blocks_bidirectional": target.vlm.spec.bidirectional_image_blocks,
+                    "rope": target.vlm.facts.rope_kind, "sliding_window": target.vlm.facts.sliding_window,
+                    "spatial_merge_size": getattr(getattr(cfg, "vision_config", None), "spatial_merge_size", None)},
         "precision": {"vision": opts.precision, "target": opts.precision, "draft": opts.precision},
         "graphs": {},
     }
     with atomic_dir(out) as tmp:
         onnx_dir = tmp / "onnx"
-        # vision
-        vg = VisionGraph(model).eval()
-        size = proc.image_processor.crop_size
-        px = torch.zeros(1, 3, size["height"], size["width"])
+        # vision: one call per image, over the image's views (one, or an anyres image's base view and tiles)
+        vg = VisionGraph(target.vlm).eval()
+        # a view's shape: what the runtime's preprocessing makes of a small blank image
+        # (a non-square one, so that a traced image grid keeps its two sides apart)
+        view = ImagePreprocessor(params_from_hf(proc.image_processor)).preprocess(np.zeros((48, 32, 3), np.uint8))
+        kind = target.vlm.vision_layout()[0]["layout"]
+        px = torch.zeros(1 if kind in ("single", "rows") else 2, *view["pixel_values"].shape[-3:])
         n_img = vg(px).shape[1]
-        # One image per request: the exported tower splits the CLS token with a fixed batch of 1.
-        _export(vg, (px,), onnx_dir / "vision.onnx", SPECS["vision"])
-        manifest["tokens"]["image_tokens_per_image"] = int(n_img)
+        layout, layout_tensors = target.vlm.vision_layout(int(n_img))
+        # single-view layouts keep a static batch of 1 (the exported CLIP tower splits the CLS token with it);
+        # tiled images vary in views, Pixtral's in size
+        axes = {"single": None,
+                "rows": {"pixel_values": {2: "height", 3: "width"}, "image_embeds": {1: "image_rows"}}}.get(
+                    kind, {"pixel_values": {0: "views"}, "image_embeds": {0: "views"}})
+        _export(vg, (px,), onnx_dir / "vision.onnx", SPECS["vision"], axes=axes)
+        manifest["tokens"]["image_tokens_per_image"] = int(n_img) if layout["layout"] == "single" else None
+        manifest["vision"] = layout
         # target
         tg = TargetGraph(dec, model.lm_head, opts.topk, getattr(text, "final_logit_softcapping", None),
                          importance=opts.attn_scores, tap_norm=subnets.active).eval()
         t = 4
-        t_args = (torch.zeros(1, t, hidden), torch.arange(t)[None], torch.ones(1, t, cap + t, dtype=torch.bool),
+        # positions [1, T], or mRoPE's [3, T] (the runtime computes them: runtime.positions)
+        pos = torch.arange(t)[None].expand(3 if target.vlm.facts.rope_kind == "mrope" else 1, t)
+        t_args = (torch.zeros(1, t, hidden), pos, torch.ones(1, t, cap + t, dtype=torch.bool),
                   torch.zeros(n_layers, 1, kvh, cap, hd), torch.zeros(n_layers, 1, kvh, cap, hd), torch.tensor([t - 1]))
         scores = ["attn_importance", "attn_importance_max"] if opts.attn_scores else []
         t_out = SPECS["target"].output_names(present=scores + (["taps"] if taps else []))
@@ -202,7 +224,8 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
                   torch.zeros(nb, 1, dkv, draft_cap, ddim), torch.zeros(nb, 1, dkv, draft_cap, ddim),
                   torch.zeros(1, dkv, cross_cap, ddim), torch.zeros(1, dkv, cross_cap, ddim), torch.zeros(1, f, hidden),
                   torch.ones(1, t, cross_cap + f, dtype=torch.bool), torch.zeros(1, t, hidden))
-        embed_table = target.side.embed_tokens.weight.detach().float()
+        # the table the chain's steps look up carries the family's embedding scale, as the runtime's does
+        embed_table = target.side.embed_tokens.weight.detach().float() * target.vlm.facts.embed_scale
 
         def export_draft(d, suffix: str = "") -> dict:
             """The draft graph (and the chain graph, for drafts with cross-attention, i.e. DREAM: the EAGLE
@@ -231,8 +254,8 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
             manifest["supernet"] = subnets.manifest_entry(lambda d, heads: export_draft(d, f".h{heads}"))
             subnets.save_draft(tmp)
         # runtime assets: embedding table, tokenizer, template, image preprocessing
-        save_file({"embed_tokens": target.side.embed_tokens.weight.detach().float().contiguous()},
-                  str(tmp / "embeddings.safetensors"))
+        save_file({"embed_tokens": target.side.embed_tokens.weight.detach().float().contiguous(),
+                   **{k: v.contiguous() for k, v in layout_tensors.items()}}, str(tmp / "embeddings.safetensors"))
         proc.save_pretrained(tmp / "processor")
         for fname in ("tokenizer.json", "chat_template.jinja", "chat_template.json"):
             src = tmp / "processor" / fname

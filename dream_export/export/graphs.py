@@ -123,17 +123,13 @@ class DraftChainGraph(nn.Module):
 
 
 class VisionGraph(nn.Module):
-    """Pixels → projected image embeddings ready to splice into the prompt (tower + projector)."""
+    """Views [views, 3, h, w] → projected image rows [views, rows, H] (tower + projector, as the family
+    adapter's `view_features`); the runtime splices them into the prompt (`runtime.image_layout`)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, vlm):
         super().__init__()
-        self.model = model
+        self.vlm = vlm
+        self.model = vlm.model  # registers the weights as this module's
 
     def forward(self, pixel_values):
-        feats = self.model.model.get_image_features(pixel_values=pixel_values)
-        if not torch.is_tensor(feats):  # transformers 5 wraps it in a model output
-            feats = getattr(feats, "pooler_output", None) if getattr(feats, "pooler_output", None) is not None \
-                else feats[0]
-        if isinstance(feats, (list, tuple)):
-            feats = torch.stack(list(feats))
-        return feats.reshape(pixel_values.shape[0], -1, feats.shape[-1])
+        return self.vlm.view_features(pixel_values)

@@ -19,8 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from dream_export.errors import IncompatibleArtifactError
 from dream_export.export.compare import scaled_error
 from dream_export.export.feeds import TREE_PARENTS, ancestors, depths, ort_session
+from dream_export.runtime.masks import prefill_mask
+from dream_export.runtime.positions import mrope_positions
 
 # fp32: ONNX Runtime vs transformers differ only in summation order and fused kernels. fp16: as the
 # graph-against-module parity (`parity.TOLERANCE`).
@@ -29,12 +32,14 @@ def _reference(target_dir: Path, image, prompt: str, tree_ids: np.ndarray) -> di
     """The HF model's prefill and tree-verify outputs, and the processor's ids and pixels."""
     import torch
 
-    from dream_export.core.prompts import PromptEncoder
+    from dream_export.core.prompts import PromptEncoder, adds_special_tokens
     from dream_export.families import load_processor, load_vlm
 
     vlm = load_vlm(target_dir, dtype=torch.float32)
     proc = load_processor(target_dir)
-    enc = dict(proc(text=PromptEncoder(proc).prompt_text(prompt), images=image, return_tensors="pt"))
+    text = PromptEncoder(proc).prompt_text(prompt)
+    enc = dict(proc(text=text, images=image, return_tensors="pt",
+                    add_special_tokens=adds_special_tokens(proc.tokenizer, text)))
     anc, depth = ancestors(TREE_PARENTS), depths(TREE_PARENTS)
     with torch.no_grad():
         out = vlm.model(**enc, output_hidden_states=True)
@@ -44,13 +49,18 @@ def _reference(target_dir: Path, image, prompt: str, tree_ids: np.ndarray) -> di
         merged = vlm.merge(ids, enc["pixel_values"], **extras)
         full = torch.cat([merged, vlm.embed_text(torch.from_numpy(tree_ids)[None])], 1)
         mask = torch.zeros(p + n, p + n, dtype=torch.bool)
-        mask[:p, :p] = torch.ones(p, p, dtype=torch.bool).tril()
+        mask[:p, :p] = vlm.prefill_mask(ids, **extras)[0]
         mask[p:, :p] = True
         mask[p:, p:] = torch.from_numpy(anc)
-        pos = torch.cat([torch.arange(p), p + torch.from_numpy(depth)])[None]
+        prompt_pos = vlm.position_ids(ids, **extras)  # [1,p], or mRoPE [3,1,p]
+        tree_pos = vlm.next_position(prompt_pos) + torch.from_numpy(depth)
+        pos = torch.cat([prompt_pos, tree_pos.expand(*prompt_pos.shape[:-1], n)], -1)
         tree = vlm.decoder_forward(full, pos, mask[None]).hidden[:, p:]
         tree_logits = vlm.logits(tree)
-    return {"ids": ids[0].numpy(), "pixels": enc["pixel_values"].float().numpy(),
+    vision_inputs = {k: v.float().numpy() if k == "pixel_values" else v.numpy() for k, v in enc.items()
+                     if k != "input_ids" and torch.is_tensor(v)}
+    return {"ids": ids[0].numpy(), "vision_inputs": vision_inputs,
+            "grids": vision_inputs.get("image_grid_thw"),
             "prefill": {"row_logits": out.logits[0].float().numpy(), "hidden": out.hidden_states[-1].float().numpy()},
             "tree": {"row_logits": tree_logits[0].float().numpy(), "hidden": tree.float().numpy()},
             "tree_mask": anc, "tree_depth": depth}
@@ -60,17 +70,26 @@ def _run_bundle(root: Path, m: dict, files: dict[str, str], ref: dict, tree_ids:
     """The bundle's prefill and tree-verify outputs (vision + embedding splice + target graph)."""
     from safetensors.numpy import load_file
 
+    from dream_export.runtime.image_layout import ImageLayout
+
     vision, target = ort_session(root / files["vision"], threads), ort_session(root / files["target"], threads)
     vin = {i.name: i.type for i in vision.get_inputs()}
     (name, kind), = vin.items()
-    px = ref["pixels"].astype(np.float16 if "float16" in kind else np.float32)
-    feats = vision.run(None, {name: px})[0].astype(np.float32)
     emb = m["embeddings"]
-    table = load_file(str(root / emb["file"]))[emb["tensor"]].astype(np.float32) * np.float32(emb.get("scale", 1.0))
+    tensors = load_file(str(root / emb["file"]))
+    table = tensors[emb["tensor"]].astype(np.float32) * np.float32(emb.get("scale", 1.0))
+    # the processor's pixels through the vision graph, laid out in the prompt as the runtime does
+    layout = ImageLayout.from_manifest(m, tensors)
+    dtype = np.float16 if "float16" in kind else np.float32
+    (feats,) = layout.encode(ref["vision_inputs"], 1,
+                             lambda px: vision.run(None, {name: px.astype(dtype)})[0].astype(np.float32))
     ids = ref["ids"]
     x = table[ids][None]
     is_img = ids == m["tokens"]["image_token_id"]
-    x[0, is_img] = feats.reshape(-1, feats.shape[-1])[: int(is_img.sum())]
+    if int(is_img.sum()) != len(feats):
+        raise IncompatibleArtifactError(f"the processor's prompt has {int(is_img.sum())} image tokens, the bundle's image "
+                             f"layout gives {len(feats)} rows")
+    x[0, is_img] = feats
     d, cap, p, n = m["dims"], m["kv_capacity"], len(ids), len(tree_ids)
     kv = (d["layers"], 1, d["kv_heads"], cap, d["head_dim"])
     have = {i.name for i in target.get_inputs()}
@@ -80,8 +99,12 @@ def _run_bundle(root: Path, m: dict, files: dict[str, str], ref: dict, tree_ids:
         return dict(zip(outs, target.run(outs, {k: v for k, v in feeds.items() if k in have}), strict=True))
 
     mask = np.zeros((1, p, cap + p), bool)
-    mask[0, :, cap:] = np.tril(np.ones((p, p), bool))
-    pre = run({"inputs_embeds": x, "position_ids": np.arange(p)[None], "attention_mask": mask,
+    mask[0, :, cap:] = prefill_mask(is_img, m.get("decoder", {}).get("image_blocks_bidirectional", False))
+    pos = np.arange(p)[None]
+    if m.get("decoder", {}).get("rope") == "mrope":  # the runtime's rule, as the pipeline applies it
+        pos, _ = mrope_positions(is_img, ref["grids"], m["decoder"]["spatial_merge_size"])
+    start = int(pos.max()) + 1
+    pre = run({"inputs_embeds": x, "position_ids": pos, "attention_mask": mask,
                "past_key": np.zeros(kv, np.float32), "past_value": np.zeros(kv, np.float32),
                "logit_rows": np.arange(p)})
     past_k, past_v = np.zeros(kv, np.float32), np.zeros(kv, np.float32)
@@ -89,7 +112,8 @@ def _run_bundle(root: Path, m: dict, files: dict[str, str], ref: dict, tree_ids:
     tmask = np.zeros((1, n, cap + n), bool)
     tmask[0, :, :p] = True
     tmask[0, :, cap:] = ref["tree_mask"]
-    tree = run({"inputs_embeds": table[tree_ids][None], "position_ids": (p + ref["tree_depth"])[None],
+    tree_pos = np.broadcast_to(start + ref["tree_depth"], (len(pos), n))
+    tree = run({"inputs_embeds": table[tree_ids][None], "position_ids": tree_pos,
                 "attention_mask": tmask, "past_key": past_k, "past_value": past_v, "logit_rows": np.arange(n)})
     return {"prefill": pre, "tree": tree}
 

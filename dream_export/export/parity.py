@@ -43,6 +43,7 @@ from dream_export.export.feeds import TREE_PARENTS, ancestors, depths, ort_sessi
 from dream_export.export.sources import source_dir
 from dream_export.io import atomic_write_text
 from dream_export.runtime.bundle import GRAPHS
+from dream_export.runtime.masks import prefill_mask
 
 # Max error relative to the output's scale. FP32: ONNX Runtime and torch differ only in summation order
 # and fused kernels (~1e-6 relative); 1e-3 leaves room for deep models. FP16 keeps ~3 significant
@@ -77,7 +78,7 @@ class _Modules:
         model = self.target.model
         text = model.config.get_text_config()
         outputs = [o["name"] for o in manifest["graphs"]["target"]["outputs"]]
-        self.vision = VisionGraph(model).eval()
+        self.vision = VisionGraph(self.target.vlm).eval()
         self.target_graph = TargetGraph(self.target.side.decoder, model.lm_head, manifest["topk"],
                                         getattr(text, "final_logit_softcapping", None),
                                         importance="attn_importance" in outputs,
@@ -128,8 +129,11 @@ def _random_feeds(name: str, m: dict, rng: np.random.Generator, emb_std: float) 
     h, f32 = d["hidden"], np.float32
     if name == "vision":
         # batch 1: the runtime encodes one image per call (and the exported vision graphs of some
-        # families bake the batch size into a Split despite the symbolic 'batch' axis)
-        shape = [s if isinstance(s, int) else 1 for s in m["graphs"]["vision"]["inputs"][0]["shape"]]
+        # families bake the batch size into a Split despite the symbolic 'batch' axis); an image of dynamic
+        # size (Pixtral) is 2 × 3 merged patches
+        step = (m.get("vision") or {}).get("step", 1)
+        sides = {"height": 2 * step, "width": 3 * step}
+        shape = [s if isinstance(s, int) else sides.get(s, 1) for s in m["graphs"]["vision"]["inputs"][0]["shape"]]
         return {"pixel_values": rng.standard_normal(shape).astype(f32)}
     t = 5
     if name == "target":
@@ -156,6 +160,13 @@ def _random_feeds(name: str, m: dict, rng: np.random.Generator, emb_std: float) 
             "prev_feat": rng.standard_normal((1, t, h)).astype(f32)}
 
 
+def image_layout(m: dict, vlm):
+    """The bundle's image layout (`runtime.image_layout`), the tensors it names read from the loaded model."""
+    from dream_export.runtime.image_layout import ImageLayout
+
+    return ImageLayout.from_manifest(m, {k: v.numpy() for k, v in vlm.vision_layout()[1].items()})
+
+
 class _Realistic:
     """Realistic feeds, built in order: vision → target prefill → target tree → draft context → draft tree.
 
@@ -171,28 +182,33 @@ class _Realistic:
     def _build(self, image, prompt: str) -> None:
         import torch
 
-        from dream_export.core.prompts import PromptEncoder
+        from dream_export.core.prompts import PromptEncoder, adds_special_tokens
 
         mods, m = self.mods, self.m
         proc = mods.processor
-        enc = proc(text=PromptEncoder(proc).prompt_text(prompt), images=image, return_tensors="pt")
-        px = enc["pixel_values"].float().numpy()
+        text = PromptEncoder(proc).prompt_text(prompt)
+        enc = proc(text=text, images=image, return_tensors="pt", add_special_tokens=adds_special_tokens(proc.tokenizer, text))
+        # the processor's pixels, cut into the vision graph's views and its rows laid out as the runtime does
+        layout = image_layout(m, mods.target.vlm)
+        inputs = {k: v.float().numpy() if k == "pixel_values" else v.numpy() for k, v in enc.items()}
+        px = layout.views(inputs, 0)
         self.cases["vision"]["realistic"] = {"pixel_values": px}
-        (img_emb,) = mods.run("vision", {"pixel_values": px}, _arg_names("vision"))
+        (views,) = mods.run("vision", {"pixel_values": px}, _arg_names("vision"))
+        img_emb = layout.pack(views, inputs, 0)
 
-        # target prefill: the prompt's embeddings with the image features spliced in, causal mask
+        # target prefill: the prompt's embeddings with the image features spliced in, the family's prefill mask
         n_tree = len(TREE_PARENTS)
         cap = m["kv_capacity"]
         ids = enc["input_ids"][0][: cap - n_tree]
         with torch.no_grad():
-            emb = mods.embed(ids[None]).float().numpy() * m["embeddings"].get("scale", 1.0)
+            emb = mods.embed(ids[None]).float().numpy()  # the HF module applies the family's scale
         is_img = (ids == m["tokens"]["image_token_id"]).numpy()
         emb[0, is_img] = img_emb.reshape(-1, img_emb.shape[-1])[: int(is_img.sum())]
         p = emb.shape[1]
         d = m["dims"]
         kv = (d["layers"], 1, d["kv_heads"], cap, d["head_dim"])
         mask = np.zeros((1, p, cap + p), bool)
-        mask[0, :, cap:] = np.tril(np.ones((p, p), bool))
+        mask[0, :, cap:] = prefill_mask(is_img, m.get("decoder", {}).get("image_blocks_bidirectional", False))
         prefill = {"inputs_embeds": emb.astype(np.float32), "position_ids": np.arange(p)[None],
                    "attention_mask": mask, "past_key": np.zeros(kv, np.float32),
                    "past_value": np.zeros(kv, np.float32), "logit_rows": np.array([p - 1])}

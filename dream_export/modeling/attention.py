@@ -55,20 +55,29 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def fused_qkv(projs: tuple[nn.Linear, nn.Linear, nn.Linear], h: torch.Tensor, heads: int, kv_heads: int,
-              head_dim: int, cos: torch.Tensor, sin: torch.Tensor, q_scale: float = 1.0, single: bool = False):
+              head_dim: int, cos: torch.Tensor, sin: torch.Tensor, q_scale: float = 1.0, single: bool = False,
+              qk_norms: tuple[nn.Module, nn.Module] | None = None):
     """Q (times `q_scale`), K (rotary applied to both) and V [B,heads,T,D] from one joined projection.
 
     One MatMul, one head split and one rotary pass over Q and K together instead of three of each: on
     CPU a graph's cost is mostly per-node overhead. The weights are joined (and Q's attention scale
     folded in: RoPE is linear) at trace time, so the exported graph stores the result once, constant-folded.
+    `qk_norms` (Gemma3): per-head norms of Q and K before RoPE; a norm undoes any scale folded into the
+    weights, so Q is scaled after RoPE instead.
     """
-    w = torch.cat([projs[0].weight * q_scale, projs[1].weight, projs[2].weight])
-    bias = (torch.cat([projs[0].bias * q_scale, projs[1].bias, projs[2].bias])
+    fold = q_scale if qk_norms is None else 1.0
+    w = torch.cat([projs[0].weight * fold, projs[1].weight, projs[2].weight])
+    bias = (torch.cat([projs[0].bias * fold, projs[1].bias, projs[2].bias])
             if projs[0].bias is not None else None)
     y = split_heads(nn.functional.linear(h, w, bias), heads + 2 * kv_heads, head_dim, single)
     qk, v = y.split([heads + kv_heads, kv_heads], 1)
+    if qk_norms is not None:
+        q, k = qk.split([heads, kv_heads], 1)
+        qk = torch.cat([qk_norms[0](q), qk_norms[1](k)], 1)
     qk = (qk * cos + rotate_half(qk) * sin).to(qk.dtype)
     q, k = qk.split([heads, kv_heads], 1)
+    if qk_norms is not None and q_scale != 1.0:
+        q = q * q_scale
     return q, k, v
 
 

@@ -3,8 +3,9 @@
 A conversation is a list of messages, each `{"role": "system" | "user" | "assistant", "content": ...}`
 where content is a string or a list of parts: `{"type": "text", "text": str}` or
 `{"type": "image", "image": <PIL image | HxWxC uint8 array | path>}`. Images stay out of the template:
-it sees `{"type": "image"}` placeholders (what HF templates test for), and each rendered image token
-is expanded to the number of rows the vision graph gives per image.
+it sees `{"type": "image"}` placeholders (what HF templates test for), and each image placeholder it
+renders (the image token, or Gemma3's <start_of_image>) is expanded to the text the family's processor
+writes for that image (`runtime.image_layout`).
 """
 
 from __future__ import annotations
@@ -75,14 +76,18 @@ def normalize(messages: Sequence[dict]) -> tuple[list[dict], list[Any]]:
 class ChatTemplate:
     """The bundle's chat template, sandboxed, with the special tokens and image-token expansion it needs."""
 
-    def __init__(self, source: str | None, bos_token: str, eos_token: str, image_token: str, image_rows: int):
+    def __init__(self, source: str | None, bos_token: str, eos_token: str, image_token: str,
+                 placeholder: str | None = None):
+        """`placeholder`: what the template writes for an image when that is not `image_token` (Gemma3's
+        <start_of_image>); `render` replaces each one with its image's text."""
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         env = ImmutableSandboxedEnvironment(trim_blocks=False, lstrip_blocks=False)
         env.globals["raise_exception"] = _raise
         self.template = env.from_string(source or DEFAULT_TEMPLATE)
         self.tokens = {"bos_token": bos_token, "eos_token": eos_token, "image_token": image_token}
-        self.image_token, self.image_rows = image_token, image_rows
+        self.image_token = image_token
+        self.placeholder = placeholder or image_token
         # Many VLM templates (LLaVA's among them) drop system messages. The prompt is then folded into
         # the first user turn, as Mistral's and Gemma's own templates do, rather than silently lost.
         try:
@@ -95,15 +100,21 @@ class ChatTemplate:
     def _render(self, messages: list[dict]) -> str:
         return self.template.render(messages=messages, add_generation_prompt=True, **self.tokens)
 
-    def render(self, messages: list[dict]) -> str:
-        """Template text of a `normalize`d conversation, image tokens expanded to the vision rows."""
+    def render(self, messages: list[dict], image_texts: Sequence[str]) -> str:
+        """Template text of a `normalize`d conversation, the k-th image placeholder replaced by
+        `image_texts[k]` (what the family's processor expands an image to: its rows of image tokens, and
+        marker tokens; `runtime.image_layout` is the one place that writes it)."""
         if not self.renders_system:
             messages = fold_system(messages)
         try:
             text = self._render(messages)
         except _TemplateRaised as e:
             raise UsageError(f"the bundle's chat template refused the conversation: {e}") from e
-        return text.replace(self.image_token, self.image_token * self.image_rows)
+        pieces = text.split(self.placeholder)
+        if len(pieces) - 1 != len(image_texts):
+            raise UsageError(f"the chat template rendered {len(pieces) - 1} image placeholders for "
+                             f"{len(image_texts)} image(s)")
+        return "".join(p + t for p, t in zip(pieces, [*image_texts, ""], strict=True))
 
 
 def fold_system(messages: list[dict]) -> list[dict]:

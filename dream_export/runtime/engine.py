@@ -36,7 +36,7 @@ from dream_export.runtime.drafting import (
     StepwiseChainDrafter,
     TreeDrafter,
 )
-from dream_export.runtime.masks import SLOT_BUCKET, cache_mask, row_index
+from dream_export.runtime.masks import SLOT_BUCKET, cache_mask, prefill_mask, row_index
 from dream_export.runtime.subnet import chosen_vtc_keep
 from dream_export.runtime.target import TargetRunner
 from dream_export.runtime.tree import TreeSpec, VerifyTree, causal
@@ -99,6 +99,7 @@ class RoundState:
     root: int = -1  # the token the target produced last, not yet in its cache
     produced: int = 0  # tokens yielded so far
     stopped: bool = False  # the last token yielded was EOS
+    rope_delta: int = 0  # position − cache slot of generated tokens (mRoPE prompts with images: negative)
     rng: np.random.Generator = field(init=False)
 
     def __post_init__(self) -> None:
@@ -132,6 +133,10 @@ class SpecEngine:
         chain = m["graphs"].get("draft_chain")
         self.chain_depth = chain["steps"] + 1 if chain else DEFAULT_CHAIN_DEPTH
         self.vtc_keep = chosen_vtc_keep(m)  # a searched supernet configuration's visual keep ratio
+        # Gemma3 reads each image's tokens bidirectionally at prefill
+        self.image_blocks = bool(m.get("decoder", {}).get("image_blocks_bidirectional", False))
+        # Qwen2.5-VL: the target takes [3, N] (temporal, height, width) positions
+        self.mrope = m.get("decoder", {}).get("rope") == "mrope"
 
     def embed(self, ids) -> np.ndarray:
         """Embedding rows of token ids."""
@@ -159,19 +164,20 @@ class SpecEngine:
     def generate(self, prompt_embeds: np.ndarray, image_mask: np.ndarray, max_new_tokens: int, mode: str = "tree",
                  spec: TreeSpec | None = None, sampling: SamplingParams | None = None,
                  eos_id: int | Collection[int] | None = None, vtc_keep: float | None = None, stats: EngineStats | None = None,
-                 drafter: Drafter | None = None) -> Iterator[Round]:
+                 drafter: Drafter | None = None, positions: np.ndarray | None = None) -> Iterator[Round]:
         """Yield the tokens of each round until EOS (`eos_id`: one id or all that end an answer),
         `max_new_tokens` or the KV capacity.
 
         `drafter` overrides the one `mode` and `spec` choose (see `drafter`). `vtc_keep` defaults to the
-        bundle's chosen supernet configuration's (`self.vtc_keep`).
+        bundle's chosen supernet configuration's (`self.vtc_keep`). `positions`: the prompt's
+        rotary positions when they are not 0..n-1 (mRoPE: [3, n] from `runtime.positions.mrope_positions`).
         """
         vtc_keep = self.vtc_keep if vtc_keep is None else vtc_keep
         drafter = drafter or self.drafter(mode, spec)
         eos_ids = frozenset(() if eos_id is None else [eos_id] if isinstance(eos_id, int) else eos_id)
         st = RoundState(sampling or SamplingParams(), eos_ids, max_new_tokens,
                         stats if stats is not None else EngineStats())
-        out = self.prefill(prompt_embeds, st)
+        out = self.prefill(prompt_embeds, st, image_mask, positions)
         yield Round([st.root], 1)
         if st.done:
             return
@@ -190,13 +196,20 @@ class SpecEngine:
         # ended by EOS, max_new_tokens or the KV capacity (the pipeline reports finish_reason="capacity")
 
     # ---- the steps of a request ----------------------------------------------------------------
-    def prefill(self, prompt_embeds: np.ndarray, st: RoundState) -> dict:
-        """Run the prompt through the target, commit its KV rows and pick the first token (the root)."""
+    def prefill(self, prompt_embeds: np.ndarray, st: RoundState, image_mask: np.ndarray | None = None,
+                positions: np.ndarray | None = None) -> dict:
+        """Run the prompt through the target, commit its KV rows and pick the first token (the root).
+        `image_mask` [n]: the image-token slots (the family's prefill mask may read images bidirectionally);
+        `positions`: [n] or mRoPE [3, n] (default 0..n-1); later tokens continue after their largest."""
         n = prompt_embeds.shape[0]
         if n + 1 > self.target.capacity:
             raise UsageError(f"prompt of {n} tokens does not fit the KV capacity {self.target.capacity}")
+        mask = causal(n) if image_mask is None else prefill_mask(image_mask, self.image_blocks)
+        if positions is None:
+            positions = np.arange(n)
+        st.rope_delta = int(positions.max(initial=-1)) + 1 - n
         with st.stats.timed("prefill"):
-            out = self.target.run(prompt_embeds, np.arange(n), causal(n), [n - 1], past=0)
+            out = self.target.run(prompt_embeds, self._rope(positions), mask, [n - 1], past=0)
             self.target.commit(out, np.arange(n), 0)
         st.root = self._choose(out, 0, st)
         st.committed, st.produced, st.stopped = n, 1, st.root in st.eos_ids
@@ -205,7 +218,8 @@ class SpecEngine:
     def verify(self, tree: VerifyTree, st: RoundState) -> dict:
         """One target pass over the whole tree, each node seeing the committed context and its ancestors."""
         at = st.committed
-        return self.target.run(self.embed(tree.tokens), at + tree.depths, tree.ancestor_mask(), np.arange(len(tree)),
+        return self.target.run(self.embed(tree.tokens), self._rope(at + st.rope_delta + tree.depths),
+                               tree.ancestor_mask(), np.arange(len(tree)),
                                past=at)
 
     def accept(self, tree: VerifyTree, out: dict, st: RoundState) -> tuple[list[int], int]:
@@ -224,6 +238,13 @@ class SpecEngine:
         st.root = bonus
         st.stats.rounds.append(len(path))
         return st.take([int(tree.tokens[i]) for i in path[1:]] + [bonus])
+
+    def _rope(self, positions: np.ndarray) -> np.ndarray:
+        """Positions as the target graph takes them: [N], or [3, N] for mRoPE (generated tokens advance all
+        three axes together)."""
+        if self.mrope and positions.ndim == 1:
+            return np.broadcast_to(positions, (3, len(positions)))
+        return positions
 
     def _choose(self, out: dict, row: int, st: RoundState) -> int:
         """The next token from a call's logits row: the argmax, or a sample from the target distribution."""

@@ -40,6 +40,23 @@ def cache_mask(capacity: int, committed: int, scratch: np.ndarray | None, new: n
     return m
 
 
+def prefill_mask(image_mask: np.ndarray, image_blocks: bool) -> np.ndarray:
+    """[n,n] "query may attend key" mask of a prompt of n tokens: causal, and with `image_blocks` (Gemma3)
+    every token of a contiguous run of image tokens also sees the rest of its run, as the HF model
+    attends at prefill (an image is read bidirectionally; text and later images stay causal).
+
+    The one statement of this rule: the runtime's prefill, the export's parity check and the draft's
+    training features all take their prefill masks from here."""
+    n = len(image_mask)
+    m = np.tril(np.ones((n, n), bool))
+    img = np.asarray(image_mask, bool)
+    if image_blocks and img.any():
+        starts = img & ~np.concatenate([[False], img[:-1]])
+        block = np.where(img, np.cumsum(starts) - 1, -1)
+        m |= (block[:, None] == block[None, :]) & (block[:, None] >= 0)
+    return m
+
+
 def row_index(rows: np.ndarray) -> slice | np.ndarray:
     """Rows that rise from 0 (a root-to-node path in node order) as an index: a slice (a view, no gather)
     when they are a prefix, as for a chain, a prefill or a plain decoding step."""

@@ -106,15 +106,18 @@ class Pipeline:
         from safetensors.numpy import load_file
         from tokenizers import Tokenizer
 
+        from dream_export.runtime.image_layout import ImageLayout
         from dream_export.runtime.preprocess import ImagePreprocessor
 
         m = bundle.manifest
         self.bundle, self.backend = bundle, backend
         emb = m["embeddings"]
-        table = load_file(str(bundle.root / emb["file"]))[emb["tensor"]].astype(np.float32)
+        tensors = load_file(str(bundle.root / emb["file"]))
+        table = tensors[emb["tensor"]].astype(np.float32)
         self.embed_table = table * np.float32(emb.get("scale", 1.0))
         self.tokenizer = Tokenizer.from_file(str(bundle.root / "tokenizer.json"))
         self.preprocess = ImagePreprocessor.from_dict(m["preprocess"])
+        self.layout = ImageLayout.from_manifest(m, tensors)
         tok = m["tokens"]
         self.image_token_id, self.eos_id = tok["image_token_id"], tok["eos_id"]
         # every id that ends an answer (generation_config's first; Gemma3 adds <end_of_turn>)
@@ -122,9 +125,10 @@ class Pipeline:
         self.image_token = self.tokenizer.id_to_token(self.image_token_id)
         self.bos_token = self.tokenizer.id_to_token(tok["bos_id"]) if tok.get("bos_id") is not None else ""
         self.eos_token = self.tokenizer.id_to_token(self.eos_id)
-        self.n_image_tokens = tok["image_tokens_per_image"]
+        # image tokens per image (None when it depends on the image: LLaVA-NeXT's tiles)
+        self.n_image_tokens = None if self.layout.variable else self.layout.rows_per_view
         self.template = ChatTemplate(m.get("chat_template"), self.bos_token, self.eos_token, self.image_token,
-                                     self.n_image_tokens)
+                                     self.layout.placeholder(self.image_token))
         self.engine = SpecEngine(bundle, backend, self.embed_table)
         self.kv_capacity = self.engine.target.capacity
         self._lock = threading.Lock()
@@ -147,39 +151,53 @@ class Pipeline:
         """Prompt token ids of a conversation (see `dream_export.runtime.chat`), image tokens expanded."""
         return self._encode(messages)[0].tolist()
 
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """Prompt token ids of one user turn: an image, then `prompt`."""
-        return self.chat_ids(_turn(..., prompt))  # any non-None image: only its placeholder is rendered
+    def prompt_ids(self, prompt: str, image=None) -> list[int]:
+        """Prompt token ids of one user turn: an image, then `prompt`. The image is needed only where its
+        number of image tokens depends on it (e.g. LLaVA-NeXT)."""
+        # any non-None image stands in when only its placeholder is rendered
+        return self.chat_ids(_turn(... if image is None else image, prompt))
 
-    def _encode(self, messages: Sequence[dict]) -> tuple[np.ndarray, list]:
+    def _encode(self, messages: Sequence[dict]) -> tuple[np.ndarray, dict | None]:
+        """Prompt ids and the preprocessed images (None without images; `...` images are not preprocessed)."""
         norm, images = normalize(messages)
-        text = self.template.render(norm)
+        real = [im for im in images if im is not ...]
+        inputs = self.preprocess.preprocess(real) if real else None  # unreadable images fail here
+        if len(real) != len(images):  # only placeholders: prompt_ids without an image
+            texts = [self.layout.text(None, 0, self.image_token) for _ in images]
+        else:
+            texts = [self.layout.text(inputs, i, self.image_token) for i in range(len(images))]
+        text = self.template.render(norm, texts)
         # the tokenizer's own special tokens (llava-hf: the BOS its template leaves out), as the HF
         # processor added them at export
         adds = bool(self.bundle.manifest["tokens"].get("add_special_tokens", False))
-        return np.array(self.tokenizer.encode(text, add_special_tokens=adds).ids, dtype=np.int64), images
+        return np.array(self.tokenizer.encode(text, add_special_tokens=adds).ids, dtype=np.int64), \
+            (inputs if real else None)
 
     def chat_embeds(self, messages: Sequence[dict]) -> tuple[np.ndarray, np.ndarray, float]:
         """Merged prompt embeddings [n,H], image-token mask [n] and the vision time in seconds."""
-        ids, images = self._encode(messages)
-        return self._embed(ids, [self.preprocess(im) for im in images])
+        return self._embed(*self._encode(messages))
 
     def prompt_embeds(self, image, prompt: str) -> tuple[np.ndarray, np.ndarray, float]:
         """`chat_embeds` of one user turn: `image` (None: text only), then `prompt`."""
         return self.chat_embeds(_turn(image, prompt))
 
-    def _embed(self, ids: np.ndarray, pixels: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, float]:
-        # The vision graph runs once per image (exported graphs take one image per call) and the rows are
-        # spliced over the image tokens in order, as the HF model splices several images.
+    def _embed(self, ids: np.ndarray, inputs: dict | None) -> tuple[np.ndarray, np.ndarray, float]:
+        # The vision graph runs once per image (over its views) and the rows are spliced over the image
+        # tokens in order, as the HF model splices several images.
         t0 = time.perf_counter()
         vb = self.bundle.graph("vision")["bindings"]
-        feats = [self.backend.run("vision", {vb["pixel_values"]: px})[vb["image_embeds"]][0] for px in pixels]
+        n_images = 0 if inputs is None else len(inputs["pixel_values"])
+
+        def run(px: np.ndarray) -> np.ndarray:
+            return self.backend.run("vision", {vb["pixel_values"]: px})[vb["image_embeds"]]
+
+        feats = self.layout.encode(inputs, n_images, run) if n_images else []
         vision_s = time.perf_counter() - t0
         emb = self.embed_table[ids]
         mask = ids == self.image_token_id
         rows = sum(f.shape[0] for f in feats)
         if mask.sum() != rows:
-            raise UsageError(f"prompt has {int(mask.sum())} image tokens but its {len(pixels)} image(s) give {rows}")
+            raise UsageError(f"prompt has {int(mask.sum())} image tokens but its {n_images} image(s) give {rows}")
         if feats:
             emb[mask] = np.concatenate(feats)
         return emb, mask, vision_s
@@ -208,16 +226,15 @@ class Pipeline:
         if deadline_s is not None and not deadline_s > 0:
             raise UsageError(f"deadline_s (--timeout) must be a number of seconds > 0, got {deadline_s!r}")
         sampling = SamplingParams(temperature, top_k, top_p, seed)
-        ids, images = self._encode(messages)
+        ids, inputs = self._encode(messages)  # unreadable images fail here, before any decoding
         if len(ids) + 1 > self.kv_capacity:
             raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the KV capacity {self.kv_capacity} "
                                      "(prompt tokens, image tokens included, + 1); shorten the prompt or export "
                                      "with a larger --kv-capacity")
-        pixels = [self.preprocess(im) for im in images]  # unreadable images fail here, before any decoding
         drafter = self.engine.drafter(mode, tree)  # a tree larger than the bundle's max_tree fails here too
 
         def run(deltas: bool) -> Generator[str, None, Result]:
-            return self._decode(ids, pixels, deltas, max_new_tokens, mode, drafter, sampling, vtc_keep, stop or [],
+            return self._decode(ids, inputs, deltas, max_new_tokens, mode, drafter, sampling, vtc_keep, stop or [],
                                 deadline_s)
 
         return Stream(run, len(ids))
@@ -236,7 +253,7 @@ class Pipeline:
         """Answer one (image, prompt) request (options as for `chat_stream`)."""
         return self.stream(image, prompt, **options).collect()
 
-    def _decode(self, ids: np.ndarray, pixels: list[np.ndarray], deltas: bool, max_new_tokens: int, mode: str,
+    def _decode(self, ids: np.ndarray, inputs: dict | None, deltas: bool, max_new_tokens: int, mode: str,
                 drafter: Drafter, sampling: SamplingParams, vtc_keep: float | None,
                 stop: list[str], deadline_s: float | None = None) -> Generator[str, None, Result]:
         """Decode under the pipeline lock, yielding settled text deltas when `deltas`; returns the `Result`.
@@ -246,7 +263,7 @@ class Pipeline:
         """
         with self._lock:
             t0 = time.perf_counter()
-            emb, mask, vision_s = self._embed(ids, pixels)
+            emb, mask, vision_s = self._embed(ids, inputs)
             self.backend.reset_stats()
             stats = EngineStats()
             tokens: list[int] = []
@@ -296,7 +313,7 @@ class Pipeline:
             decode_backend = sum(v for g, v in self.backend.seconds.items() if g != "vision") - secs["prefill"]
             n = len(tokens)
             return Result(text, tokens, finish, {
-                "prompt_tokens": len(ids), "images": len(pixels),
+                "prompt_tokens": len(ids), "images": 0 if inputs is None else len(inputs["pixel_values"]),
                 "tau": stats.tau, "rounds": stats.rounds, "seconds": secs, "total_seconds": end - t0,
                 "decode_seconds": decode_s, "tokens": n, "tokens_per_s": n / max(end - t0, 1e-9),
                 "decode_tokens_per_s": max(n - 1, 0) / max(decode_s, 1e-9),

@@ -13,8 +13,9 @@ processor did when the bundle was validated:
 
 Kinds: "clip" (shortest-edge resize + center crop: CLIP, LLaVA), "siglip" (fixed-size resize: SigLIP,
 Gemma3), "pixtral" (fit the longest edge, round up to patches, pad the batch: Mistral3) and "qwen2_vl"
-(area-bounded resize to merge-window multiples, flattened patches: Qwen2-VL / Qwen2.5-VL). LLaVA-NeXT
-anyres tiling and Idefics3 image splitting are not reproduced.
+(area-bounded resize to merge-window multiples, flattened patches: Qwen2-VL / Qwen2.5-VL) and "llava_next"
+(any-resolution tiling: a base view plus the tiles of the best grid pinpoint, each through the "clip" steps)
+and "idefics3" (fit the longest edge, round up to whole crops, split into crops plus a global view).
 """
 
 from __future__ import annotations
@@ -29,20 +30,22 @@ from PIL import Image
 
 from dream_export.errors import IncompatibleArtifactError, UsageError
 
-KINDS = ("clip", "siglip", "pixtral", "qwen2_vl")
+KINDS = ("clip", "siglip", "pixtral", "qwen2_vl", "llava_next", "idefics3")
 # do_resize / do_rescale / do_normalize / do_center_crop default to True, as in every HF processor.
 _REQUIRED = ("kind", "size", "resample", "rescale_factor", "image_mean", "image_std")
 # Resize-size keys each kind understands (any one of the alternatives).
-_SIZE_KEYS = {"clip": (("shortest_edge",), ("height", "width")), "siglip": (("height", "width"),),
+_SIZE_KEYS = {"clip": (("shortest_edge",), ("height", "width")), "llava_next": (("shortest_edge",), ("height", "width")),
+              "siglip": (("height", "width"),), "idefics3": (("longest_edge",),),
               "pixtral": (("longest_edge",), ("height", "width")), "qwen2_vl": (("shortest_edge", "longest_edge"),)}
-_EXTRA_REQUIRED = {"pixtral": ("patch_size",), "qwen2_vl": ("patch_size", "merge_size", "temporal_patch_size")}
+_EXTRA_REQUIRED = {"llava_next": ("crop_size", "image_grid_pinpoints"), "idefics3": ("max_image_size",), "pixtral": ("patch_size",), "qwen2_vl": ("patch_size", "merge_size", "temporal_patch_size")}
 
 
 class ImagePreprocessor:
     """PIL image(s) → the pixel inputs the family's HF image processor returns (float32, numpy).
 
     `preprocess` returns the processor's dict ("pixel_values", plus "image_sizes" for Pixtral and
-    "image_grid_thw" for Qwen2-VL); calling the object returns only "pixel_values".
+    LLaVA-NeXT, "image_grid_thw" for Qwen2-VL, "pixel_attention_mask", "rows" and "cols" for Idefics3);
+    calling the object returns only "pixel_values".
     """
 
     def __init__(self, params: dict[str, Any]):
@@ -75,6 +78,19 @@ class ImagePreprocessor:
         batch = images if isinstance(images, (list, tuple)) else [images]
         if not batch:
             raise UsageError("no image given to preprocess")
+        if self.kind == "llava_next":
+            rgbs = [to_rgb(im) for im in batch]
+            return {"pixel_values": _pad_views([self.anyres_views(rgb) for rgb in rgbs]),
+                    "image_sizes": np.array([r.shape[:2] for r in rgbs], dtype=np.int64)}
+        if self.kind == "idefics3":
+            split = [self.split_views(to_rgb(im)) for im in batch]
+            px = _pad_views([views for views, _, _ in split])
+            mask = np.zeros((*px.shape[:2], *px.shape[-2:]), dtype=np.int64)  # 1 on real views (HF's pixel mask)
+            for i, (views, _, _) in enumerate(split):
+                mask[i, :len(views)] = 1
+            return {"pixel_values": px, "pixel_attention_mask": mask,
+                    "rows": np.array([r for _, r, _ in split], dtype=np.int64),
+                    "cols": np.array([c for _, _, c in split], dtype=np.int64)}
         chws = [self.preprocess_one(im) for im in batch]
         if self.kind == "pixtral":
             sizes = np.array([c.shape[1:] for c in chws], dtype=np.int64)
@@ -96,11 +112,51 @@ class ImagePreprocessor:
         if p.get("do_resize", True):
             rgb = resize(rgb, self.output_size(rgb.shape[0], rgb.shape[1]), p["resample"])
         chw = np.moveaxis(rgb, -1, 0)
-        if self.kind == "clip" and p.get("do_center_crop", True):
+        if self.kind in ("clip", "llava_next") and p.get("do_center_crop", True):
             crop = p["crop_size"]
             chw = center_crop(chw, crop["height"], crop["width"])
         return rescale_normalize(chw, p["rescale_factor"] if p.get("do_rescale", True) else None,
                                  (self._mean, self._std) if p.get("do_normalize", True) else None)
+
+    def anyres_views(self, rgb: np.ndarray) -> list[np.ndarray]:
+        """LLaVA-NeXT: uint8 [H, W, 3] → float32 [3, h, w] views: the whole image squashed to the base size,
+        then the tiles (row-major) of the image fitted into the best grid pinpoint and zero padded to it."""
+        p = self.params
+        height, width = rgb.shape[:2]
+        target = select_best_resolution((height, width), p["image_grid_pinpoints"])
+        fit = fit_inside(height, width, target)
+        canvas = np.zeros((*target, 3), dtype=np.uint8)
+        top, left = (target[0] - fit[0]) // 2, (target[1] - fit[1]) // 2
+        canvas[top:top + fit[0], left:left + fit[1]] = resize(rgb, fit, p["resample"])
+        tile = int(p["crop_size"]["height"])
+        tiles = [canvas[i:i + tile, j:j + tile] for i in range(0, target[0], tile) for j in range(0, target[1], tile)]
+        size = p["size"]
+        base = (size["height"], size["width"]) if "height" in size else (size["shortest_edge"],) * 2
+        # each view then takes the "clip" steps, as HF processes its patches
+        return [self.preprocess_one(v) for v in [resize(rgb, base, p["resample"]), *tiles]]
+
+    def split_views(self, rgb: np.ndarray) -> tuple[list[np.ndarray], int, int]:
+        """Idefics3: uint8 [H, W, 3] → (float32 [3, S, S] views, rows, cols): the image fitted to the longest
+        edge, enlarged to whole crops of S and cut into rows × cols crops (row-major), then the global view
+        (the whole image at S × S); an image of one crop, or without splitting, is only its global view."""
+        p = self.params
+        crop = int(p["max_image_size"]["longest_edge"])
+        if p.get("do_resize", True):
+            rgb = resize(rgb, idefics3_fit(rgb.shape[0], rgb.shape[1], int(p["size"]["longest_edge"])), p["resample"])
+        rows = cols = 0
+        if not p.get("do_image_splitting", True):
+            views = [resize(rgb, (crop, crop), p["resample"])]
+        else:
+            rgb = resize(rgb, crop_multiple(rgb.shape[0], rgb.shape[1], crop), p["resample"])
+            h, w = rgb.shape[:2]
+            views = [rgb]
+            if h > crop or w > crop:
+                rows, cols = h // crop, w // crop
+                views = [rgb[r * crop:(r + 1) * crop, c * crop:(c + 1) * crop] for r in range(rows) for c in range(cols)]
+                views.append(resize(rgb, (crop, crop), p["resample"]))
+        scale = p["rescale_factor"] if p.get("do_rescale", True) else None
+        norm = (self._mean, self._std) if p.get("do_normalize", True) else None
+        return [rescale_normalize(np.moveaxis(v, -1, 0), scale, norm) for v in views], rows, cols
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) the resize step produces for an input of this size."""
@@ -131,10 +187,10 @@ def _validate(params: dict[str, Any]) -> None:
         raise IncompatibleArtifactError(f"{kind} preprocessing parameters lack {', '.join(missing)}")
     size = params["size"]
     # clip/siglip with a longest_edge cap as well would take HF's other resize rule: refuse, not ignore.
-    capped = kind in ("clip", "siglip") and "longest_edge" in size
+    capped = kind in ("clip", "siglip", "llava_next") and "longest_edge" in size
     if capped or not any(set(keys) <= set(size) for keys in _SIZE_KEYS[kind]):
         raise IncompatibleArtifactError(f"{kind} preprocessing cannot resize to {size}")
-    if kind == "clip" and params.get("do_center_crop", True) and "crop_size" not in params:
+    if kind in ("clip", "llava_next") and params.get("do_center_crop", True) and "crop_size" not in params:
         raise IncompatibleArtifactError("clip preprocessing with center crop needs crop_size")
     for key in ("image_mean", "image_std"):
         if len(params[key]) != 3:
@@ -259,6 +315,60 @@ def rescale_normalize(chw: np.ndarray, scale: float | None,
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def select_best_resolution(size: tuple[int, int], pinpoints: list) -> tuple[int, int]:
+    """LLaVA-NeXT: the (height, width) pinpoint that keeps most of the image's pixels, then wastes least."""
+    height, width = size
+    best, best_eff, best_waste = None, 0, float("inf")
+    for h, w in pinpoints:
+        scale = min(w / width, h / height)
+        eff = min(int(width * scale) * int(height * scale), width * height)
+        waste = w * h - eff
+        if eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (int(h), int(w)), eff, waste
+    return best
+
+
+def fit_inside(height: int, width: int, target: tuple[int, int]) -> tuple[int, int]:
+    """LLaVA-NeXT: (height, width) scaled to touch `target` on one side and fit on the other (ceil)."""
+    th, tw = target
+    if tw / width < th / height:
+        return min(math.ceil(height * tw / width), th), tw
+    return th, min(math.ceil(width * th / height), tw)
+
+
+def idefics3_fit(height: int, width: int, longest: int) -> tuple[int, int]:
+    """Idefics3: the longest edge set to `longest` (either way), the other scaled (truncated, rounded up to
+    even), capped at 4096 pixels a side."""
+    aspect = width / height
+    if width >= height:
+        width = longest
+        height = int(width / aspect)
+        height += height % 2
+    else:
+        height = longest
+        width = int(height * aspect)
+        width += width % 2
+    height, width = max(height, 1), max(width, 1)
+    aspect = width / height
+    if width >= height and width > 4096:
+        width, height = 4096, int(4096 / aspect)
+    elif height > width and height > 4096:
+        height, width = 4096, int(4096 * aspect)
+    return max(height, 1), max(width, 1)
+
+
+def crop_multiple(height: int, width: int, crop: int) -> tuple[int, int]:
+    """Idefics3: both sides rounded up to whole crops, the short one scaled from the rounded long one first."""
+    aspect = width / height
+    if width >= height:
+        width = math.ceil(width / crop) * crop
+        height = math.ceil(int(width / aspect) / crop) * crop
+    else:
+        height = math.ceil(height / crop) * crop
+        width = math.ceil(int(height * aspect) / crop) * crop
+    return height, width
+
+
 def pixtral_size(height: int, width: int, limit: tuple[int, int], patch: tuple[int, int]) -> tuple[int, int]:
     """Pixtral: shrink (never enlarge) to fit `limit` keeping the aspect ratio (floor), then round each
     side up to a whole number of patches."""
@@ -292,6 +402,16 @@ def patchify(chw: np.ndarray, patch: int, merge: int, temporal: int) -> np.ndarr
     x = chw.reshape(c, gh // merge, merge, patch, gw // merge, merge, patch).transpose(1, 4, 2, 5, 0, 3, 6)
     x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], temporal, *x.shape[5:]))
     return np.ascontiguousarray(x.reshape(gh * gw, c * temporal * patch * patch), dtype=np.float32)
+
+
+def _pad_views(views: list[list[np.ndarray]]) -> np.ndarray:
+    """Per-image lists of [3, h, w] views → [images, most views, 3, h, w], short lists padded with zero
+    views (HF's batching of tiled images)."""
+    n = max(len(v) for v in views)
+    out = np.zeros((len(views), n, *views[0][0].shape), dtype=np.float32)
+    for i, v in enumerate(views):
+        out[i, :len(v)] = v
+    return out
 
 
 def _pad_batch(chws: list[np.ndarray]) -> np.ndarray:

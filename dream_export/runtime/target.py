@@ -38,11 +38,12 @@ class TargetRunner:
         backend.register_resident("target", self.bindings["past_value"], self.value)
 
     def run(self, embeds: np.ndarray, positions: np.ndarray, new_mask: np.ndarray, rows, past: int) -> dict:
-        """One call over `past` committed slots: `embeds` [N,H] at `positions`, `new_mask` [N,N] among
+        """One call over `past` committed slots: `embeds` [N,H] at `positions` ([N], mRoPE [3,N]), `new_mask` [N,N] among
         themselves; logits for the node indices `rows`. Outputs by graph name (see `out`)."""
         b = self.bindings
         feeds = {b["inputs_embeds"]: embeds[None].astype(np.float32, copy=False),
-                 b["position_ids"]: positions[None].astype(np.int64),
+                 # [N] → [1, N]; mRoPE's [3, N] as it is
+                 b["position_ids"]: (positions if positions.ndim == 2 else positions[None]).astype(np.int64),
                  b["attention_mask"]: cache_mask(self.capacity, past, None, new_mask, self.used_slots)[None],
                  b["past_key"]: self.key, b["past_value"]: self.value,
                  b["logit_rows"]: np.asarray(rows, dtype=np.int64)}
