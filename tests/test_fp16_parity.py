@@ -27,8 +27,10 @@ SAMPLES = rendered_samples(GREEDY_PROMPTS)  # realistic feeds and greedy agreeme
 def fp16_bundle(tmp_path_factory):
     """A private copy of the tiny bundle with its FP16 variants (the cached original stays as exported)."""
     src = cached_tiny_bundle(tmp_path_factory.mktemp("tiny-bundle"))
-    dst = tmp_path_factory.mktemp("fp16") / "bundle"
-    shutil.copytree(src, dst)
+    # the bundle with its source checkpoints beside it, as the manifest records them (relative paths)
+    pair = tmp_path_factory.mktemp("fp16") / "pair"
+    shutil.copytree(src.parent, pair)
+    dst = pair / "bundle"
     before = json.loads((dst / "manifest.json").read_text())
     summary = convert_bundle(dst, log=lambda *_: None)
     return dst, before, summary
@@ -83,8 +85,8 @@ def test_parity_fp32_and_fp16(fp16_bundle):
 
 def test_parity_catches_a_corrupted_weight(fp16_bundle, tmp_path):
     root, _, _ = fp16_bundle
-    bad = tmp_path / "bundle"
-    shutil.copytree(root, bad)
+    shutil.copytree(root.parent, tmp_path / "pair")
+    bad = tmp_path / "pair" / "bundle"
     model = onnx.load(str(bad / "onnx" / "target.onnx"))
     floats = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and t.dims]
     victim = next((t for t in floats if "layernorm" in t.name), floats[0])

@@ -418,6 +418,10 @@ def check_bundle(bundle_dir: str | Path, target_dir: str | Path | None = None, d
     m = json.loads(mpath.read_text())
     target_dir = Path(target_dir or source_dir(m, root, "target"))
     draft_dir = Path(draft_dir or source_dir(m, root, "draft"))
+    for which, path in (("target", target_dir), ("draft", draft_dir)):
+        if not path.is_dir():
+            raise UsageError(f"the bundle's source {which} {path} (recorded relative to the bundle) is not on this "
+                             f"machine; pass it with --{which}")
     unknown = [v for v in variants if v not in TOLERANCE]
     if unknown:
         raise UsageError(f"unknown precision variants {unknown}; parity knows {sorted(TOLERANCE)}")
