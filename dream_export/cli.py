@@ -15,7 +15,7 @@ import click
 
 from dream_export import __version__
 from dream_export.errors import DreamExportError, MissingBackendError, UsageError, from_os_error
-from dream_export.export.sources import source_dir
+from dream_export.export.sources import source_configs
 from dream_export.options import tree_option, vtc_score_option
 from dream_export.runtime.tree import TreeSpec
 from dream_export.supernet_cli import (
@@ -486,11 +486,7 @@ def _model_config(path: Path) -> tuple[dict, dict | None]:
 
     if (path / "manifest.json").exists():
         m = json.loads((path / "manifest.json").read_text())
-        tgt = source_dir(m, path, "target") / "config.json"
-        drf = source_dir(m, path, "draft") / "draft_config.json"
-        if not tgt.exists():
-            raise UsageError(f"the bundle's source model {tgt.parent} is not on this machine; pass its config.json")
-        return json.loads(tgt.read_text()), json.loads(drf.read_text()) if drf.exists() else None
+        return source_configs(m, path)
     cfg = path / "config.json" if path.is_dir() else path
     if not cfg.exists():
         raise UsageError(f"{path}: expected a bundle, a model directory or a config.json")

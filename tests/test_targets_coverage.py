@@ -13,7 +13,7 @@ import json
 import pytest
 
 from dream_export.errors import UsageError
-from dream_export.export.sources import source_dir
+from dream_export.export.sources import source_configs
 from dream_export.targets.bundle_builds import bundle_builds, graph_profiles
 from dream_export.targets.coverage import check_plan, record_calls, save_verify_feeds
 from dream_export.targets.memory import ENGINE_CONTEXTS, DraftDesc, describe_model, estimate
@@ -76,8 +76,8 @@ def test_recorded_calls_span_the_capacity_and_every_mode(recorded):
 
 def test_every_call_fits_a_profile_of_every_plan_and_the_memory_fits(recorded, bundle):
     manifest, calls = recorded
-    model = describe_model(json.loads((source_dir(manifest, bundle, "target") / "config.json").read_text()))
-    draft = DraftDesc.from_config(json.loads((source_dir(manifest, bundle, "draft") / "draft_config.json").read_text()))
+    cfg, draft_cfg = source_configs(manifest, bundle)
+    model, draft = describe_model(cfg), DraftDesc.from_config(draft_cfg)
     checked = 0
     for target, precision, builds in _plans(manifest):
         result = check_plan(manifest, builds, calls)

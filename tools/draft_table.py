@@ -44,12 +44,12 @@ def _draft_bytes(bundle: Path) -> int:
 
 
 def _extra_memory(bundle: Path, target: str, precision: str) -> int:
-    from dream_export.export.sources import source_dir
+    from dream_export.export.sources import source_configs
     from dream_export.targets.memory import DraftDesc, describe_model, estimate
 
     m = json.loads((bundle / "manifest.json").read_text())
-    model = describe_model(json.loads((source_dir(m, bundle, "target") / "config.json").read_text()))
-    draft = DraftDesc.from_config(json.loads((source_dir(m, bundle, "draft") / "draft_config.json").read_text()))
+    cfg, draft_cfg = source_configs(m, bundle)
+    model, draft = describe_model(cfg), DraftDesc.from_config(draft_cfg)
     plan = estimate(model, target, precision, m["kv_capacity"], m["max_tree"], draft)
     parts = plan.breakdown()
     return parts["draft_weights"] + parts["draft_cache"]

@@ -87,6 +87,15 @@ def source_dir(manifest: dict, bundle_dir: str | Path, which: str) -> Path:
     return path if path.is_absolute() else (Path(bundle_dir) / path).resolve()
 
 
+def source_configs(manifest: dict, bundle_dir: str | Path) -> tuple[dict, dict | None]:
+    """(target `config.json`, `draft_config.json` or None) of the checkpoints a bundle was exported from."""
+    tgt = source_dir(manifest, bundle_dir, "target") / "config.json"
+    if not tgt.exists():
+        raise UsageError(f"the bundle's source model {tgt.parent} is not on this machine; pass its config.json")
+    drf = source_dir(manifest, bundle_dir, "draft") / "draft_config.json"
+    return json.loads(tgt.read_text()), json.loads(drf.read_text()) if drf.exists() else None
+
+
 def rebase_sources(manifest: dict, old_root: str | Path, new_root: str | Path) -> None:
     """Re-express the recorded source paths for a manifest copied from bundle `old_root` into `new_root`."""
     for which, entry in manifest.get("source", {}).items():

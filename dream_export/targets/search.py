@@ -114,12 +114,10 @@ class ModelledCost:
 
     def __init__(self, manifest: dict, bundle_dir: str | Path, target, precision: str, chain_depth: int,
                  cost_as: dict | None = None):
-        from dream_export.export.sources import source_dir
+        from dream_export.export.sources import source_configs
         from dream_export.targets.latency import Capacities, LatencyModel
         from dream_export.targets.memory import DraftDesc, describe_model
 
-        tgt = source_dir(manifest, bundle_dir, "target") / "config.json"
-        drf = source_dir(manifest, bundle_dir, "draft") / "draft_config.json"
         sn = manifest["supernet"]
         self.image_tokens = manifest["tokens"]["image_tokens_per_image"]
         self.scaled_image_tokens = self.image_tokens
@@ -129,11 +127,12 @@ class ModelledCost:
             if self.model.vision is not None:
                 v = self.model.vision
                 self.scaled_image_tokens = (v.tokens - 1) * v.images_per_prompt  # patch tokens (no class token)
-        elif not tgt.exists() or not drf.exists():
-            raise UsageError(f"the latency model needs the bundle's source configs ({tgt}, {drf}), not on this machine")
         else:
-            self.model = describe_model(json.loads(tgt.read_text()))
-            base = DraftDesc.from_config({**json.loads(drf.read_text()), "last_block_heads": None})
+            cfg, draft_cfg = source_configs(manifest, bundle_dir)
+            if draft_cfg is None:
+                raise UsageError("the latency model needs the bundle's source draft_config.json, not on this machine")
+            self.model = describe_model(cfg)
+            base = DraftDesc.from_config({**draft_cfg, "last_block_heads": None})
         self.caps = Capacities.from_manifest(manifest)
         if cost_as is not None:  # the scaled model's prompts need room
             self.caps = Capacities.from_plan(max(self.caps.kv_capacity, 4 * self.scaled_image_tokens),
