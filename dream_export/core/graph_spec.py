@@ -54,7 +54,7 @@ class Tensor:
     role: str
     axes: Mapping[int, str] = field(default_factory=dict)
     # optional outputs exist only with some export options; optional inputs may be pruned by ONNX when
-    # unused (an EAGLE-style `prev_feat` in a DREAM draft)
+    # unused (an EAGLE-style `prev_feat` in a DREAM draft, `prev_taps` in any but an EAGLE-3 draft)
     optional: bool = False
 
 
@@ -124,9 +124,13 @@ _DRAFT_ROWS = (
     _t("new_cross_key", "cache_rows", {2: "feats"}), _t("new_cross_value", "cache_rows", {2: "feats"}),
 )
 
+# prev_feat [1, tokens, H]: each query's predecessor feature (EAGLE-style drafts); prev_taps [1, tokens,
+# taps·H]: an EAGLE-3 draft's predecessor as the target's concatenated layer taps, fused inside the graph
+# (the context pass feeds these, tree and chain steps the draft's own feature in prev_feat; zeros in the other)
 DRAFT = GraphSpec(
     "draft",
-    inputs=(*_DRAFT_CONTEXT, _t("prev_feat", "feature", {1: "tokens"}, optional=True)),
+    inputs=(*_DRAFT_CONTEXT, _t("prev_feat", "feature", {1: "tokens"}, optional=True),
+            _t("prev_taps", "feature", {1: "tokens"}, optional=True)),
     outputs=(_t("feature", "feature", {1: "tokens"}), _t("topk_ids", "topk", {0: "tokens"}),
              _t("topk_logprobs", "topk", {0: "tokens"}), *_DRAFT_ROWS),
 )

@@ -14,7 +14,9 @@ and ONNX export:
 - `cross_mask` [B,T,C] bool: query i sees features of positions before its own (and, in a tree, the
   draft features of its ancestors). A learned null key is always visible, so no row is empty.
 - `prev_feat` [B,T,H]: the feature of each query's predecessor (EAGLE baselines fuse it with the
-  embedding; DREAM reads features through cross-attention instead).
+  embedding; DREAM reads features through cross-attention instead). An EAGLE-3 draft's predecessor is
+  either the target's fused taps or the draft's own feature: see `predecessor`, which exported graphs
+  and the reference decoder apply before the call.
 
 Returns a dict: `feature` (final-normed draft feature, fed to the target's LM head), `block0` (output
 of the first block, the intermediate-supervision point) and `self_kv` (the new rows per block).
@@ -227,6 +229,18 @@ class Draft(nn.Module):
         if self.config.arch == "eagle3":
             return self.fuse(torch.cat(taps, -1))
         return final
+
+    def predecessor(self, prev_feat: torch.Tensor, prev_taps: torch.Tensor | None) -> torch.Tensor:
+        """The predecessor feature [B,T,H] a call reads: `prev_feat` (the draft's own feature, or a target
+        feature of this width) plus, for EAGLE-3, the fused target taps `prev_taps` [B,T,taps·H].
+
+        A row's predecessor is a target position (context pass: its taps) or a draft node (tree and chain
+        steps: its feature); the fuse is a bias-free linear map, so the caller feeds zeros to whichever
+        of the two the row lacks and the sum is exact.
+        """
+        if self.config.arch != "eagle3" or prev_taps is None:
+            return prev_feat
+        return prev_feat + self.fuse(prev_taps.to(prev_feat.dtype))
 
     def cross_kv(self, feats: torch.Tensor, single: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Cacheable cross-attention K/V of features [B,S,H] (empty tensors for drafts without it)."""

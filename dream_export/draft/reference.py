@@ -64,7 +64,10 @@ class _DraftState:
         z = torch.zeros(1, cfg.num_kv_heads, 0, cfg.head_dim)
         self.self_cache = [(z, z) for _ in draft.blocks]
         self.cross_k, self.cross_v = z, z
-        self.feats = torch.zeros(0, cfg.hidden_size)  # per target position: the feature the draft consumes
+        # per target position, what the draft consumes: the final feature, or EAGLE-3's concatenated taps
+        # (fused by the draft at each call, as the exported graph does)
+        self.taps = cfg.arch == "eagle3"
+        self.feats = torch.zeros(0, cfg.hidden_size * (len(cfg.fuse_layers) if self.taps else 1))
         self.next_pos = 0  # the draft's own (compacted) position counter
         self.pending: list[tuple[int, torch.Tensor]] = []  # (original position, embedding [H])
 
@@ -85,8 +88,10 @@ class _DraftState:
         t, past = len(orig), self.self_cache[0][0].shape[2]
         pos = torch.arange(self.next_pos, self.next_pos + t)[None]
         cross_mask = (torch.arange(self.feats.shape[0])[None, :] < torch.tensor(orig)[:, None])[None]
-        out = self.draft(emb, pos, causal_mask(t, past), self.self_cache, self.cross_k, self.cross_v, cross_mask,
-                         self.prev_feat(orig))
+        prev = self.prev_feat(orig)  # every pending token's predecessor is a target position
+        if self.taps:
+            prev = self.draft.predecessor(torch.zeros(1, t, self.draft.config.hidden_size), prev)
+        out = self.draft(emb, pos, causal_mask(t, past), self.self_cache, self.cross_k, self.cross_v, cross_mask, prev)
         self.self_cache = [(torch.cat([c[0], kv[0]], 2), torch.cat([c[1], kv[1]], 2))
                            for c, kv in zip(self.self_cache, out["self_kv"], strict=True)]
         self.next_pos += t
@@ -137,6 +142,11 @@ def draft_tree(state: _DraftState, target: TargetSide, spec: TreeSpec, root: int
         top = torch.topk(lp, spec.k, -1)
         frontier = tree.expand(top.indices.numpy(), top.values.numpy())
     return tree
+
+
+def _consumed(final: torch.Tensor, taps: list[torch.Tensor] | None) -> torch.Tensor:
+    """What the draft reads of target rows: the final feature, or the layer taps concatenated (EAGLE-3)."""
+    return final if taps is None else torch.cat(taps, -1)
 
 
 @torch.no_grad()
@@ -191,8 +201,7 @@ def generate(target: TargetSide, prompt_embeds: torch.Tensor, max_new_tokens: in
     state = _DraftState(draft)
     keep = np.arange(n) if draft_keep is None else np.asarray(draft_keep)
     state.pending = [(int(i), prompt_embeds[0, i]) for i in keep] + [(n, target.embed([root])[0, 0])]
-    feats = draft.target_feature(out["hidden"][0], [t[0] for t in out["taps"]] if eagle3_taps else None)
-    state.add_features(feats)
+    state.add_features(_consumed(out["hidden"][0], [t[0] for t in out["taps"]] if eagle3_taps else None))
     m = n  # committed tokens in the target cache; `root` sits at position m
     while True:
         tree = draft_tree(state, target, spec, root).finalize()
@@ -210,8 +219,7 @@ def generate(target: TargetSide, prompt_embeds: torch.Tensor, max_new_tokens: in
         # commit by compaction: only the accepted path's KV rows join the cache, contiguously
         cache_k = torch.cat([cache_k, o["new_k"][:, :, :, idx]], 3)
         cache_v = torch.cat([cache_v, o["new_v"][:, :, :, idx]], 3)
-        taps = [t[0, idx] for t in o["taps"]] if eagle3_taps else None
-        state.add_features(draft.target_feature(o["hidden"][0, idx], taps))
+        state.add_features(_consumed(o["hidden"][0, idx], [t[0, idx] for t in o["taps"]] if eagle3_taps else None))
         res.accepted.append(len(path))
         new = [int(tree.tokens[i]) for i in path[1:]] + [bonus]
         for j, tok in enumerate(new):

@@ -55,6 +55,10 @@ class SelfSpecDraft(nn.Module):
     def target_feature(self, final: torch.Tensor, taps: list[torch.Tensor] | None = None) -> torch.Tensor:
         return final
 
+    def predecessor(self, prev_feat: torch.Tensor, prev_taps: torch.Tensor | None) -> torch.Tensor:
+        """No predecessor feature is read (`Draft.predecessor`'s signature)."""
+        return prev_feat
+
     def cross_kv(self, feats: torch.Tensor, single: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """No cross-attention: empty K/V, as the EAGLE-style drafts return."""
         b, s, _ = feats.shape

@@ -223,7 +223,9 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
         d_args = (torch.zeros(1, t, hidden), torch.arange(t)[None], torch.ones(1, t, draft_cap + t, dtype=torch.bool),
                   torch.zeros(nb, 1, dkv, draft_cap, ddim), torch.zeros(nb, 1, dkv, draft_cap, ddim),
                   torch.zeros(1, dkv, cross_cap, ddim), torch.zeros(1, dkv, cross_cap, ddim), torch.zeros(1, f, hidden),
-                  torch.ones(1, t, cross_cap + f, dtype=torch.bool), torch.zeros(1, t, hidden))
+                  torch.ones(1, t, cross_cap + f, dtype=torch.bool), torch.zeros(1, t, hidden),
+                  # prev_taps: read by EAGLE-3 drafts only (their fuse width), pruned from the others' graphs
+                  torch.zeros(1, t, hidden * (len(dcfg.fuse_layers) if dcfg.arch == "eagle3" else 1)))
         # the table the chain's steps look up carries the family's embedding scale, as the runtime's does
         embed_table = target.side.embed_tokens.weight.detach().float() * target.vlm.facts.embed_scale
 
@@ -237,7 +239,7 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
             names = ["draft"]
             if opts.chain_steps > 0 and d.uses_cross:
                 cg = DraftChainGraph(d, model.lm_head, opts.chain_steps, dcfg.final_logit_softcapping).eval()
-                _export(cg, (*d_args[:-1], embed_table), onnx_dir / f"draft_chain{suffix}.onnx", SPECS["draft_chain"])
+                _export(cg, (*d_args[:-2], embed_table), onnx_dir / f"draft_chain{suffix}.onnx", SPECS["draft_chain"])
                 names.append("draft_chain")
             entries = {name: _graph_entry(onnx_dir, name, suffix) for name in names}
             if "draft_chain" in entries:

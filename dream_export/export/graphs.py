@@ -57,12 +57,14 @@ class DraftGraph(nn.Module):
         self.draft, self.lm_head, self.topk, self.softcap = draft, lm_head, topk, softcap
 
     def forward(self, embeds, positions, self_mask, self_key, self_value, cross_key, cross_value, new_feats,
-                cross_mask, prev_feat):
+                cross_mask, prev_feat, prev_taps=None):
         self_key, self_value, cross_key, cross_value = used_slots(self_mask, embeds, self_key, self_value,
                                                                   cross_mask, new_feats, cross_key, cross_value)
         nk, nv = self.draft.cross_kv(new_feats)
         caches = [(self_key[i], self_value[i]) for i in range(len(self.draft.blocks))]
-        o = self.draft(embeds, positions, self_mask, caches, (cross_key, nk), (cross_value, nv), cross_mask, prev_feat)
+        # EAGLE-3: the taps are fused here, on the device (other drafts leave prev_taps unread: ONNX drops it)
+        prev = self.draft.predecessor(prev_feat, prev_taps)
+        o = self.draft(embeds, positions, self_mask, caches, (cross_key, nk), (cross_value, nv), cross_mask, prev)
         ids, lps = _topk_logprobs(soft_cap(self.lm_head(o["feature"][0]), self.softcap), self.topk)
         return (o["feature"], ids, lps, torch.stack([kv[0] for kv in o["self_kv"]]),
                 torch.stack([kv[1] for kv in o["self_kv"]]), nk, nv)

@@ -123,6 +123,11 @@ def _arg_names(name: str) -> list[str]:
     return spec(name).input_names()
 
 
+def _taps_width(m: dict) -> int:
+    """Width of the target's concatenated layer taps (EAGLE-3's `prev_taps`; a hidden width without taps)."""
+    return m["dims"]["hidden"] * max(1, len(m.get("taps") or ()))
+
+
 def _random_feeds(name: str, m: dict, rng: np.random.Generator, emb_std: float) -> dict[str, np.ndarray]:
     """Random feeds of the graph's shapes; every query row sees at least itself."""
     d = m["dims"]
@@ -157,7 +162,8 @@ def _random_feeds(name: str, m: dict, rng: np.random.Generator, emb_std: float) 
             "cross_key": rng.standard_normal(ckv).astype(f32), "cross_value": rng.standard_normal(ckv).astype(f32),
             "new_feats": rng.standard_normal((1, nf, h)).astype(f32),
             "cross_mask": rng.random((1, t, ccap + nf)) < 0.5,
-            "prev_feat": rng.standard_normal((1, t, h)).astype(f32)}
+            "prev_feat": rng.standard_normal((1, t, h)).astype(f32),
+            "prev_taps": rng.standard_normal((1, t, _taps_width(m))).astype(f32)}
 
 
 def image_layout(m: dict, vlm):
@@ -237,11 +243,14 @@ class _Realistic:
         smask[0, :, dcap:] = np.tril(np.ones((p, p), bool))
         cmask = np.zeros((1, p, ccap + p), bool)
         cmask[0, :, ccap:] = np.tril(np.ones((p, p), bool), -1)
+        # EAGLE-3 reads each position's predecessor as the target's taps one row back (zero before the first)
+        taps = ref.get("taps", np.zeros((1, p, _taps_width(m)), np.float32))
+        prev_taps = np.concatenate([np.zeros_like(taps[:, :1]), taps[:, :-1]], 1).astype(np.float32)
         ctx = {"embeds": emb.astype(np.float32), "positions": np.arange(p)[None], "self_mask": smask,
                "self_key": np.zeros(skv, np.float32), "self_value": np.zeros(skv, np.float32),
                "cross_key": np.zeros(ckv, np.float32), "cross_value": np.zeros(ckv, np.float32),
                "new_feats": ref["hidden"].astype(np.float32), "cross_mask": cmask,
-               "prev_feat": np.zeros_like(emb, np.float32)}
+               "prev_feat": np.zeros_like(emb, np.float32), "prev_taps": prev_taps}
         self.cases["draft"]["realistic-context"] = ctx
         dref = dict(zip(_output_names(m, "draft"), mods.run("draft", ctx, _arg_names("draft")), strict=True))
 
@@ -261,7 +270,8 @@ class _Realistic:
         self.cases["draft"]["realistic-tree"] = {
             "embeds": tree_emb, "positions": (p + depths(TREE_PARENTS))[None], "self_mask": smask,
             "self_key": sk, "self_value": sv, "cross_key": ck, "cross_value": cv, "new_feats": feats,
-            "cross_mask": cmask, "prev_feat": np.zeros((1, n_tree, d["hidden"]), np.float32)}
+            # tree nodes read draft features as their predecessors (EAGLE-style drafts), no taps
+            "cross_mask": cmask, "prev_feat": feats, "prev_taps": np.zeros((1, n_tree, _taps_width(m)), np.float32)}
 
 
 def _output_names(m: dict, name: str) -> list[str]:

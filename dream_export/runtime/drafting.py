@@ -40,13 +40,19 @@ class DraftRunner:
         self.self_capacity, self.cross_capacity = m["draft_capacity"], m["cross_capacity"]
         self.hidden = d["hidden"]
         self.uses_cross = m["draft"]["uses_cross"]
-        self.uses_prev = "prev_feat" in bundle.graph("draft")["bindings"]  # EAGLE-style drafts only
+        draft_io = bundle.graph("draft")
+        self.uses_prev = "prev_feat" in draft_io["bindings"]  # EAGLE-style drafts only
+        # EAGLE-3: the context pass hands the graph the target's taps (prev_taps, fused in the graph), the
+        # steps their own features (prev_feat); the feature store then holds taps
+        self.taps_width = next((int(io["shape"][-1]) for io in draft_io["inputs"]
+                                if io["name"] == draft_io["bindings"].get("prev_taps")), 0)
         self.used_slots = bundle.graph("draft").get("slots") == "used"
         nb, dkv, dd = d["draft_blocks"], d["draft_kv_heads"], d["draft_head_dim"]
         # 256-byte aligned: TensorRT binds resident buffers by address (setTensorAddress requires it)
         self.self_k, self.self_v = (aligned_zeros((nb, 1, dkv, self.self_capacity, dd)) for _ in range(2))
         self.cross_k, self.cross_v = (aligned_zeros((1, dkv, self.cross_capacity, dd)) for _ in range(2))
-        self.feats = np.zeros((m["kv_capacity"] + m["max_tree"], self.hidden), np.float32)  # per target position
+        # what the draft reads of each target position: the final feature, or EAGLE-3's taps
+        self.feats = np.zeros((m["kv_capacity"] + m["max_tree"], self.taps_width or self.hidden), np.float32)
         self.bindings = {"draft": bundle.graph("draft")["bindings"]}  # the draft-side graphs called
         # a whole chain round per call, when the bundle has the graph and the backend runs it
         self.chain_steps = 0
@@ -98,15 +104,26 @@ class DraftRunner:
         return self.self_rows + len(self.pending_pos) + nodes < self.self_capacity
 
     # ---- graph calls -----------------------------------------------------------------------------
-    def run(self, graph: str, embeds, positions, self_mask, new_feats, cross_mask, prev_feat) -> dict:
-        """One call of the draft graph, or of the draft_chain graph (the same inputs plus the embedding table)."""
+    def run(self, graph: str, embeds, positions, self_mask, new_feats, cross_mask, prev_feat,
+            prev_taps: np.ndarray | None = None) -> dict:
+        """One call of the draft graph, or of the draft_chain graph (the same inputs plus the embedding table).
+
+        `prev_feat` [T,H] / `prev_taps` [T,taps·H]: the rows' predecessors (EAGLE-style drafts); an EAGLE-3
+        graph sums the two (its fuse is linear without bias), so the one not given is fed as zeros.
+        """
+        t = len(positions)
+        if self.taps_width:
+            prev_feat = np.zeros((t, self.hidden), np.float32) if prev_feat is None else prev_feat
+            prev_taps = np.zeros((t, self.taps_width), np.float32) if prev_taps is None else prev_taps
         roles = {"embeds": embeds[None].astype(np.float32, copy=False), "positions": positions[None],
                  "self_mask": self_mask[None], "self_key": self.self_k, "self_value": self.self_v,
                  "cross_key": self.cross_k, "cross_value": self.cross_v,
                  "new_feats": new_feats[None].astype(np.float32, copy=False), "cross_mask": cross_mask[None],
                  "prev_feat": None if prev_feat is None else prev_feat[None].astype(np.float32, copy=False),
+                 "prev_taps": None if prev_taps is None else prev_taps[None].astype(np.float32, copy=False),
                  "embed_table": self.embed_table}
-        # the exporter drops inputs a graph does not read (DREAM: prev_feat; EAGLE: the cross cache)
+        # the exporter drops inputs a graph does not read (DREAM: prev_feat; EAGLE: the cross cache; all but
+        # EAGLE-3: prev_taps)
         b = self.bindings[graph]
         return self.backend.run(graph, {b[r]: v for r, v in roles.items() if r in b})
 
@@ -139,10 +156,12 @@ class DraftRunner:
         # committed features all precede the pending tokens; a new one is seen from the next position on
         cross_mask = cache_mask(self.cross_capacity, self.cross_rows, None,
                                 np.arange(self.feats_seen, self.feats_seen + f)[None] < pos[:, None], self.used_slots)
-        prev = (np.stack([self.feats[p - 1] if p > 0 else np.zeros(self.hidden, np.float32) for p in pos])
+        prev = (np.stack([self.feats[p - 1] if p > 0 else np.zeros(self.feats.shape[1], np.float32) for p in pos])
                 if self.uses_prev else None)
+        # every pending token's predecessor is a target position: EAGLE-3 reads its taps
+        prev, taps = (None, prev) if self.taps_width else (prev, None)
         out = self.run(graph, self.pending_emb, np.arange(self.next_pos, self.next_pos + t), self_mask, nf,
-                       cross_mask, prev)
+                       cross_mask, prev, taps)
         self.commit(out, graph, self.self_rows, self.cross_rows)
         self.self_rows, self.cross_rows, self.next_pos, self.feats_seen = (
             self.self_rows + t, self.cross_rows + f, self.next_pos + t, self.n_feats)
