@@ -41,3 +41,25 @@ def cached_small_selfspec_bundle(root: str | Path, exit_layer: int = 6) -> Path:
                       ExportOptions(kv_capacity=SMALL_CAPACITY, max_tree=SMALL_TREE), log=lambda _s: None)
         _CACHE["selfspec"] = out
     return _CACHE["selfspec"]
+
+
+def cached_small_eagle3_bundle(root: str | Path) -> Path:
+    """The demo VLM with an (untrained) EAGLE-3 draft, exported like the above: the target graph outputs
+    the layer taps and the draft graph reads them (`prev_taps`) beside its own features (`prev_feat`)."""
+    if "eagle3" not in _CACHE:
+        from dream_export.draft.config import DraftConfig
+        from dream_export.draft.model import Draft, init_weights
+        from dream_export.draft.target import load_target
+        from dream_export.draft.train import save_draft
+        from dream_export.export.bundle import ExportOptions, export_bundle
+
+        demo = Path(__file__).resolve().parents[1] / "dream_export" / "assets" / "demo"
+        cfg = DraftConfig.from_target(load_target(demo / "vlm").model.config.text_config, arch="eagle3")
+        draft = Draft(cfg)
+        init_weights(draft)
+        save_draft(draft.eval(), Path(root) / "draft", record={})
+        out = Path(root) / "bundle"
+        export_bundle(demo / "vlm", Path(root) / "draft", out,
+                      ExportOptions(kv_capacity=SMALL_CAPACITY, max_tree=SMALL_TREE), log=lambda _s: None)
+        _CACHE["eagle3"] = out
+    return _CACHE["eagle3"]

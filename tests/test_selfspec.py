@@ -139,3 +139,33 @@ def test_bad_exit_layer_is_a_clear_error(tmp_path, bad):
     assert r.returncode == 2, r.stderr
     assert f"--exit-layer {bad} is out of range" in r.stderr and "layers 1..23" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_cpu_build_carries_its_own_weights_and_stays_lossless(bundle, tmp_path):
+    """`build --target cpu` of a bundle whose draft reads the target's data file: the built graphs load
+    from their own files, and greedy output stays the target's."""
+    import shutil
+
+    from dream_export.runtime.pipeline import Pipeline
+
+    b = tmp_path / "b"
+    shutil.copytree(bundle, b)
+    r = subprocess.run([sys.executable, "-m", "dream_export.cli", "build", str(b), "--target", "cpu"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    plan = json.loads((b / "engines" / "cpu" / "build.json").read_text())
+    assert set(plan["graphs"]) == {"vision", "target", "draft"} and plan["draft_weights"]["weights"] == "int8"
+    import onnx
+
+    # the CPU variant does not reach back into the exported graphs' data file
+    for name in plan["graphs"]:
+        graph = onnx.load(str(b / "engines" / "cpu" / f"{name}.onnx"), load_external_data=False)
+        assert {e.value for t in graph.graph.initializer for e in t.external_data if e.key == "location"} <= {
+            f"{name}.onnx.data"}
+        assert (b / "engines" / "cpu" / f"{name}.onnx.data").exists() == (name == "target")
+    pipe = Pipeline.load(b, precision="cpu", threads=2)
+    for scene, s in _heldout(PROMPTS):
+        img = scenes.render(scene)
+        ar = pipe.generate(img, s.prompt, max_new_tokens=32, mode="ar").tokens
+        for mode in ("tree", "chain"):
+            assert pipe.generate(img, s.prompt, max_new_tokens=32, mode=mode, tree=TreeSpec(4, 6, 32)).tokens == ar

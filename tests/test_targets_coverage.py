@@ -21,10 +21,10 @@ from dream_export.targets.registry import all_targets
 
 try:
     from tests.bundle_fixture import cached_tiny_bundle
-    from tests.coverage_fixture import cached_small_demo_bundle, cached_small_selfspec_bundle
+    from tests.coverage_fixture import cached_small_demo_bundle, cached_small_eagle3_bundle, cached_small_selfspec_bundle
 except ImportError:  # pragma: no cover
     from bundle_fixture import cached_tiny_bundle
-    from coverage_fixture import cached_small_demo_bundle, cached_small_selfspec_bundle
+    from coverage_fixture import cached_small_demo_bundle, cached_small_eagle3_bundle, cached_small_selfspec_bundle
 
 
 def _tmp(request, name):
@@ -34,6 +34,7 @@ def _tmp(request, name):
 # model families whose bundles the contract runs on: name -> bundle directory (built once per process)
 BUNDLES = {"demo": lambda request: cached_small_demo_bundle(_tmp(request, "demo-small")),
            "demo-self-spec": lambda request: cached_small_selfspec_bundle(_tmp(request, "demo-self-spec")),
+           "demo-eagle3": lambda request: cached_small_eagle3_bundle(_tmp(request, "demo-eagle3")),
            "tiny-llava": lambda request: cached_tiny_bundle(_tmp(request, "tiny"))}
 
 
