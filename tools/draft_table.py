@@ -2,12 +2,14 @@
 
     python -m tools.draft_table --target dream_export/assets/demo/vlm --data out/demo-data/heldout.jsonl \
         --limit 40 --draft "DREAM=out/drafts/dream" --draft "self-spec=out/drafts/self-spec" ... \
-        --out out/draft-table
+        --draft "DREAM-S=out/supernet" --subnet "DREAM-S=heads=2,vtc_keep=0.75,layer=22" --out out/draft-table
 
 For each draft, the user's path: `export`, `build --target cpu`, then `bench` on ONNX Runtime twice —
 the EAGLE-2 tree 4,6,32 (τ per task) and a chain (the CPU's fastest shape: the end-to-end speedup), each
 against autoregressive decoding on the same prompts; the draft's size on disk and the extra device
-memory the memory planner counts for it. Writes `table.json` and `table.md` under --out.
+memory the memory planner counts for it. A supernet draft given a `--subnet` is exported as that
+sub-network (`export --subnet`: its heads pruned, its visual keep ratio and feature layer applied by the
+runtime). Writes `table.json` and `table.md` under --out.
 """
 
 from __future__ import annotations
@@ -20,14 +22,25 @@ TASKS_NEEDING_THE_IMAGE = ("count", "color", "position")
 
 
 def _recipe(draft_dir: Path) -> str:
-    """Loss weights, self-feeding and steps as the draft's training record states them."""
+    """Loss weights, self-feeding and steps as the draft's training record states them (a supernet's: the
+    draft it started from and its sub-network phase)."""
     rec = json.loads((draft_dir / "training.json").read_text()) if (draft_dir / "training.json").exists() else {}
     t = rec.get("train_config", {})
     if not t:
         return "?"
-    w = f"logits {t.get('w_logits')}, feature {t.get('w_feature')}"
-    if t.get("w_mid"):
+    # the losses the trainer applies for this arch (draft.train.distill_loss): EAGLE-3 has no feature
+    # regression, only DREAM regresses its first block
+    arch = (rec.get("draft_config") or {}).get("arch", "dream")
+    w = f"logits {t.get('w_logits')}"
+    if arch != "eagle3":
+        w += f", {'imitation' if arch == 'self-spec' else 'feature'} {t.get('w_feature')}"
+    if arch == "dream" and t.get("w_mid"):
         w += f", mid {t['w_mid']}"
+    sn = draft_dir / "supernet.json"
+    tr = json.loads(sn.read_text()).get("training") if sn.exists() else None
+    if tr:
+        start = f"from {Path(tr['init']).name}" if tr.get("init") else f"{tr.get('phase1_steps')} full-network steps"
+        return f"{w}; supernet: {start} + {tr.get('phase2_steps')} sub-network steps"
     return f"{w}; {'self-feed' if t.get('self_feed') else 'no self-feed'}; {t.get('steps')} steps"
 
 
@@ -45,10 +58,14 @@ def _draft_bytes(bundle: Path) -> int:
 
 def _extra_memory(bundle: Path, target: str, precision: str) -> int:
     from dream_export.export.sources import source_configs
+    from dream_export.export.subnet import SUBNET_DRAFT_DIR
     from dream_export.targets.memory import DraftDesc, describe_model, estimate
 
     m = json.loads((bundle / "manifest.json").read_text())
     cfg, draft_cfg = source_configs(m, bundle)
+    sub = bundle / SUBNET_DRAFT_DIR / "draft_config.json"  # an exported sub-network: its pruned heads
+    if sub.exists():
+        draft_cfg = json.loads(sub.read_text())
     model, draft = describe_model(cfg), DraftDesc.from_config(draft_cfg)
     plan = estimate(model, target, precision, m["kv_capacity"], m["max_tree"], draft)
     parts = plan.breakdown()
@@ -56,8 +73,10 @@ def _extra_memory(bundle: Path, target: str, precision: str) -> int:
 
 
 def measure(target_dir: Path, drafts: dict[str, Path], data: Path, limit: int, out: Path,
-            memory_target: str = "jetson-orin-nano-8gb", memory_precision: str = "fp16") -> dict:
-    """Run every measurement for every draft; returns the JSON the table is made from."""
+            memory_target: str = "jetson-orin-nano-8gb", memory_precision: str = "fp16",
+            subnets: dict[str, str] | None = None, threads: int = 1) -> dict:
+    """Run every measurement for every draft (`subnets`: draft name → the sub-network to export of a
+    supernet draft); returns the JSON the table is made from."""
     from PIL import Image  # noqa: F401  (fail early when the export extra is missing)
 
     from dream_export.core.prompts import read_prompts
@@ -71,21 +90,24 @@ def measure(target_dir: Path, drafts: dict[str, Path], data: Path, limit: int, o
     tree = TreeSpec(4, 6, 32)
     rows = read_prompts(data)[:limit]
     results: dict = {"prompts": len(rows), "tree": [tree.k, tree.depth, tree.total], "drafts": {}}
+    subnets = subnets or {}
     for name, d in drafts.items():
         bundle = out / "bundles" / name.replace(" ", "_").replace("/", "_")
-        manifest = export_bundle(target_dir, d, bundle, ExportOptions(kv_capacity=192, max_tree=32),
+        manifest = export_bundle(target_dir, d, bundle,
+                                 ExportOptions(kv_capacity=192, max_tree=32, subnet=subnets.get(name)),
                                  log=lambda *_: None)
         precision = "cpu"
         try:
-            build_cpu(bundle, threads=1, log=lambda *_: None)
+            build_cpu(bundle, threads=threads, log=lambda *_: None)
         except Exception as e:  # noqa: BLE001  (recorded in the table: the draft then runs its fp32 graphs)
             precision = f"fp32 (cpu build failed: {str(e).splitlines()[0][:120]})"
-        pipe = Pipeline.load(bundle, threads=1, precision="cpu" if precision == "cpu" else "fp32")
+        pipe = Pipeline.load(bundle, threads=threads, precision="cpu" if precision == "cpu" else "fp32")
         chain = TreeSpec.chain(manifest["graphs"].get("draft_chain", {}).get("steps", ExportOptions().chain_steps) + 1)
         s = bench(pipe, rows, tree=chain, mode="chain")
         t = bench(pipe, rows, tree=tree, mode="tree")
         results["drafts"][name] = {
             "dir": str(d), "arch": load_draft_config(d).arch, "recipe": _recipe(d), "precision": precision,
+            "subnet": (manifest.get("supernet") or {}).get("chosen"),
             "tree_tau": t["tau"], "tree_tau_by_task": _by_task(t), "tree_match": t["match_rate"],
             "tree_speedup": t["speedup"],
             "chain": [chain.k, chain.depth, chain.total], "chain_tau": s["tau"], "chain_tau_by_task": _by_task(s),
@@ -109,6 +131,9 @@ def markdown(res: dict) -> str:
         img = " / ".join(f"{r['tree_tau_by_task'].get(t, float('nan')):.2f}" for t in TASKS_NEEDING_THE_IMAGE)
         match = min(r["tree_match"], r["chain_match"])
         note = "" if r["precision"] == "cpu" else " (fp32 graphs)"
+        if r.get("subnet"):  # a supernet's exported sub-network
+            c = r["subnet"]
+            note += f" [{c['heads']} heads, visual keep {c['vtc_keep']:g}, layer {c['layer']}]"
         lines.append(f"| {name}{note} | {r['recipe']} | {r['tree_tau']:.2f} | {img} | {r['chain_tau']:.2f} "
                      f"| {r['speedup']:.2f}× | {r['tree_speedup']:.2f}× | {match * 100:.0f}% | {r['draft_bytes'] / 2**20:.1f} MiB "
                      f"| {r['extra_memory_bytes'] / 2**20:.1f} MiB |")
@@ -120,7 +145,11 @@ def main() -> None:
     ap.add_argument("--target", type=Path, required=True, help="Target model directory.")
     ap.add_argument("--draft", action="append", required=True, help="NAME=DRAFT_DIR (repeatable).")
     ap.add_argument("--data", type=Path, required=True, help="Held-out prompts (JSONL).")
+    ap.add_argument("--subnet", action="append", default=[],
+                    help="NAME=SUBNET: export draft NAME (a supernet) as this sub-network, e.g. "
+                         "'DREAM-S=heads=2,vtc_keep=0.75,layer=22' (repeatable).")
     ap.add_argument("--limit", type=int, default=40)
+    ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (build and bench).")
     ap.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     drafts = {}
@@ -129,8 +158,14 @@ def main() -> None:
         if not sep or not Path(path, "draft_config.json").exists():
             ap.error(f"--draft {spec!r}: expected NAME=DRAFT_DIR with a draft_config.json")
         drafts[name] = Path(path)
+    subnets = {}
+    for spec in a.subnet:
+        name, sep, sub = spec.partition("=")  # the sub-network itself is key=value pairs
+        if not sep or name not in drafts or not Path(drafts[name], "supernet.json").exists():
+            ap.error(f"--subnet {spec!r}: expected NAME=SUBNET naming a --draft that is a supernet")
+        subnets[name] = sub
     a.out.mkdir(parents=True, exist_ok=True)
-    res = measure(a.target, drafts, a.data, a.limit, a.out)
+    res = measure(a.target, drafts, a.data, a.limit, a.out, subnets=subnets, threads=a.threads)
     (a.out / "table.json").write_text(json.dumps(res, indent=2))
     (a.out / "table.md").write_text(markdown(res))
     print(markdown(res))
