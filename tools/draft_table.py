@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 TASKS_NEEDING_THE_IMAGE = ("count", "color", "position")
@@ -39,9 +40,18 @@ def _recipe(draft_dir: Path) -> str:
     sn = draft_dir / "supernet.json"
     tr = json.loads(sn.read_text()).get("training") if sn.exists() else None
     if tr:
-        start = f"from {Path(tr['init']).name}" if tr.get("init") else f"{tr.get('phase1_steps')} full-network steps"
+        start = f"from {tr['init']}" if tr.get("init") else f"{tr.get('phase1_steps')} full-network steps"
         return f"{w}; supernet: {start} + {tr.get('phase2_steps')} sub-network steps"
     return f"{w}; {'self-feed' if t.get('self_feed') else 'no self-feed'}; {t.get('steps')} steps"
+
+
+def split_shape(subnet: str) -> tuple[str, int | None]:
+    """(sub-network for `export --subnet`, chain depth) of a searched configuration that may end in the
+    drafting shape the search chose (",tree=1,D,D+1": a chain of depth D); depth None without one."""
+    m = re.search(r"(?:^|,)tree=1,(\d+),(\d+)$", subnet)
+    if m is None:
+        return subnet, None
+    return subnet[: m.start()], int(m.group(1))
 
 
 def _by_task(summary: dict) -> dict[str, float]:
@@ -74,9 +84,11 @@ def _extra_memory(bundle: Path, target: str, precision: str) -> int:
 
 def measure(target_dir: Path, drafts: dict[str, Path], data: Path, limit: int, out: Path,
             memory_target: str = "jetson-orin-nano-8gb", memory_precision: str = "fp16",
-            subnets: dict[str, str] | None = None, threads: int = 1) -> dict:
+            subnets: dict[str, str] | None = None, threads: int = 1, chain_depths: dict[str, int] | None = None
+            ) -> dict:
     """Run every measurement for every draft (`subnets`: draft name → the sub-network to export of a
-    supernet draft); returns the JSON the table is made from."""
+    supernet draft; `chain_depths`: draft name → its CPU chain's depth, when not the default); returns
+    the JSON the table is made from."""
     from PIL import Image  # noqa: F401  (fail early when the export extra is missing)
 
     from dream_export.core.prompts import read_prompts
@@ -93,8 +105,12 @@ def measure(target_dir: Path, drafts: dict[str, Path], data: Path, limit: int, o
     subnets = subnets or {}
     for name, d in drafts.items():
         bundle = out / "bundles" / name.replace(" ", "_").replace("/", "_")
+        # a searched configuration's chain depth becomes its chain graph's (the others keep the default)
+        subnet, depth = split_shape(subnets[name]) if name in subnets else (None, None)
+        depth = (chain_depths or {}).get(name, depth)
+        steps = ExportOptions().chain_steps if depth is None else depth - 1
         manifest = export_bundle(target_dir, d, bundle,
-                                 ExportOptions(kv_capacity=192, max_tree=32, subnet=subnets.get(name)),
+                                 ExportOptions(kv_capacity=192, max_tree=32, subnet=subnet, chain_steps=steps),
                                  log=lambda *_: None)
         precision = "cpu"
         try:
@@ -102,7 +118,7 @@ def measure(target_dir: Path, drafts: dict[str, Path], data: Path, limit: int, o
         except Exception as e:  # noqa: BLE001  (recorded in the table: the draft then runs its fp32 graphs)
             precision = f"fp32 (cpu build failed: {str(e).splitlines()[0][:120]})"
         pipe = Pipeline.load(bundle, threads=threads, precision="cpu" if precision == "cpu" else "fp32")
-        chain = TreeSpec.chain(manifest["graphs"].get("draft_chain", {}).get("steps", ExportOptions().chain_steps) + 1)
+        chain = TreeSpec.chain(manifest["graphs"].get("draft_chain", {}).get("steps", steps) + 1)
         s = bench(pipe, rows, tree=chain, mode="chain")
         t = bench(pipe, rows, tree=tree, mode="tree")
         results["drafts"][name] = {
@@ -123,8 +139,9 @@ def measure(target_dir: Path, drafts: dict[str, Path], data: Path, limit: int, o
 def markdown(res: dict) -> str:
     """The RESULTS table."""
     mt = res["memory_target"]
+    chain = res["drafts"][next(iter(res["drafts"]))]["chain"]
     lines = [f"| draft | recipe | τ tree {','.join(map(str, res['tree']))} | count / color / position (tree) "
-             f"| τ CPU chain {','.join(map(str, res['drafts'][next(iter(res['drafts']))]['chain']))} "
+             f"| τ CPU chain {','.join(map(str, chain))} "
              f"| speedup, chain (ORT CPU) | speedup, tree | greedy match | draft size | extra memory "
              f"({mt['target']}, {mt['precision']}) |", "|" + "---|" * 10]
     for name, r in res["drafts"].items():
@@ -134,7 +151,8 @@ def markdown(res: dict) -> str:
         if r.get("subnet"):  # a supernet's exported sub-network
             c = r["subnet"]
             note += f" [{c['heads']} heads, visual keep {c['vtc_keep']:g}, layer {c['layer']}]"
-        lines.append(f"| {name}{note} | {r['recipe']} | {r['tree_tau']:.2f} | {img} | {r['chain_tau']:.2f} "
+        shape = "" if r["chain"] == chain else f" (chain {','.join(map(str, r['chain']))})"
+        lines.append(f"| {name}{note} | {r['recipe']} | {r['tree_tau']:.2f} | {img} | {r['chain_tau']:.2f}{shape} "
                      f"| {r['speedup']:.2f}× | {r['tree_speedup']:.2f}× | {match * 100:.0f}% | {r['draft_bytes'] / 2**20:.1f} MiB "
                      f"| {r['extra_memory_bytes'] / 2**20:.1f} MiB |")
     return "\n".join(lines) + "\n"
@@ -147,7 +165,10 @@ def main() -> None:
     ap.add_argument("--data", type=Path, required=True, help="Held-out prompts (JSONL).")
     ap.add_argument("--subnet", action="append", default=[],
                     help="NAME=SUBNET: export draft NAME (a supernet) as this sub-network, e.g. "
-                         "'DREAM-S=heads=2,vtc_keep=0.75,layer=22' (repeatable).")
+                         "'DREAM-S=heads=2,vtc_keep=0.75,layer=22'; a trailing ',tree=1,D,D+1' (the search's "
+                         "drafting shape) makes its CPU chain that deep (repeatable).")
+    ap.add_argument("--chain-depth", action="append", default=[],
+                    help="NAME=D: draft NAME's CPU chain drafts D tokens per round (default: the export's).")
     ap.add_argument("--limit", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads (build and bench).")
     ap.add_argument("--out", type=Path, required=True)
@@ -164,8 +185,15 @@ def main() -> None:
         if not sep or name not in drafts or not Path(drafts[name], "supernet.json").exists():
             ap.error(f"--subnet {spec!r}: expected NAME=SUBNET naming a --draft that is a supernet")
         subnets[name] = sub
+    depths = {}
+    for spec in a.chain_depth:
+        name, sep, depth = spec.rpartition("=")
+        if not sep or name not in drafts or not depth.isdigit() or int(depth) < 1:
+            ap.error(f"--chain-depth {spec!r}: expected NAME=D naming a --draft, D a positive number")
+        depths[name] = int(depth)
     a.out.mkdir(parents=True, exist_ok=True)
-    res = measure(a.target, drafts, a.data, a.limit, a.out, subnets=subnets, threads=a.threads)
+    res = measure(a.target, drafts, a.data, a.limit, a.out, subnets=subnets, threads=a.threads,
+                  chain_depths=depths)
     (a.out / "table.json").write_text(json.dumps(res, indent=2))
     (a.out / "table.md").write_text(markdown(res))
     print(markdown(res))
