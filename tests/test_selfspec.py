@@ -12,33 +12,28 @@ from dream_export.demo import scenes
 from dream_export.draft.reference import generate
 from dream_export.runtime.tree import TreeSpec
 
+try:
+    from tests.draft_fixture import assert_lossless_and_equal_to_reference, demo_features, heldout
+except ImportError:  # pragma: no cover
+    from draft_fixture import assert_lossless_and_equal_to_reference, demo_features, heldout
+
 DEMO = Path(__file__).resolve().parents[1] / "dream_export" / "assets" / "demo"
 EXIT = 6
 PROMPTS = 3
 
 
-def _heldout(n):
-    data = scenes.heldout(max(1, n // len(scenes.TASKS) + 1))
-    return data[:: max(1, len(data) // n)][:n]
-
-
 @pytest.fixture(scope="module")
 def trained(demo_target, tmp_path_factory):
     """A self-spec draft (exit after layer EXIT, one imitation block) trained a few steps on demo features."""
-    from dream_export.core.prompts import read_prompts
-    from dream_export.demo import data as demo_data
     from dream_export.draft.config import DraftConfig
-    from dream_export.draft.data import DataConfig, generate_features
     from dream_export.draft.selfspec_train import train_selfspec
     from dream_export.draft.train import DraftTrainConfig
 
     root = tmp_path_factory.mktemp("selfspec")
-    rows = read_prompts(demo_data.write_split(root, "train", demo_data.train_split(8)))
-    generate_features(demo_target.model, demo_target.processor, rows, root / "feat",
-                      DataConfig(shard_size=8, max_new_tokens=32), "demo", progress=False)
+    feats = demo_features(demo_target, root)
     cfg = DraftConfig.from_target(demo_target.model.config.text_config, arch="self-spec", exit_layer=EXIT)
     tcfg = DraftTrainConfig(steps=12, batch_size=4, warmup=2, lr=1e-3, self_feed=False, threads=2)
-    draft, record = train_selfspec(root / "feat", demo_target, cfg, tcfg, out_dir=root / "draft",
+    draft, record = train_selfspec(feats, demo_target, cfg, tcfg, out_dir=root / "draft",
                                    log=lambda _s: None, progress=False, holdout=2)
     return root / "draft", draft, record
 
@@ -71,7 +66,7 @@ def test_draft_saves_only_the_imitation_network(trained, demo_target):
 @pytest.mark.parametrize("mode", ["tree", "chain"])
 def test_reference_greedy_output_equals_the_target_alone(trained, demo_target, mode):
     draft = trained[1]
-    for scene, s in _heldout(PROMPTS):
+    for scene, s in heldout(PROMPTS):
         emb, _ = demo_target.prompt_embeds(scenes.render(scene), s.prompt)
         ar = generate(demo_target.side, emb, 32, mode="ar", eos_id=demo_target.eos_id)
         spec = generate(demo_target.side, emb, 32, draft=draft, mode=mode, spec=TreeSpec(4, 6, 32),
@@ -83,17 +78,7 @@ def test_reference_greedy_output_equals_the_target_alone(trained, demo_target, m
 def test_onnx_runtime_output_equals_the_target_and_the_reference(bundle, trained, demo_target):
     from dream_export.runtime.pipeline import Pipeline
 
-    pipe = Pipeline.load(bundle, threads=2)
-    for scene, s in _heldout(PROMPTS):
-        img = scenes.render(scene)
-        ar = pipe.generate(img, s.prompt, max_new_tokens=32, mode="ar").tokens
-        emb, _ = demo_target.prompt_embeds(img, s.prompt)
-        for mode in ("tree", "chain"):
-            res = pipe.generate(img, s.prompt, max_new_tokens=32, mode=mode, tree=TreeSpec(4, 6, 32))
-            ref = generate(demo_target.side, emb, 32, draft=trained[1], mode=mode, spec=TreeSpec(4, 6, 32),
-                           eos_id=demo_target.eos_id)
-            assert res.tokens == ar == ref.tokens, mode
-            assert res.stats["tau"] == pytest.approx(ref.tau)
+    assert_lossless_and_equal_to_reference(Pipeline.load(bundle, threads=2), demo_target, trained[1], PROMPTS)
 
 
 def test_bundle_grows_by_the_imitation_network_only(bundle, trained):
@@ -164,7 +149,7 @@ def test_cpu_build_carries_its_own_weights_and_stays_lossless(bundle, tmp_path):
             f"{name}.onnx.data"}
         assert (b / "engines" / "cpu" / f"{name}.onnx.data").exists() == (name == "target")
     pipe = Pipeline.load(b, precision="cpu", threads=2)
-    for scene, s in _heldout(PROMPTS):
+    for scene, s in heldout(PROMPTS):
         img = scenes.render(scene)
         ar = pipe.generate(img, s.prompt, max_new_tokens=32, mode="ar").tokens
         for mode in ("tree", "chain"):
