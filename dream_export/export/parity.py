@@ -243,14 +243,19 @@ class _Realistic:
         smask[0, :, dcap:] = np.tril(np.ones((p, p), bool))
         cmask = np.zeros((1, p, ccap + p), bool)
         cmask[0, :, ccap:] = np.tril(np.ones((p, p), bool), -1)
-        # EAGLE-3 reads each position's predecessor as the target's taps one row back (zero before the first)
-        taps = ref.get("taps", np.zeros((1, p, _taps_width(m)), np.float32))
-        prev_taps = np.concatenate([np.zeros_like(taps[:, :1]), taps[:, :-1]], 1).astype(np.float32)
+        # EAGLE-style drafts read each position's predecessor, the target's row one back (zero before the
+        # first): its final feature, or for EAGLE-3 its taps (then prev_feat is zero)
+        def back(x: np.ndarray) -> np.ndarray:
+            return np.concatenate([np.zeros_like(x[:, :1]), x[:, :-1]], 1).astype(np.float32)
+
+        eagle3 = (m.get("draft") or {}).get("eagle3_taps", False)
+        prev_feat = np.zeros_like(emb, np.float32) if eagle3 else back(ref["hidden"])
+        prev_taps = back(ref["taps"]) if eagle3 else np.zeros((1, p, _taps_width(m)), np.float32)
         ctx = {"embeds": emb.astype(np.float32), "positions": np.arange(p)[None], "self_mask": smask,
                "self_key": np.zeros(skv, np.float32), "self_value": np.zeros(skv, np.float32),
                "cross_key": np.zeros(ckv, np.float32), "cross_value": np.zeros(ckv, np.float32),
                "new_feats": ref["hidden"].astype(np.float32), "cross_mask": cmask,
-               "prev_feat": np.zeros_like(emb, np.float32), "prev_taps": prev_taps}
+               "prev_feat": prev_feat, "prev_taps": prev_taps}
         self.cases["draft"]["realistic-context"] = ctx
         dref = dict(zip(_output_names(m, "draft"), mods.run("draft", ctx, _arg_names("draft")), strict=True))
 
