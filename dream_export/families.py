@@ -631,9 +631,10 @@ SUPPORT = {
                  "[IMG_BREAK] / [IMG_END] rows; processor built without torchvision",
                  "train-draft, export, check (HF forward), runtime: token-equal to HF generate; the test's tiny "
                  "draft reaches τ > 1.5 on 2 of 6 images only"),
-    "qwen2_5_vl": ("Qwen2.5-VL", "dynamic resolution, image_grid_thw (processor loads without torchvision)",
-                   "train-draft; target graph with runtime 3-D mRoPE positions equals HF forward and generate; "
-                   "export refused (window-attention vision over image_grid_thw not in the vision graph)"),
+    "qwen2_5_vl": ("Qwen2.5-VL", "dynamic resolution: one image's patches per vision call, window attention "
+                   "(window order, rotary positions and masks computed by the runtime); processor loads without "
+                   "torchvision", "train-draft, export, check (HF forward), runtime: token-equal to HF generate "
+                   "(3-D mRoPE positions from the runtime, for the prompt and every tree node)"),
 }
 
 
