@@ -58,10 +58,8 @@ KV_CAPACITY = {"llava": 160, "llava_next": 256, "idefics3": 160, "mistral3": 160
 # families whose answers take longer to settle into the tiny targets' loops need a higher one.
 LR = {"idefics3": "3e-2", "mistral3": "3e-2"}
 # Images whose rounds must accept several draft tokens on average (τ > 1.5): all six, except for Mistral3,
-# whose 40-step tiny draft does not learn the loops its tiny target falls into on four of them (τ 1.0–1.2
-# there, 2.7 and 3.2 on the others; the torch reference decoder measures the same, so the draft's
-# training falls short, not the runtime; the support table says so).
-TAU_IMAGES = {"mistral3": 2}
+# whose 40-step tiny draft measures τ 1.6–3.5 (one image barely above 1.5): five of six leave it a margin.
+TAU_IMAGES = {"mistral3": 5}
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3", "mistral3", "gemma3", "qwen2_5_vl"])
