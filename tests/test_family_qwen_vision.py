@@ -70,3 +70,19 @@ def test_grid_bookkeeping_is_transformers(qwen):
     frame = np.repeat(np.arange(len(grids)), [t * h * w for t, h, w in grids])
     assert np.array_equal(ours["full_mask"], frame[:, None] == frame[None, :])
     assert np.array_equal(ours["window_index"][ours["reverse_index"]], np.arange(len(index)))
+
+
+def test_positions_of_a_two_image_prompt_are_hf_rope_index(qwen):
+    """The runtime's mRoPE positions (what the pipeline feeds the target) over a prompt with two images of
+    different grids equal transformers' `get_rope_index`, and generated tokens continue at index + delta."""
+    from dream_export.runtime.positions import mrope_positions
+
+    vlm = load_vlm(qwen)
+    grids = [[1, 4, 6], [1, 8, 4]]
+    img = vlm.image_token_id
+    ids = [100, 101, 102] + [img] * 6 + [103, 104] + [img] * 8 + [105]  # byte tokens around the images
+    ids_t = torch.tensor([ids])
+    ref = vlm.position_ids(ids_t, image_grid_thw=torch.tensor(grids))[:, 0].numpy()
+    pos, delta = mrope_positions(ids_t[0].numpy() == img, grids, vlm.config.vision_config.spatial_merge_size)
+    assert np.array_equal(pos, ref)
+    assert delta == int(ref.max()) + 1 - len(ids)
