@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from dream_export.export.graphs import VisionGraph
 from dream_export.families import load_vlm
 from dream_export.runtime.image_layout import ImageLayout
 from dream_export.runtime.vision_grid import vision_grid_inputs
@@ -30,7 +31,6 @@ def test_vision_graph_equals_hf_image_features(tmp_path, qwen):
     from dream_export.core.graph_spec import SPECS
     from dream_export.export.bundle import _export
     from dream_export.export.feeds import ort_session
-    from dream_export.export.graphs import VisionGraph
 
     vlm = load_vlm(qwen)
     layout = ImageLayout.from_manifest({"vision": vlm.vision_layout()[0]}, {})
@@ -86,3 +86,35 @@ def test_positions_of_a_two_image_prompt_are_hf_rope_index(qwen):
     pos, delta = mrope_positions(ids_t[0].numpy() == img, grids, vlm.config.vision_config.spatial_merge_size)
     assert np.array_equal(pos, ref)
     assert delta == int(ref.max()) + 1 - len(ids)
+
+
+def test_vision_build_profile_covers_every_image(tmp_path, qwen):
+    """The TensorRT build profile of the dynamic vision graph spans the patch grids of images of any size
+    (tiny ones enlarged to the minimum pixels, large or extreme ones shrunk to the maximum)."""
+    import json
+
+    from dream_export.core.graph_spec import SPECS
+    from dream_export.export.bundle import _export, _io
+    from dream_export.families import params_from_hf
+    from dream_export.runtime.preprocess import ImagePreprocessor
+    from dream_export.targets.bundle_builds import _profile, vision_symbols
+
+    try:
+        from tests.test_preprocess import TEN_SIZES
+    except ImportError:
+        from test_preprocess import TEN_SIZES
+    from transformers import AutoImageProcessor
+
+    vlm = load_vlm(qwen)
+    entry, _ = vlm.vision_layout()
+    m = {"vision": entry, "preprocess": json.loads(json.dumps(params_from_hf(AutoImageProcessor.from_pretrained(str(qwen)))))}
+    layout, pre = ImageLayout.from_manifest(m, {}), ImagePreprocessor.from_dict(m["preprocess"])
+    feeds = layout.feeds(pre.preprocess(tiny_image(48, 32)), 0)
+    _export(VisionGraph(vlm).eval(), tuple(torch.from_numpy(v) for v in feeds.values()), tmp_path / "vision.onnx",
+            SPECS["vision"], axes={"pixel_values": {0: "patches"}, "image_embeds": {1: "units"}})
+    profile = _profile(_io(tmp_path / "vision.onnx"), *vision_symbols(m))
+    assert profile["pixel_values"][0] == (16, 384) and profile["pixel_values"][2] == (144, 384)  # 2×2 .. 6×6 units
+    for i, (w, h) in enumerate(TEN_SIZES):
+        for name, x in layout.feeds(pre.preprocess(tiny_image(w, h, seed=i)), 0).items():
+            lo, _, hi = profile[name]
+            assert all(a <= d <= b for a, d, b in zip(lo, x.shape, hi, strict=True)), (name, (w, h), x.shape)

@@ -10,7 +10,8 @@ The profiles cover exactly the shapes the runtime (`dream_export.runtime.engine`
   decode profile (1 .. `max_tree` tokens and rows: plain decoding, chain and tree verification).
 - Draft: a context-pass profile (the prompt's tokens + the first answer token, all prompt features) and
   a tree-step profile (1 .. `topk` frontier rows, one step's parent features).
-- Vision: its one static shape.
+- Vision: its one static shape; Qwen2.5-VL's dynamic patch grid from the fewest to the most merged units
+  its preprocessing's pixel limits allow (`vision_symbols`).
 
 The optional `draft_chain` graph gets no engine: the TensorRT backend runs chains as per-step draft
 calls (`TensorRTBackend.graphs`). The graph's embedding-table input (vocab x hidden, 0.5 GB in fp32
@@ -52,6 +53,19 @@ def draft_symbols(manifest: dict, tokens: int, feats: int, self_past: int | None
             "cross_slots": mask_width(ccap, ccap if cross_past is None else cross_past, used) + feats}
 
 
+def vision_symbols(manifest: dict) -> tuple[dict[str, int], dict[str, int], dict[str, int]]:
+    """(min, opt, max) symbolic dims of the vision graph: none for a static one. Qwen2.5-VL ("grid" layout)
+    resizes every image to whole merged units (`patch_size × merge` px a side) with an area between the
+    preprocessing's `shortest_edge` and `longest_edge` pixels (its min/max pixels)."""
+    v = manifest.get("vision") or {}
+    if v.get("layout") != "grid":
+        return {}, {}, {}
+    pre, merge = manifest["preprocess"], v["merge"]
+    unit_px = (pre["patch_size"] * merge) ** 2
+    lo, hi = max(1, -(-pre["size"]["shortest_edge"] // unit_px)), max(1, pre["size"]["longest_edge"] // unit_px)
+    return tuple({"units": u, "patches": u * merge * merge} for u in (lo, (lo + hi) // 2, hi))
+
+
 def longest_prompt(manifest: dict, max_prompt: int | None = None) -> int:
     """The longest prompt the runtime prefills: one slot stays free for the first answer token."""
     cap = manifest["kv_capacity"]
@@ -88,7 +102,7 @@ def graph_profiles(manifest: dict, max_prompt: int | None = None) -> dict[str, l
              _profile(d, dsym(1, f0, 1), dsym(max(1, step // 2), max(f0, step // 2), cap // 2),
                       draft_symbols(manifest, step, step if uses_cross else 0))]  # tree / chain step
     v = g["vision"]
-    vision = [_profile(v, {}, {}, {})]
+    vision = [_profile(v, *vision_symbols(manifest))]
     return {"vision": vision, "target": target, "draft": draft}
 
 
