@@ -203,6 +203,11 @@ class Pipeline:
             emb[mask] = np.concatenate(feats)
         return emb, mask, vision_s
 
+    def prompt_positions(self, image, prompt: str) -> np.ndarray | None:
+        """The rotary positions of `prompt_embeds`' rows (None: 0..n-1)."""
+        ids, inputs = self._encode(_turn(image, prompt))
+        return self.positions(ids == self.image_token_id, inputs)
+
     def positions(self, image_mask: np.ndarray, inputs: dict | None) -> np.ndarray | None:
         """The prompt's rotary positions when they are not 0..n-1: Qwen2.5-VL's mRoPE [3, n] over each
         image's grid (`runtime.positions`); tokens after the prompt continue from its rope delta (the engine)."""
