@@ -196,13 +196,13 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
         # (a non-square one, so that a traced image grid keeps its two sides apart)
         view = ImagePreprocessor(params_from_hf(proc.image_processor)).preprocess(np.zeros((48, 32, 3), np.uint8))
         kind = target.vlm.vision_layout()[0]["layout"]
-        px = torch.zeros(1 if kind in ("single", "rows") else 2, *view["pixel_values"].shape[-3:])
         if kind == "grid":  # Qwen2.5-VL: the patches of one image and its grid's bookkeeping (runtime-computed)
             from dream_export.runtime.image_layout import ImageLayout
 
             feeds = ImageLayout.from_manifest({"vision": target.vlm.vision_layout()[0]}, {}).feeds(view, 0)
-            px = tuple(torch.from_numpy(v) for v in feeds.values())
-        v_args = px if kind == "grid" else (px,)
+            v_args = tuple(torch.from_numpy(v) for v in feeds.values())
+        else:
+            v_args = (torch.zeros(1 if kind in ("single", "rows") else 2, *view["pixel_values"].shape[-3:]),)
         n_img = vg(*v_args).shape[1]
         layout, layout_tensors = target.vlm.vision_layout(int(n_img))
         # single-view layouts keep a static batch of 1 (the exported CLIP tower splits the CLS token with it);
