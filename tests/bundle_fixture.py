@@ -14,10 +14,10 @@ KV_CAPACITY = 64
 MAX_TREE = 16
 
 
-def make_tiny_bundle(tmp_dir: str | Path) -> Path:
+def make_tiny_bundle(tmp_dir: str | Path, family: str = "llava", kv_capacity: int = KV_CAPACITY) -> Path:
     """Build `tmp_dir/{target,draft,bundle}` and return the bundle directory.
 
-    The target is a genuine `LlavaForConditionalGeneration` from `tests/tiny_vlms.py`; the draft is a
+    The target is a genuine HF model of `family` from `tests/tiny_vlms.py` (default LLaVA); the draft is a
     randomly initialised DREAM draft sized from the target's text config (so its features, LM head
     and KV shapes line up with the target's).
     """
@@ -35,7 +35,7 @@ def make_tiny_bundle(tmp_dir: str | Path) -> Path:
         from tiny_vlms import build_tiny_vlm
 
     root = Path(tmp_dir)
-    target_dir = build_tiny_vlm("llava", root / "target")
+    target_dir = build_tiny_vlm(family, root / "target")
     torch.manual_seed(0)
     draft = Draft(DraftConfig.from_target(AutoConfig.from_pretrained(target_dir).get_text_config()))
     init_weights(draft)
@@ -47,13 +47,14 @@ def make_tiny_bundle(tmp_dir: str | Path) -> Path:
                 p.fill_(0.5)
     save_draft(draft.eval(), root / "draft", record={})
     bundle = root / "bundle"
-    export_bundle(target_dir, root / "draft", bundle, ExportOptions(kv_capacity=KV_CAPACITY, max_tree=MAX_TREE),
+    export_bundle(target_dir, root / "draft", bundle, ExportOptions(kv_capacity=kv_capacity, max_tree=MAX_TREE),
                   log=lambda *_: None)
     return bundle
 
 
-def cached_tiny_bundle(root: str | Path) -> Path:
-    """`make_tiny_bundle` once per process under `root` (e.g. a tmp_path_factory directory)."""
-    if "llava" not in _CACHE:
-        _CACHE["llava"] = make_tiny_bundle(root)
-    return _CACHE["llava"]
+def cached_tiny_bundle(root: str | Path, family: str = "llava", kv_capacity: int = KV_CAPACITY) -> Path:
+    """`make_tiny_bundle` once per process and family under `root` (e.g. a tmp_path_factory directory;
+    families other than LLaVA go under `root/<family>`)."""
+    if family not in _CACHE:
+        _CACHE[family] = make_tiny_bundle(root if family == "llava" else Path(root) / family, family, kv_capacity)
+    return _CACHE[family]

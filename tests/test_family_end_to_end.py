@@ -53,18 +53,16 @@ def _hf_answer(path, image) -> tuple[list[int], list[int]]:
 
 
 # KV capacity per family: LLaVA-NeXT's prompts grow with the image (a base view plus up to 88 tile rows)
-KV_CAPACITY = {"llava": 160, "llava_next": 256, "idefics3": 160, "mistral3": 160, "gemma3": 160}
+KV_CAPACITY = {"llava": 160, "llava_next": 256, "idefics3": 160, "mistral3": 160, "gemma3": 160, "qwen2_5_vl": 192}
 # Draft learning rate: 40 steps sit inside the 100-step warmup, so the peak is never reached; the
 # families whose answers take longer to settle into the tiny targets' loops need a higher one.
 LR = {"idefics3": "3e-2", "mistral3": "3e-2"}
 # Images whose rounds must accept several draft tokens on average (τ > 1.5): all six, except for Mistral3,
-# whose 40-step tiny draft does not learn the loops its tiny target falls into on four of them (τ 1.0–1.2
-# there, 2.7 and 3.2 on the others; the torch reference decoder measures the same, so the draft's
-# training falls short, not the runtime; the support table says so).
-TAU_IMAGES = {"mistral3": 2}
+# whose 40-step tiny draft measures τ 1.6–3.5 (one image barely above 1.5): five of six leave it a margin.
+TAU_IMAGES = {"mistral3": 5}
 
 
-@pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3", "mistral3", "gemma3"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "idefics3", "mistral3", "gemma3", "qwen2_5_vl"])
 def test_family_end_to_end(tmp_path, family):
     from dream_export.runtime import Pipeline
 

@@ -38,21 +38,24 @@ def _data(tmp_path) -> str:
     return str(tmp_path / "data.jsonl")
 
 
-# Drafting reads features from the traced decoder: its features are right, and its own vision inputs
-# (image grids and 3-D positions, its processor built without torchvision) reach the model; the export
-# refuses by name what the vision graph lacks.
-@pytest.mark.parametrize("family,refusal", [
-    ("qwen2_5_vl", "image_grid_thw"),
-])
-def test_drafting_works_and_export_refuses_by_name(tmp_path, tiny_vlm, family, refusal):
-    target = str(tiny_vlm(family))
+# Drafting reads features from the traced decoder and the HF model's own vision path; the export refuses by
+# name what the runtime would not reproduce (here Gemma3's pan-and-scan crops), and writes nothing.
+def test_drafting_works_and_export_refuses_by_name(tmp_path, tiny_vlm):
+    import shutil
+
+    target = tmp_path / "gemma3"
+    shutil.copytree(tiny_vlm("gemma3"), target)
+    cfg = target / "processor_config.json"  # transformers 5 saves the image processor's settings in it
+    saved = json.loads(cfg.read_text())
+    saved["image_processor"]["do_pan_and_scan"] = True
+    cfg.write_text(json.dumps(saved))
     runner = CliRunner()
-    res = runner.invoke(cli, ["train-draft", target, "--data", _data(tmp_path), "-o", str(tmp_path / "draft"),
+    res = runner.invoke(cli, ["train-draft", str(target), "--data", _data(tmp_path), "-o", str(tmp_path / "draft"),
                               "--steps", "2", "--batch-size", "2"])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(cli, ["export", target, "--draft", str(tmp_path / "draft"), "-o", str(tmp_path / "b")])
+    res = runner.invoke(cli, ["export", str(target), "--draft", str(tmp_path / "draft"), "-o", str(tmp_path / "b")])
     msg = _refusal(res)
-    assert refusal in msg and "Families that export: llava" in msg
+    assert "pan-and-scan" in msg and "Families that export: llava" in msg
     assert not (tmp_path / "b").exists()
 
 
@@ -121,4 +124,5 @@ def test_readme_support_table_is_the_generated_one():
     block = readme.split("<!-- support-table:start -->\n")[1].split("\n<!-- support-table:end -->")[0]
     assert block == support_table()
     assert tuple(SUPPORT) == supported_families()
-    assert EXPORTABLE == ("llava", "llava_next", "idefics3", "mistral3", "gemma3")  # test_family_end_to_end covers them
+    # test_family_end_to_end covers them all
+    assert EXPORTABLE == ("llava", "llava_next", "idefics3", "mistral3", "gemma3", "qwen2_5_vl")

@@ -1,7 +1,7 @@
 """The runtime's image layout writes each image's placeholder exactly as the family's HF processor does:
 the prompt ids equal the processor's on ten image sizes (LLaVA-NeXT's token count from the tiling and
-unpadding, Idefics3's crop and global markers, Pixtral's rows, Gemma3's <start_of_image> block), and an
-image-dependent count without the image is refused clearly."""
+unpadding, Idefics3's crop and global markers, Pixtral's rows, Gemma3's <start_of_image> block,
+Qwen2.5-VL's merged units), and an image-dependent count without the image is refused clearly."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ except ImportError:  # pytest run without the repository root on sys.path (tests
     from test_preprocess import TEN_SIZES
     from tiny_vlms import PROMPTS, build_tiny_vlm, tiny_image
 
-FAMILIES = ("llava_next", "idefics3", "mistral3", "gemma3")
+FAMILIES = ("llava_next", "idefics3", "mistral3", "gemma3", "qwen2_5_vl")
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def _layout(path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_placeholder_ids_equal_the_processor(family, checkpoints):
     proc, pre, layout = _layout(checkpoints[family])
-    image_token = {"mistral3": "[IMG]", "gemma3": "<image_soft_token>"}.get(family, "<image>")
+    image_token = {"mistral3": "[IMG]", "gemma3": "<image_soft_token>", "qwen2_5_vl": "<|image_pad|>"}.get(family, "<image>")
     placeholder = layout.placeholder(image_token)  # what the chat template writes
     for i, (w, h) in enumerate(TEN_SIZES):
         image = tiny_image(w, h, seed=i)

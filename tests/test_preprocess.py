@@ -186,7 +186,7 @@ def test_minimal_parameter_dict():
 # square and tiny (each family tiles, splits or crops them differently).
 TEN_SIZES = [(40, 30), (64, 64), (33, 57), (90, 45), (48, 120), (31, 31), (200, 17), (17, 200), (101, 100), (7, 9)]
 # The families whose preprocessing the runtime reproduces, as their saved checkpoints carry it.
-REPRODUCED = ("llava", "llava_next", "idefics3", "mistral3")
+REPRODUCED = ("llava", "llava_next", "idefics3", "mistral3", "qwen2_5_vl")
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ SYMBOLS: dict[str, str] = {
     "self_slots": "draft self-attention mask columns: cache slots read, then the `tokens` new rows",
     "feats": "target features appended to the draft's cross-attention cache in this call",
     "cross_slots": "draft cross-attention mask columns: cache slots read, then the `feats` new features",
+    "patches": "vision patches of a dynamic-resolution image (Qwen2.5-VL: t·h·w of its grid)",
+    "units": "merged patch units of such an image (`patches` / merge²): its prompt tokens",
 }
 
 # What a tensor is to its readers. Runtime-owned caches are resident: allocated once at capacity and
@@ -43,6 +45,8 @@ ROLES: dict[str, str] = {
     "importance_max": "the highest attention any query of any head gives each cache slot in the last layer",
     "image_embeds": "projected image features to splice into the prompt",
     "ids": "drafted token ids",
+    "grid": "integer bookkeeping of a dynamic-resolution image's patch grid (window order, rotary positions, "
+            "attention masks), computed by the runtime (`runtime.vision_grid`)",
 }
 
 
@@ -94,7 +98,15 @@ def _t(name: str, role: str, axes: Mapping[int, str] | None = None, optional: bo
 
 
 # One image per request: the exported tower splits the CLS token with a fixed batch of 1 (static shapes).
-VISION = GraphSpec("vision", inputs=(_t("pixel_values", "pixels"),), outputs=(_t("image_embeds", "image_embeds"),))
+# Qwen2.5-VL's windowed tower also takes its grid's bookkeeping (`runtime.vision_grid.vision_grid_inputs`):
+# pixel_values are then its flattened patches [patches, 3·T·p·p]; masks and positions in window order.
+VISION = GraphSpec("vision", inputs=(
+    _t("pixel_values", "pixels"), _t("window_index", "grid", {0: "units"}, optional=True),
+    _t("reverse_index", "grid", {0: "units"}, optional=True),
+    _t("patch_positions", "grid", {0: "patches"}, optional=True),
+    _t("full_mask", "grid", {0: "patches", 1: "patches"}, optional=True),
+    _t("window_mask", "grid", {0: "patches", 1: "patches"}, optional=True)),
+    outputs=(_t("image_embeds", "image_embeds"),))
 
 # past_key/past_value: [layers, 1, kv_heads, capacity, head_dim]; attention_mask [1, tokens, slots]: which
 # of the first `slots - tokens` cache slots (the graph reads only those) and which new rows each query sees.

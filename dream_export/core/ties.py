@@ -20,5 +20,8 @@ def tie_explained(pipe, image, prompt: str, a: list[int], b: list[int], tol: flo
         return False
     emb, _mask, _ = pipe.prompt_embeds(image, prompt)
     ctx = np.concatenate([emb, pipe.embed_table[np.array(a[:i], dtype=np.int64)]]) if i else emb
-    logits = pipe.engine.next_logits(ctx)
+    pos = pipe.prompt_positions(image, prompt)
+    if pos is not None:  # mRoPE: the answer's tokens continue after the prompt's largest position
+        pos = np.concatenate([pos, np.broadcast_to(pos.max() + 1 + np.arange(i), (len(pos), i))], 1)
+    logits = pipe.engine.next_logits(ctx, pos)
     return abs(float(logits[a[i]]) - float(logits[b[i]])) <= tol

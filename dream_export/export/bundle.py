@@ -96,7 +96,8 @@ def _export(module, args, path: Path, spec: GraphSpec, outputs: list[str] | None
     `axes` for dynamic axes a family adds, e.g. the views of an any-resolution image)."""
     import torch
 
-    input_names, output_names = spec.input_names(), outputs or spec.output_names(present=())
+    # the module's arguments are the spec's first inputs (a vision graph takes its grid inputs only for Qwen2.5-VL)
+    input_names, output_names = spec.input_names()[:len(args)], outputs or spec.output_names(present=())
     dynamic_axes = {**spec.dynamic_axes(input_names + output_names), **(axes or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings(), torch.no_grad():
@@ -195,15 +196,22 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
         # (a non-square one, so that a traced image grid keeps its two sides apart)
         view = ImagePreprocessor(params_from_hf(proc.image_processor)).preprocess(np.zeros((48, 32, 3), np.uint8))
         kind = target.vlm.vision_layout()[0]["layout"]
-        px = torch.zeros(1 if kind in ("single", "rows") else 2, *view["pixel_values"].shape[-3:])
-        n_img = vg(px).shape[1]
+        if kind == "grid":  # Qwen2.5-VL: the patches of one image and its grid's bookkeeping (runtime-computed)
+            from dream_export.runtime.image_layout import ImageLayout
+
+            feeds = ImageLayout.from_manifest({"vision": target.vlm.vision_layout()[0]}, {}).feeds(view, 0)
+            v_args = tuple(torch.from_numpy(v) for v in feeds.values())
+        else:
+            v_args = (torch.zeros(1 if kind in ("single", "rows") else 2, *view["pixel_values"].shape[-3:]),)
+        n_img = vg(*v_args).shape[1]
         layout, layout_tensors = target.vlm.vision_layout(int(n_img))
         # single-view layouts keep a static batch of 1 (the exported CLIP tower splits the CLS token with it);
         # tiled images vary in views, Pixtral's in size
         axes = {"single": None,
-                "rows": {"pixel_values": {2: "height", 3: "width"}, "image_embeds": {1: "image_rows"}}}.get(
+                "rows": {"pixel_values": {2: "height", 3: "width"}, "image_embeds": {1: "image_rows"}},
+                "grid": {"pixel_values": {0: "patches"}, "image_embeds": {1: "units"}}}.get(
                     kind, {"pixel_values": {0: "views"}, "image_embeds": {0: "views"}})
-        _export(vg, (px,), onnx_dir / "vision.onnx", SPECS["vision"], axes=axes)
+        _export(vg, v_args, onnx_dir / "vision.onnx", SPECS["vision"], axes=axes)
         manifest["tokens"]["image_tokens_per_image"] = int(n_img) if layout["layout"] == "single" else None
         manifest["vision"] = layout
         # target

@@ -126,12 +126,14 @@ class DraftChainGraph(nn.Module):
 
 class VisionGraph(nn.Module):
     """Views [views, 3, h, w] → projected image rows [views, rows, H] (tower + projector, as the family
-    adapter's `view_features`); the runtime splices them into the prompt (`runtime.image_layout`)."""
+    adapter's `view_features`); the runtime splices them into the prompt (`runtime.image_layout`).
+    Qwen2.5-VL's also takes its patch grid's bookkeeping (`grid`: window_index, reverse_index,
+    patch_positions, full_mask, window_mask, as `core.graph_spec.VISION` orders them)."""
 
     def __init__(self, vlm):
         super().__init__()
         self.vlm = vlm
         self.model = vlm.model  # registers the weights as this module's
 
-    def forward(self, pixel_values):
-        return self.vlm.view_features(pixel_values)
+    def forward(self, pixel_values, *grid):
+        return self.vlm.view_features(pixel_values, *grid)

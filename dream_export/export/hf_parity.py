@@ -73,16 +73,15 @@ def _run_bundle(root: Path, m: dict, files: dict[str, str], ref: dict, tree_ids:
     from dream_export.runtime.image_layout import ImageLayout
 
     vision, target = ort_session(root / files["vision"], threads), ort_session(root / files["target"], threads)
-    vin = {i.name: i.type for i in vision.get_inputs()}
-    (name, kind), = vin.items()
+    kind = vision.get_inputs()[0].type  # pixel_values first (core.graph_spec.VISION)
     emb = m["embeddings"]
     tensors = load_file(str(root / emb["file"]))
     table = tensors[emb["tensor"]].astype(np.float32) * np.float32(emb.get("scale", 1.0))
     # the processor's pixels through the vision graph, laid out in the prompt as the runtime does
     layout = ImageLayout.from_manifest(m, tensors)
     dtype = np.float16 if "float16" in kind else np.float32
-    (feats,) = layout.encode(ref["vision_inputs"], 1,
-                             lambda px: vision.run(None, {name: px.astype(dtype)})[0].astype(np.float32))
+    (feats,) = layout.encode(ref["vision_inputs"], 1, lambda feeds: vision.run(None, {
+        k: v.astype(dtype) if k == "pixel_values" else v for k, v in feeds.items()})[0].astype(np.float32))
     ids = ref["ids"]
     x = table[ids][None]
     is_img = ids == m["tokens"]["image_token_id"]

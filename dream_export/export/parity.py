@@ -44,6 +44,7 @@ from dream_export.export.sources import source_dir
 from dream_export.io import atomic_write_text
 from dream_export.runtime.bundle import GRAPHS
 from dream_export.runtime.masks import prefill_mask
+from dream_export.runtime.vision_grid import vision_grid_inputs
 
 # Max error relative to the output's scale. FP32: ONNX Runtime and torch differ only in summation order
 # and fused kernels (~1e-6 relative); 1e-3 leaves room for deep models. FP16 keeps ~3 significant
@@ -89,12 +90,13 @@ class _Modules:
         self.embed = self.target.side.embed_tokens
 
     def run(self, name: str, feeds: dict[str, np.ndarray], arg_names: list[str]) -> list[np.ndarray]:
-        """Reference outputs of graph `name` for `feeds` (inputs ONNX pruned are fed as zeros)."""
+        """Reference outputs of graph `name` for `feeds` (inputs ONNX pruned are fed as zeros; optional trailing
+        inputs a family's graph does not take, e.g. the vision grid's bookkeeping, are absent from `feeds`)."""
         import torch
 
         module = {"vision": self.vision, "target": self.target_graph, "draft": self.draft_graph}[name]
         with torch.no_grad():
-            out = module(*[torch.from_numpy(feeds[a]) for a in arg_names])
+            out = module(*[torch.from_numpy(feeds[a]) for a in arg_names if a in feeds])
         out = out if isinstance(out, (tuple, list)) else (out,)
         return [o.detach().numpy() for o in out]
 
@@ -136,9 +138,15 @@ def _random_feeds(name: str, m: dict, rng: np.random.Generator, emb_std: float) 
         # batch 1: the runtime encodes one image per call (and the exported vision graphs of some
         # families bake the batch size into a Split despite the symbolic 'batch' axis); an image of dynamic
         # size (Pixtral) is 2 × 3 merged patches
-        step = (m.get("vision") or {}).get("step", 1)
+        v = m.get("vision") or {}
+        pixels = m["graphs"]["vision"]["inputs"][0]["shape"]
+        if v.get("layout") == "grid":  # a 2 × 3-unit patch grid (two windows) and its bookkeeping
+            grid = [[1, 2 * v["merge"], 3 * v["merge"]]]
+            return {"pixel_values": rng.standard_normal((int(np.prod(grid)), pixels[-1])).astype(f32),
+                    **vision_grid_inputs(grid, v["merge"], v["window"])}
+        step = v.get("step", 1)
         sides = {"height": 2 * step, "width": 3 * step}
-        shape = [s if isinstance(s, int) else sides.get(s, 1) for s in m["graphs"]["vision"]["inputs"][0]["shape"]]
+        shape = [s if isinstance(s, int) else sides.get(s, 1) for s in pixels]
         return {"pixel_values": rng.standard_normal(shape).astype(f32)}
     t = 5
     if name == "target":
@@ -147,7 +155,7 @@ def _random_feeds(name: str, m: dict, rng: np.random.Generator, emb_std: float) 
         mask = rng.random((1, t, cap + t)) < 0.5
         mask[0, :, cap:] |= np.eye(t, dtype=bool)
         return {"inputs_embeds": (rng.standard_normal((1, t, h)) * emb_std).astype(f32),
-                "position_ids": np.sort(rng.integers(0, cap, (1, t))).astype(np.int64),
+                "position_ids": np.sort(rng.integers(0, cap, (_rope_axes(m), t))).astype(np.int64),
                 "attention_mask": mask, "past_key": rng.standard_normal(kv).astype(f32),
                 "past_value": rng.standard_normal(kv).astype(f32),
                 "logit_rows": np.sort(rng.choice(t, 3, replace=False)).astype(np.int64)}
@@ -164,6 +172,11 @@ def _random_feeds(name: str, m: dict, rng: np.random.Generator, emb_std: float) 
             "cross_mask": rng.random((1, t, ccap + nf)) < 0.5,
             "prev_feat": rng.standard_normal((1, t, h)).astype(f32),
             "prev_taps": rng.standard_normal((1, t, _taps_width(m))).astype(f32)}
+
+
+def _rope_axes(m: dict) -> int:
+    """Rows of the target's position_ids: 3 for mRoPE (temporal, height, width), else 1."""
+    return 3 if m.get("decoder", {}).get("rope") == "mrope" else 1
 
 
 def image_layout(m: dict, vlm):
@@ -197,9 +210,9 @@ class _Realistic:
         # the processor's pixels, cut into the vision graph's views and its rows laid out as the runtime does
         layout = image_layout(m, mods.target.vlm)
         inputs = {k: v.float().numpy() if k == "pixel_values" else v.numpy() for k, v in enc.items()}
-        px = layout.views(inputs, 0)
-        self.cases["vision"]["realistic"] = {"pixel_values": px}
-        (views,) = mods.run("vision", {"pixel_values": px}, _arg_names("vision"))
+        feeds = layout.feeds(inputs, 0)
+        self.cases["vision"]["realistic"] = feeds
+        (views,) = mods.run("vision", feeds, _arg_names("vision"))
         img_emb = layout.pack(views, inputs, 0)
 
         # target prefill: the prompt's embeddings with the image features spliced in, the family's prefill mask
@@ -215,7 +228,10 @@ class _Realistic:
         kv = (d["layers"], 1, d["kv_heads"], cap, d["head_dim"])
         mask = np.zeros((1, p, cap + p), bool)
         mask[0, :, cap:] = prefill_mask(is_img, m.get("decoder", {}).get("image_blocks_bidirectional", False))
-        prefill = {"inputs_embeds": emb.astype(np.float32), "position_ids": np.arange(p)[None],
+        # 1-D positions for every axis of mRoPE too: graph against module, any positions will do (the
+        # runtime's 3-D ones are checked against the HF forward, `hf_parity`)
+        rope = _rope_axes(m)
+        prefill = {"inputs_embeds": emb.astype(np.float32), "position_ids": np.tile(np.arange(p), (rope, 1)),
                    "attention_mask": mask, "past_key": np.zeros(kv, np.float32),
                    "past_value": np.zeros(kv, np.float32), "logit_rows": np.array([p - 1])}
         self.cases["target"]["realistic-prefill"] = prefill
@@ -232,7 +248,8 @@ class _Realistic:
         tmask[0, :, :p] = True
         tmask[0, :, cap:] = anc
         self.cases["target"]["realistic-tree"] = {
-            "inputs_embeds": tree_emb, "position_ids": (p + depths(TREE_PARENTS))[None], "attention_mask": tmask,
+            "inputs_embeds": tree_emb, "position_ids": np.tile(p + depths(TREE_PARENTS), (rope, 1)),
+            "attention_mask": tmask,
             "past_key": past_k, "past_value": past_v, "logit_rows": np.arange(n_tree)}
 
         # draft context pass: the prompt's embeddings, the target's features; query i sees features < i

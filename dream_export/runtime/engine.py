@@ -142,10 +142,12 @@ class SpecEngine:
         """Embedding rows of token ids."""
         return self.draft.embed(ids)
 
-    def next_logits(self, embeds: np.ndarray) -> np.ndarray:
-        """The target's logits for the token after `embeds` [n,H], from a fresh prefill (diagnostics)."""
+    def next_logits(self, embeds: np.ndarray, positions: np.ndarray | None = None) -> np.ndarray:
+        """The target's logits for the token after `embeds` [n,H], from a fresh prefill (diagnostics);
+        `positions` as for `prefill` (default 0..n-1)."""
         n = embeds.shape[0]
-        return self.target.out(self.target.run(embeds, np.arange(n), causal(n), [n - 1], past=0), "row_logits")[0]
+        pos = self._rope(np.arange(n) if positions is None else positions)
+        return self.target.out(self.target.run(embeds, pos, causal(n), [n - 1], past=0), "row_logits")[0]
 
     def drafter(self, mode: str = "tree", spec: TreeSpec | None = None) -> Drafter:
         """The drafter for a mode: 'ar' (none), 'chain' (the chain graph when it drafts this depth, else one

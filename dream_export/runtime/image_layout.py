@@ -19,6 +19,12 @@ numpy, so the runtime needs no torch:
 - "rows" (Mistral3 / Pixtral): one view per image at its own size (the vision graph's grid is dynamic);
   one row per merged patch, the placeholder `[IMG]` per merged patch with `[IMG_BREAK]` after each row
   and `[IMG_END]` last.
+- "grid" (Qwen2.5-VL): one call per image over its flattened patches (`patches` vary with its size) plus
+  the grid's window order, rotary positions and attention masks (`runtime.vision_grid`); one row per
+  merged unit, the placeholder the image token repeated once per row (the template frames it with
+  `<|vision_start|>` / `<|vision_end|>`).
+
+`feeds` gives the vision graph's inputs for an image by spec name (`core.graph_spec.VISION`).
 """
 
 from __future__ import annotations
@@ -30,8 +36,9 @@ import numpy as np
 
 from dream_export.errors import IncompatibleArtifactError, UsageError
 from dream_export.runtime.preprocess import select_best_resolution
+from dream_export.runtime.vision_grid import vision_grid_inputs
 
-LAYOUTS = ("single", "anyres", "split", "rows")
+LAYOUTS = ("single", "anyres", "split", "rows", "grid")
 
 
 @dataclass
@@ -66,6 +73,12 @@ class ImageLayout:
 
     # ------------------------------------------------------------------------------------ per image
 
+    def images(self, inputs: dict | None) -> int:
+        """Images in a preprocessed batch (a "grid" batch concatenates their patches)."""
+        if inputs is None:
+            return 0
+        return len(inputs["image_grid_thw"] if self.kind == "grid" else inputs["pixel_values"])
+
     def views(self, inputs: dict, i: int) -> np.ndarray:
         """The vision graph's input for image `i` of a preprocessed batch: float32 [views, 3, h, w]."""
         px = inputs["pixel_values"]
@@ -76,7 +89,19 @@ class ImageLayout:
         if self.kind == "rows":  # the image without the batch's padding
             h, w = (int(x) for x in inputs["image_sizes"][i])
             return px[i:i + 1, :, :h, :w]
+        if self.kind == "grid":  # the image's patches among the batch's concatenated ones
+            sizes = np.prod(inputs["image_grid_thw"], -1)
+            return px[int(sizes[:i].sum()):int(sizes[:i + 1].sum())]
         return px[i, :self._grid(inputs["image_sizes"][i])[2] + 1]
+
+    def feeds(self, inputs: dict, i: int) -> dict[str, np.ndarray]:
+        """The vision graph's inputs for image `i`, by spec name: its views, and for "grid" the bookkeeping
+        of its patch grid."""
+        feeds = {"pixel_values": self.views(inputs, i)}
+        if self.kind == "grid":
+            feeds.update(vision_grid_inputs(inputs["image_grid_thw"][i:i + 1], self.params["merge"],
+                                            self.params["window"]))
+        return feeds
 
     def count(self, inputs: dict | None, i: int = 0) -> int:
         """Image tokens image `i` takes in the prompt (`inputs` None: only for layouts of fixed size)."""
@@ -89,6 +114,8 @@ class ImageLayout:
         if self.kind == "rows":
             rows, cols = self._merged_grid(inputs, i)
             return rows * cols
+        if self.kind == "grid":
+            return int(np.prod(inputs["image_grid_thw"][i])) // self.params["merge"] ** 2
         rows, cols = self._unpadded(inputs["image_sizes"][i])
         return self.rows_per_view + (rows[1] - rows[0]) * (cols[1] - cols[0] + 1)
 
@@ -100,7 +127,7 @@ class ImageLayout:
         """The placeholder text image `i` expands to (what the family's HF processor writes)."""
         if self.kind == "single":
             return self.params.get("before", "") + image_token * self.count(inputs, i) + self.params.get("after", "")
-        if self.kind == "anyres":
+        if self.kind in ("anyres", "grid"):
             return image_token * self.count(inputs, i)
         if inputs is None:
             raise UsageError("the number of image tokens depends on the image: pass the image")
@@ -127,9 +154,9 @@ class ImageLayout:
         nl = np.broadcast_to(self.newline.astype(feats.dtype), (fmap.shape[0], 1, hidden))
         return np.concatenate([feats[0], np.concatenate([fmap, nl], 1).reshape(-1, hidden)])
 
-    def encode(self, inputs: dict, n_images: int, run: Callable[[np.ndarray], np.ndarray]) -> list[np.ndarray]:
-        """Prompt rows of each image: `run` is the vision graph ([views,3,h,w] → [views, rows, H])."""
-        return [self.pack(run(self.views(inputs, i)), inputs, i) for i in range(n_images)]
+    def encode(self, inputs: dict, n_images: int, run: Callable[[dict[str, np.ndarray]], np.ndarray]) -> list[np.ndarray]:
+        """Prompt rows of each image: `run` is the vision graph (`feeds` by spec name → [views, rows, H])."""
+        return [self.pack(run(self.feeds(inputs, i)), inputs, i) for i in range(n_images)]
 
     def _merged_grid(self, inputs: dict, i: int) -> tuple[int, int]:
         """Pixtral: (rows, columns) of merged patches of image `i`."""

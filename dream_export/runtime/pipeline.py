@@ -32,6 +32,7 @@ from dream_export.runtime.bundle import Bundle
 from dream_export.runtime.chat import ChatTemplate, ContextLengthError, normalize
 from dream_export.runtime.drafting import Drafter
 from dream_export.runtime.engine import EngineStats, SpecEngine
+from dream_export.runtime.positions import mrope_positions
 from dream_export.runtime.subnet import apply_choice
 from dream_export.runtime.tree import TreeSpec
 
@@ -186,10 +187,10 @@ class Pipeline:
         # tokens in order, as the HF model splices several images.
         t0 = time.perf_counter()
         vb = self.bundle.graph("vision")["bindings"]
-        n_images = 0 if inputs is None else len(inputs["pixel_values"])
+        n_images = self.layout.images(inputs)
 
-        def run(px: np.ndarray) -> np.ndarray:
-            return self.backend.run("vision", {vb["pixel_values"]: px})[vb["image_embeds"]]
+        def run(feeds: dict[str, np.ndarray]) -> np.ndarray:
+            return self.backend.run("vision", {vb[k]: v for k, v in feeds.items()})[vb["image_embeds"]]
 
         feats = self.layout.encode(inputs, n_images, run) if n_images else []
         vision_s = time.perf_counter() - t0
@@ -201,6 +202,19 @@ class Pipeline:
         if feats:
             emb[mask] = np.concatenate(feats)
         return emb, mask, vision_s
+
+    def prompt_positions(self, image, prompt: str) -> np.ndarray | None:
+        """The rotary positions of `prompt_embeds`' rows (None: 0..n-1)."""
+        ids, inputs = self._encode(_turn(image, prompt))
+        return self.positions(ids == self.image_token_id, inputs)
+
+    def positions(self, image_mask: np.ndarray, inputs: dict | None) -> np.ndarray | None:
+        """The prompt's rotary positions when they are not 0..n-1: Qwen2.5-VL's mRoPE [3, n] over each
+        image's grid (`runtime.positions`); tokens after the prompt continue from its rope delta (the engine)."""
+        if not self.engine.mrope:
+            return None
+        grids = [] if inputs is None else inputs["image_grid_thw"].tolist()
+        return mrope_positions(image_mask, grids, self.bundle.manifest["decoder"]["spatial_merge_size"])[0]
 
     # ---- generation --------------------------------------------------------------------------
     def chat_stream(self, messages: Sequence[dict], max_new_tokens: int = 128, mode: str = "tree",
@@ -275,7 +289,7 @@ class Pipeline:
                 return self.tokenizer.decode([t for t in tokens if t not in self.eos_ids])
 
             rounds = self.engine.generate(emb, mask, max_new_tokens, mode, None, sampling, self.eos_ids, vtc_keep,
-                                          stats, drafter)
+                                          stats, drafter, self.positions(mask, inputs))
             try:
                 for rnd in rounds:
                     tokens += rnd.tokens
@@ -313,7 +327,7 @@ class Pipeline:
             decode_backend = sum(v for g, v in self.backend.seconds.items() if g != "vision") - secs["prefill"]
             n = len(tokens)
             return Result(text, tokens, finish, {
-                "prompt_tokens": len(ids), "images": 0 if inputs is None else len(inputs["pixel_values"]),
+                "prompt_tokens": len(ids), "images": self.layout.images(inputs),
                 "tau": stats.tau, "rounds": stats.rounds, "seconds": secs, "total_seconds": end - t0,
                 "decode_seconds": decode_s, "tokens": n, "tokens_per_s": n / max(end - t0, 1e-9),
                 "decode_tokens_per_s": max(n - 1, 0) / max(decode_s, 1e-9),

@@ -83,28 +83,56 @@ class RecordingBackend(Backend):
 
 def default_image(size: int = 96) -> np.ndarray:
     """A fixed RGB test image (seeded noise): the calls' shapes do not depend on its content."""
-    return np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return default_image_of(size, size)
 
 
-def capacity_prompts(pipe, lengths: Iterable[int] | None = None) -> list[str]:
+def default_image_of(width: int, height: int) -> np.ndarray:
+    """A fixed RGB test image of (width, height) pixels (seeded noise)."""
+    return np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def probe_image_sizes(manifest: dict) -> list[tuple[int, int]]:
+    """(width, height) of images whose vision calls span a dynamic vision graph's range (none for a static
+    one, whose calls all have one shape): a tiny image (enlarged or padded to the fewest views / patches),
+    a typical photo, the largest the preprocessing keeps (square, both elongations, and twice as large,
+    which it shrinks), and for tiled images one per grid pinpoint (each tile count)."""
+    from dream_export.targets.bundle_builds import TYPICAL_IMAGE
+
+    v, pre = manifest.get("vision") or {}, manifest.get("preprocess") or {}
+    size = pre.get("size") or {}
+    edge = {"anyres": lambda: max(max(int(h), int(w)) for h, w in v["pinpoints"]),
+            "split": lambda: int(size["longest_edge"]),
+            "rows": lambda: int(size.get("longest_edge") or max(size["height"], size["width"])),
+            "grid": lambda: int(size["longest_edge"] ** 0.5)}.get(v.get("layout"))
+    if edge is None:
+        return []
+    e = edge()
+    thin = max(8, e // 6)  # elongated, within Qwen2-VL's aspect-ratio limit of 200
+    sizes = [(12, 12), TYPICAL_IMAGE[::-1], (e, e), (e, thin), (thin, e), (2 * e, 2 * e)]
+    sizes += [(int(w), int(h)) for h, w in v.get("pinpoints", ())]
+    return list(dict.fromkeys(sizes))
+
+
+def capacity_prompts(pipe, lengths: Iterable[int] | None = None, image=None) -> list[str]:
     """Prompts whose templated token counts run from the shortest a request may have (one character: an
     empty prompt is refused) to the longest the KV capacity takes (`kv_capacity - 1`: one slot stays for
     the first answer token), through one that leaves just room for a round of the largest tree. Each is
-    the longest text of repeated words whose count does not pass the wanted length."""
+    the longest text of repeated words whose count does not pass the wanted length. Counts are taken with
+    `image` (needed where an image's token count depends on it)."""
     m = pipe.bundle.manifest
     cap, tree = m["kv_capacity"], m["max_tree"]
     shortest = "?"
-    base = len(pipe.prompt_ids(shortest))
+    base = len(pipe.prompt_ids(shortest, image))
     wanted = sorted(set(lengths or (base, (base + cap) // 2, cap - tree - 2, cap - 1)))
     prompts = []
     for n in wanted:
-        if n < base:
+        if n < base or n >= cap:  # shorter than the image's own tokens, or no room left to answer
             continue
         text, words = shortest, ("red", "circle", "a", "the", "square", "blue")
         i = 0
         while True:
             longer = (text + " " + words[i % len(words)]).strip()
-            if len(pipe.prompt_ids(longer)) > n:
+            if len(pipe.prompt_ids(longer, image)) > n:
                 break
             text, i = longer, i + 1
         prompts.append(text)
@@ -119,11 +147,15 @@ def record_calls(bundle_dir: str | Path, prompts: Iterable[str] | None = None,
                  requests: Iterable[dict] = DEFAULT_REQUESTS, image: np.ndarray | None = None,
                  max_new_tokens: int | None = None, graphs: Iterable[str] = TensorRTBackend.graphs,
                  keep: Callable[[GraphCall], bool] | None = None, precision: str = "fp32",
-                 recorder: list[RecordingBackend] | None = None) -> list[GraphCall]:
+                 recorder: list[RecordingBackend] | None = None, images: Iterable | None = None) -> list[GraphCall]:
     """Every graph call the runtime makes answering each prompt with each request on ONNX Runtime (CPU).
 
     prompts: texts (default `capacity_prompts`: shortest to capacity-filling). requests: `generate`
     options (default `DEFAULT_REQUESTS`; trees larger than the bundle's `max_tree` are cut to it).
+    image: the image of those requests (default `default_image`). images: more images (PIL or arrays),
+    each asked the shortest and the longest prompt that fits with it under the first request, for a few
+    tokens (the decoding calls do not depend on the image); default: for a dynamic vision graph, images of
+    `probe_image_sizes` (its fewest to most views / patches), for a static one none.
     max_new_tokens: default the KV capacity, so answers run to the capacity (EOS is ignored). graphs: those the
     runtime may use (default: the TensorRT backend's). keep: which calls keep copies of their inputs.
     recorder: a list that receives the `RecordingBackend` (its registered caches, for replaying bindings).
@@ -142,16 +174,26 @@ def record_calls(bundle_dir: str | Path, prompts: Iterable[str] | None = None,
     if recorder is not None:
         recorder.append(backend)
     image = default_image() if image is None else image
+    if images is None:
+        images = [default_image_of(w, h) for w, h in probe_image_sizes(bundle.manifest)]
     cap, max_tree = bundle.manifest["kv_capacity"], bundle.manifest["max_tree"]
-    for prompt in (capacity_prompts(pipe) if prompts is None else prompts):
-        n = len(pipe.prompt_ids(prompt))
+    requests = list(requests)
+
+    def ask(img, prompt, req, new_tokens):
+        req = dict(req)
+        if "tree" in req:
+            spec = TreeSpec.parse(req["tree"])
+            req["tree"] = f"{spec.k},{spec.depth},{min(spec.total, max_tree)}"
+        backend.request = _label(len(pipe.prompt_ids(prompt, img)), req)
+        pipe.generate(img, prompt, max_new_tokens=new_tokens, **req)
+
+    for prompt in (capacity_prompts(pipe, image=image) if prompts is None else prompts):
         for req in requests:
-            req = dict(req)
-            if "tree" in req:
-                spec = TreeSpec.parse(req["tree"])
-                req["tree"] = f"{spec.k},{spec.depth},{min(spec.total, max_tree)}"
-            backend.request = _label(n, req)
-            pipe.generate(image, prompt, max_new_tokens=max_new_tokens or cap, **req)
+            ask(image, prompt, req, max_new_tokens or cap)
+    for img in images:
+        short = capacity_prompts(pipe, image=img)
+        for prompt in dict.fromkeys(short[:1] + short[-1:]):
+            ask(img, prompt, requests[0] if requests else {}, min(max_new_tokens or cap, 8))
     return backend.calls_made
 
 
@@ -236,7 +278,7 @@ def save_verify_feeds(bundle_dir: str | Path, out_dir: str | Path, per_kind: int
     manifest = Bundle.open(bundle_dir).manifest
     picker = _FeedPicker(_ranges(graph_profiles(manifest)), per_kind)
     calls = record_calls(bundle_dir, prompts, [{"mode": "tree", "tree": "4,4,16"}, {"mode": "ar"}], max_new_tokens=16,
-                         keep=picker)
+                         keep=picker, images=[])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     saved: dict[str, Path] = {}
