@@ -130,7 +130,7 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
     from dream_export.draft.target import load_target
     from dream_export.draft.train import load_draft, load_draft_config
     from dream_export.export.graphs import DraftChainGraph, DraftGraph, TargetGraph, VisionGraph
-    from dream_export.export.weights import prepare_for_tracing, release
+    from dream_export.export.weights import prepare_decoder, release, to_fp32
     from dream_export.families import params_from_hf, require_exportable
     from dream_export.runtime.preprocess import ImagePreprocessor
 
@@ -150,8 +150,9 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
     # refuse before tracing anything: what the graphs or the runtime would not reproduce
     require_exportable(target.vlm, proc.image_processor)
     dec = target.side.decoder
-    # the graphs are traced in fp32 whatever the load dtype (fp16 variants are converted from them)
-    prepare_for_tracing(model, dec)
+    # the graphs are traced in fp32 whatever the load dtype (fp16 variants are converted from them); the
+    # decoder layers turn fp32 once the vision tower is written and freed (export.weights)
+    to_fp32(model, skip=[dec.lm.layers])
     cfg = model.config
     text = cfg.get_text_config()
     hidden, n_layers, kvh, hd = text.hidden_size, dec.n_layers, dec.n_kv, dec.head_dim
@@ -208,6 +209,7 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
                     kind, {"pixel_values": {0: "views"}, "image_embeds": {0: "views"}})
         _export(vg, (px,), onnx_dir / "vision.onnx", SPECS["vision"], axes=axes)
         release([model], keep=[dec.lm, model.lm_head])  # the vision tower: written
+        prepare_decoder(dec)
         manifest["tokens"]["image_tokens_per_image"] = int(n_img) if layout["layout"] == "single" else None
         manifest["vision"] = layout
         # target
