@@ -15,6 +15,7 @@ import click
 
 from dream_export import __version__
 from dream_export.errors import DreamExportError, MissingBackendError, UsageError, from_os_error
+from dream_export.export.bundle import LOAD_DTYPES
 from dream_export.export.sources import source_configs
 from dream_export.options import tree_option, vtc_score_option
 from dream_export.runtime.tree import TreeSpec
@@ -276,8 +277,8 @@ def eval_draft_cmd(target_dir: Path, drafts: tuple, data_path: Path, tree: TreeS
                    "(4: depth 5, whose 6-row verify is the fastest on CPUs).")
 @click.option("--min-trt", default="8.5", show_default=True, help="Oldest TensorRT the graphs must parse in.")
 @click.option("--skip-check", is_flag=True, help="Do not run parity and the TensorRT lint after exporting.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "float16", "bfloat16"]), default="auto",
-              show_default=True, help="Dtype the target's weights load in (auto: the checkpoint's own).")
+@click.option("--dtype", type=click.Choice(LOAD_DTYPES), default="auto", show_default=True,
+              help="Dtype the target's weights load in (auto: the checkpoint's own); the graphs are fp32 either way.")
 @subnet_option
 def export_cmd(target_dir: Path, draft_dir: Path, out: Path, kv_capacity: int, max_tree: int, taps: str,
                no_attn_scores: bool, precision: str, chain_steps: int, min_trt: str, skip_check: bool,

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from dream_export.draft.reference import TargetSide
+from dream_export.errors import UsageError
+from dream_export.export.bundle import LOAD_DTYPES
 from dream_export.families import VLM, load_processor, load_vlm, require_exportable
 
 
@@ -57,6 +59,8 @@ def load_target(path: str | Path, taps: tuple[int, ...] = (), dtype: Any = "floa
 
     path = Path(path)
     if isinstance(dtype, str) and dtype != "auto":
+        if dtype not in LOAD_DTYPES:
+            raise UsageError(f"cannot load weights as {dtype!r}: choose one of {', '.join(LOAD_DTYPES)}")
         dtype = getattr(torch, dtype)
     vlm = load_vlm(path, dtype=dtype)
     # the draft's features and the exported graphs come from TargetDecoder: refuse what it gets wrong

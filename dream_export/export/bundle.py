@@ -25,6 +25,8 @@ from dream_export.io import atomic_dir, file_digest
 FORMAT_VERSION = 2
 # Opset 16: LayerNormalization (opset 17) has no importer in TensorRT 8.5, so it is exported as basic ops.
 OPSET = 16
+# what the target's weights may load as: "auto" keeps the checkpoint's own dtype (its config's `dtype`)
+LOAD_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -129,6 +131,7 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
     from dream_export.draft.target import load_target
     from dream_export.draft.train import load_draft, load_draft_config
     from dream_export.export.graphs import DraftChainGraph, DraftGraph, TargetGraph, VisionGraph
+    from dream_export.export.weights import prepare_decoder, release, to_fp32
     from dream_export.families import params_from_hf, require_exportable
     from dream_export.runtime.preprocess import ImagePreprocessor
 
@@ -147,9 +150,10 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
     model, proc = target.model, target.processor
     # refuse before tracing anything: what the graphs or the runtime would not reproduce
     require_exportable(target.vlm, proc.image_processor)
-    # the graphs are traced in fp32 whatever the load dtype (fp16 variants are converted from them)
-    model.float()
     dec = target.side.decoder
+    # the graphs are traced in fp32 whatever the load dtype (fp16 variants are converted from them); the
+    # decoder layers turn fp32 once the vision tower is written and freed (export.weights)
+    to_fp32(model, skip=[dec.lm.layers])
     cfg = model.config
     text = cfg.get_text_config()
     hidden, n_layers, kvh, hd = text.hidden_size, dec.n_layers, dec.n_kv, dec.head_dim
@@ -212,6 +216,8 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
                 "grid": {"pixel_values": {0: "patches"}, "image_embeds": {1: "units"}}}.get(
                     kind, {"pixel_values": {0: "views"}, "image_embeds": {0: "views"}})
         _export(vg, v_args, onnx_dir / "vision.onnx", SPECS["vision"], axes=axes)
+        release([model], keep=[dec.lm, model.lm_head])  # the vision tower: written
+        prepare_decoder(dec)
         manifest["tokens"]["image_tokens_per_image"] = int(n_img) if layout["layout"] == "single" else None
         manifest["vision"] = layout
         # target
@@ -225,6 +231,8 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
         scores = ["attn_importance", "attn_importance_max"] if opts.attn_scores else []
         t_out = SPECS["target"].output_names(present=scores + (["taps"] if taps else []))
         _export(tg, t_args, onnx_dir / "target.onnx", SPECS["target"], t_out)
+        if dcfg.arch != "self-spec":  # a self-spec draft runs the target's first layers
+            release([dec.lm], keep=[target.side.embed_tokens, model.lm_head, dec.lm.norm])
         # draft
         dkv, ddim = dcfg.num_kv_heads, dcfg.head_dim
         f = 2

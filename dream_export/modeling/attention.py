@@ -54,6 +54,42 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], -1)
 
 
+def joined_qkv(projs: tuple[nn.Linear, nn.Linear, nn.Linear], q_scale: float = 1.0,
+               qk_norms: tuple[nn.Module, nn.Module] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The joined Q/K/V weight and bias of `fused_qkv` (Q's rows times the scale unless Q is normed): the
+    ones `join_qkv` stored on the Q projection, else built from the three."""
+    joined = getattr(projs[0], "joined_qkv", None)
+    if joined is not None:
+        return joined.weight, joined.bias
+    fold = q_scale if qk_norms is None else 1.0
+    w = torch.cat([projs[0].weight * fold, projs[1].weight, projs[2].weight])
+    bias = (torch.cat([projs[0].bias * fold, projs[1].bias, projs[2].bias])
+            if projs[0].bias is not None else None)
+    return w, bias
+
+
+def join_qkv(projs: tuple[nn.Linear, nn.Linear, nn.Linear], q_scale: float = 1.0,
+             qk_norms: tuple[nn.Module, nn.Module] | None = None) -> None:
+    """Join the Q/K/V weights once, in place, for exporting: the joined tensor becomes the Q projection's
+    `joined_qkv` (which `fused_qkv` then uses) and the three separate weights are freed.
+
+    Joined at trace time instead, the exporter's constant folding would hold the joined copy beside the
+    three originals until the graph is written: about a third more memory on a Llama decoder. The
+    values are the same either way (the same fp32 multiply and concatenation), so is the graph.
+    After this the projections no longer run on their own: only `fused_qkv` computes them.
+    """
+    with torch.no_grad():
+        w, bias = joined_qkv(projs, q_scale, qk_norms)
+        joined = nn.Module()
+        joined.weight = nn.Parameter(w, requires_grad=False)
+        joined.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        for p in projs:
+            p.weight = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
+            if p.bias is not None:
+                p.bias = nn.Parameter(torch.empty(0, dtype=w.dtype), requires_grad=False)
+        projs[0].joined_qkv = joined
+
+
 def fused_qkv(projs: tuple[nn.Linear, nn.Linear, nn.Linear], h: torch.Tensor, heads: int, kv_heads: int,
               head_dim: int, cos: torch.Tensor, sin: torch.Tensor, q_scale: float = 1.0, single: bool = False,
               qk_norms: tuple[nn.Module, nn.Module] | None = None):
@@ -65,10 +101,7 @@ def fused_qkv(projs: tuple[nn.Linear, nn.Linear, nn.Linear], h: torch.Tensor, he
     `qk_norms` (Gemma3): per-head norms of Q and K before RoPE; a norm undoes any scale folded into the
     weights, so Q is scaled after RoPE instead.
     """
-    fold = q_scale if qk_norms is None else 1.0
-    w = torch.cat([projs[0].weight * fold, projs[1].weight, projs[2].weight])
-    bias = (torch.cat([projs[0].bias * fold, projs[1].bias, projs[2].bias])
-            if projs[0].bias is not None else None)
+    w, bias = joined_qkv(projs, q_scale, qk_norms)
     y = split_heads(nn.functional.linear(h, w, bias), heads + 2 * kv_heads, head_dim, single)
     qk, v = y.split([heads + kv_heads, kv_heads], 1)
     if qk_norms is not None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dream_export.modeling.attention import fused_qkv, group_mask, merge_heads, segmented_attention
+from dream_export.modeling.attention import fused_qkv, group_mask, join_qkv, merge_heads, segmented_attention
 
 
 @dataclass(frozen=True)
@@ -134,9 +134,8 @@ class TargetDecoder(nn.Module):
         weights are byte-identical to the target graph's."""
         lay, layer = self.layout, self.lm.layers[i]
         at = layer.self_attn
-        norms = (at.q_norm, at.k_norm) if lay.qk_norm else None
         q, k, v = fused_qkv((at.q_proj, at.k_proj, at.v_proj), layer.input_layernorm(x), self.n_heads, self.n_kv,
-                            self.head_dim, *rot, q_scale=self.scale, qk_norms=norms)
+                            self.head_dim, *rot, q_scale=self.scale, qk_norms=self._qk_norms(at))
         segments = [(k, v)] if cache is None else [cache, (k, v)]
         sizes = None if cache is None else [cache[0].shape[2] if used is None else used]
         o, probs = segmented_attention(q, segments, hidden, self.n_kv, return_probs=True, sizes=sizes)
@@ -148,6 +147,16 @@ class TargetDecoder(nn.Module):
             x = x + a
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return x, (k, v), probs
+
+    def _qk_norms(self, attn: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+        return (attn.q_norm, attn.k_norm) if self.layout.qk_norm else None
+
+    def join_qkv(self) -> None:
+        """Join every layer's Q/K/V weights once (`attention.join_qkv`), for exporting: the exporter then
+        holds no second copy of them. The HF attention modules no longer run on their own afterwards."""
+        for layer in self.lm.layers:
+            at = layer.self_attn
+            join_qkv((at.q_proj, at.k_proj, at.v_proj), self.scale, self._qk_norms(at))
 
     def empty_cache(self, batch: int = 1, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Zero-length past K/V for a first (prefill) call."""
