@@ -65,11 +65,11 @@ def subnet_draft_dir(out: Path, draft_dir: Path, subnet: str | None) -> Path:
 
 def _table(title: str, rows: list[dict], chosen: dict, full: dict) -> None:
     click.echo(title)
-    click.echo(f"  {'configuration':<20}{'prompts':>8}{'tau':>7}{'ms/round':>10}{'AR steps':>9}{'tok/s':>10}"
+    click.echo(f"  {'configuration':<32}{'prompts':>8}{'tau':>7}{'ms/round':>10}{'AR steps':>9}{'tok/s':>10}"
                f"{'speedup':>9}")
     for r in rows:
         mark = " <- chosen" if r["config"] == chosen["config"] else (" (full)" if r["config"] == full["config"] else "")
-        click.echo(f"  {r['label']:<20}{r['prompts']:>8}{r['tau']:>7.2f}{r['round_seconds'] * 1e3:>10.3f}"
+        click.echo(f"  {r['label']:<32}{r['prompts']:>8}{r['tau']:>7.2f}{r['round_seconds'] * 1e3:>10.3f}"
                    f"{r['round_cost']:>9.3f}{r['tokens_per_s']:>10.1f}{r['speedup']:>8.2f}x{mark}")
 
 
@@ -94,10 +94,14 @@ def _table(title: str, rows: list[dict], chosen: dict, full: dict) -> None:
 @click.option("--cost-as", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="A VLM config.json: cost the measured answers as if the pair had that model's size (a "
                    "forecast for the deployment the bundle stands in for; GPU targets).")
+@click.option("--shapes", default=None, metavar="'K,D,T K,D,T ...'",
+              help="Drafting shapes to search (chains: K=1), space-separated [chains of depth 3-7 and EAGLE-2 trees "
+                   "of 32-192 nodes, those within the bundle's max_tree]; the bundle's chain is always one. "
+                   "'none': only the bundle's chain.")
 @click.option("--dry-run", is_flag=True, help="Do not write the choice into the bundle.")
 def search_cmd(bundle: Path, target_name: str, data_path: Path, json_out: Path | None, plot_out: Path | None,
                seed: int, budget_s: float, first_rung: int, max_prompts: int, max_new_tokens: int, threads: str,
-               precision: str | None, cost_as: Path | None, dry_run: bool) -> None:
+               precision: str | None, cost_as: Path | None, shapes: str | None, dry_run: bool) -> None:
     """Measure a supernet bundle's sub-networks on the prompts, print the Pareto front, and write the
     configuration with the most expected tokens/s on TARGET into the bundle (the runtime then uses it)."""
     from dream_export.core.prompts import read_prompts
@@ -107,12 +111,14 @@ def search_cmd(bundle: Path, target_name: str, data_path: Path, json_out: Path |
     res = search(bundle, target_name, read_prompts(data_path), seed=seed, budget_s=budget_s, first_rung=first_rung,
                  max_prompts=max_prompts, max_new_tokens=max_new_tokens,
                  threads=int(threads) if threads.isdigit() else threads, precision=precision,
-                 cost_as=json.loads(cost_as.read_text()) if cost_as else None, log=click.echo)
+                 cost_as=json.loads(cost_as.read_text()) if cost_as else None,
+                 shapes=None if shapes is None else [] if shapes.strip() == "none" else shapes.split(), log=click.echo)
     c, f = res["chosen"], res["full"]
     _table(f"Pareto front on {res['target']} ({res['cost']}; τ up, a round's time in AR steps down):", res["front"],
            c, f)
-    _table(f"last rung ({c['prompts']} prompts each):", res["finalists"], c, f)
-    click.echo(f"chosen {c['label']}: {c['speedup']:.2f}x, {c['tokens_per_s']:.1f} tok/s; full draft "
+    _table(f"last rung ({res['finalists'][0]['prompts']} prompts each):", res["finalists"], c, f)
+    _table(f"chosen against the full draft ({c['prompts']} prompts each, measured together):", [c, f], c, f)
+    click.echo(f"chosen {c['label']} (export --subnet {c['subnet']}): {c['speedup']:.2f}x, {c['tokens_per_s']:.1f} tok/s; full draft "
                f"{f['speedup']:.2f}x, {f['tokens_per_s']:.1f} tok/s (same prompts, same run); "
                f"outputs {'lossless' if res['lossless'] else 'NOT lossless'}; {res['wall_seconds']:.0f}s")
     for call, b in res.get("bounds", {}).items():
