@@ -50,10 +50,11 @@ def train_supernet_cmd(target, feat_dir: Path, cfg, tcfg, init: Path | None, sup
 def subnet_option(f):
     """`export`'s choice of a supernet's sub-network."""
     return click.option(
-        "--subnet", default=None, metavar="heads=N,vtc_keep=R,layer=L",
+        "--subnet", default=None, metavar="heads=N,vtc_keep=R,layer=L[,tree=K,D,T]",
         help="With a supernet draft: export only this sub-network (its last block's heads physically pruned; "
-             "heads may be a keep ratio such as 0.5; omitted knobs stay full). Without it, a supernet exports "
-             "every head variant for `dream-export search`.")(f)
+             "heads may be a keep ratio such as 0.5; omitted knobs stay full; tree: the drafting shape run, "
+             "bench and serve then use by default, K=1 a chain). Without it, a supernet exports every head "
+             "variant for `dream-export search` (which prints the --subnet text of its choice).")(f)
 
 
 def subnet_draft_dir(out: Path, draft_dir: Path, subnet: str | None) -> Path:
@@ -97,7 +98,7 @@ def _table(title: str, rows: list[dict], chosen: dict, full: dict) -> None:
               help="A VLM config.json: cost the measured answers as if the pair had that model's size (a "
                    "forecast for the deployment the bundle stands in for; GPU targets).")
 @click.option("--shapes", default=None, metavar="'K,D,T K,D,T ...'",
-              help="Drafting shapes to search (chains: K=1), space-separated [chains of depth 3-7 and EAGLE-2 trees "
+              help="Drafting shapes to search (chains: K=1), space-separated [chains of depth 3-16 and EAGLE-2 trees "
                    "of 32-192 nodes, those within the bundle's max_tree]; the bundle's chain is always one. "
                    "'none': only the bundle's chain.")
 @click.option("--dry-run", is_flag=True, help="Do not write the choice into the bundle.")

@@ -74,9 +74,11 @@ class Score:
                 "round_seconds": round_s, "round_cost": round_s / max(ar_step, 1e-12)}
 
 
-# Drafting shapes the search tries by default (those that fit the bundle's max_tree): chains around the
-# depth whose verify is cheapest on CPUs, and EAGLE-2 trees up to verify budgets past a small GPU's ridge.
-SEARCH_SHAPES = ("1,3,4", "1,4,5", "1,5,6", "1,6,7", "1,7,8", "4,6,32", "8,8,64", "8,10,128", "10,10,192")
+# Drafting shapes the search tries by default (those that fit the bundle's max_tree): chains of depth 3-16
+# (CPUs pay per verified node), EAGLE-2 trees of 64 nodes at depths 8-16, and wider verify budgets up to
+# 192 nodes, past a small GPU's ridge (Orin Nano: ~150 tokens at 1 byte a weight; H100: ~295).
+SEARCH_SHAPES = ("1,3,4", "1,4,5", "1,5,6", "1,6,7", "1,7,8", "1,8,9", "1,10,11", "1,12,13", "1,16,17",
+                 "4,6,32", "8,8,64", "8,12,64", "8,16,64", "8,10,128", "10,10,192")
 
 
 def candidates(manifest: dict, tree: str | None = None) -> list[SubNet]:
