@@ -142,7 +142,8 @@ def _report(res: dict) -> None:
     _table(f"Pareto front on {res['target']} ({res['cost']}; τ up, a round's time in AR steps down):", res["front"],
            c, f)
     _table(f"last rung ({res['finalists'][0]['prompts']} prompts each):", res["finalists"], c, f)
-    _table(f"chosen against the full draft ({c['prompts']} prompts each, measured together):", [c, f], c, f)
+    _table(f"the last rung's best against the full draft ({c['prompts']} prompts each, measured together):",
+           res["head_to_head"], c, f)
     click.echo(f"chosen {c['label']} (export --subnet {c['subnet']}): {c['speedup']:.2f}x, {c['tokens_per_s']:.1f} "
                f"tok/s; full draft {f['speedup']:.2f}x, {f['tokens_per_s']:.1f} tok/s (same prompts, same run); "
                f"outputs {'lossless' if res['lossless'] else 'NOT lossless'}; {res['wall_seconds']:.0f}s")

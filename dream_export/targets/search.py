@@ -393,7 +393,7 @@ def search(bundle_dir: str | Path, target_name: str, rows: list[dict], seed: int
     full_row = next(r for r in head_to_head if SubNet(**r["config"]) == full)
     result = {
         "target": target.name, "cost": cost.name, "seed": seed, "budget_s": budget_s, "shapes": shape_list,
-        "chosen": chosen, "full": full_row, "finalists": finalists,
+        "chosen": chosen, "full": full_row, "finalists": finalists, "head_to_head": head_to_head,
         "front": pareto_front(rows_all), "all": sorted(rows_all, key=lambda r: -r["tokens_per_s"]),
         "rungs": rungs, "prompts": [rows[p].get("prompt") for p in order[:done]], "lossless": lossless,
         "ar_tokens_per_s": sum(final_ar[p].tokens for p in order[:done]) / sum(final_ar[p].seconds
