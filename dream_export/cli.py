@@ -365,8 +365,11 @@ def _sampling_options(f):
     for opt in reversed([
         click.option("--backend", default="onnxruntime", show_default=True,
                      type=click.Choice(["onnxruntime", "onnxruntime-cuda", "tensorrt"])),
-        click.option("--mode", type=click.Choice(["tree", "chain", "ar"]), default="tree", show_default=True),
-        tree_option("--tree", "tree_spec"),
+        click.option("--mode", type=click.Choice(["tree", "chain", "ar"]), default=None,
+                     help="Drafting mode [the shape `dream-export search` chose for the bundle, else tree]."),
+        tree_option("--tree", "tree_spec", default=None,
+                    help="K,DEPTH,TOTAL of the speculation tree [the searched shape, else 4,6,32; chains: the "
+                         "bundle's chain depth]."),
         click.option("--max-new-tokens", default=128, show_default=True),
         click.option("--vtc-keep", type=float, default=None, help="Visual-token keep ratio for the draft."),
         vtc_score_option,

@@ -32,10 +32,12 @@ class TreeSpecType(click.ParamType):
 TREE_SPEC = TreeSpecType()
 
 
-def tree_option(*decls: str, help: str = "K,DEPTH,TOTAL of the speculation tree.", **kwargs):
-    """A `--tree`-style option that hands the command a `TreeSpec` (default: `DEFAULT_TREE`)."""
-    return click.option(*(decls or ("--tree",)), type=TREE_SPEC, default=DEFAULT_TREE,
-                        show_default=tree_text(DEFAULT_TREE), help=help, **kwargs)
+def tree_option(*decls: str, help: str = "K,DEPTH,TOTAL of the speculation tree.", default: TreeSpec | None = DEFAULT_TREE,
+                **kwargs):
+    """A `--tree`-style option that hands the command a `TreeSpec` (default: `DEFAULT_TREE`; None: the
+    command resolves it, e.g. from a searched bundle's chosen shape)."""
+    return click.option(*(decls or ("--tree",)), type=TREE_SPEC, default=default,
+                        show_default=tree_text(default) if default else False, help=help, **kwargs)
 
 
 def vtc_score_option(f):

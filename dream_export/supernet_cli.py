@@ -50,10 +50,11 @@ def train_supernet_cmd(target, feat_dir: Path, cfg, tcfg, init: Path | None, sup
 def subnet_option(f):
     """`export`'s choice of a supernet's sub-network."""
     return click.option(
-        "--subnet", default=None, metavar="heads=N,vtc_keep=R,layer=L",
+        "--subnet", default=None, metavar="heads=N,vtc_keep=R,layer=L[,tree=K,D,T]",
         help="With a supernet draft: export only this sub-network (its last block's heads physically pruned; "
-             "heads may be a keep ratio such as 0.5; omitted knobs stay full). Without it, a supernet exports "
-             "every head variant for `dream-export search`.")(f)
+             "heads may be a keep ratio such as 0.5; omitted knobs stay full; tree: the drafting shape run, "
+             "bench and serve then use by default, K=1 a chain). Without it, a supernet exports every head "
+             "variant for `dream-export search` (which prints the --subnet text of its choice).")(f)
 
 
 def subnet_draft_dir(out: Path, draft_dir: Path, subnet: str | None) -> Path:
@@ -65,19 +66,21 @@ def subnet_draft_dir(out: Path, draft_dir: Path, subnet: str | None) -> Path:
 
 def _table(title: str, rows: list[dict], chosen: dict, full: dict) -> None:
     click.echo(title)
-    click.echo(f"  {'configuration':<20}{'prompts':>8}{'tau':>7}{'ms/round':>10}{'AR steps':>9}{'tok/s':>10}"
+    click.echo(f"  {'configuration':<32}{'prompts':>8}{'tau':>7}{'ms/round':>10}{'AR steps':>9}{'tok/s':>10}"
                f"{'speedup':>9}")
     for r in rows:
         mark = " <- chosen" if r["config"] == chosen["config"] else (" (full)" if r["config"] == full["config"] else "")
-        click.echo(f"  {r['label']:<20}{r['prompts']:>8}{r['tau']:>7.2f}{r['round_seconds'] * 1e3:>10.3f}"
+        click.echo(f"  {r['label']:<32}{r['prompts']:>8}{r['tau']:>7.2f}{r['round_seconds'] * 1e3:>10.3f}"
                    f"{r['round_cost']:>9.3f}{r['tokens_per_s']:>10.1f}{r['speedup']:>8.2f}x{mark}")
 
 
 @click.command("search")
 @click.argument("bundle", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--target", "target_name", required=True,
+@click.option("--target", "target_names", required=True, multiple=True,
               help="Hardware target (`dream-export targets`): cpu measures this machine with ONNX Runtime, any "
-                   "other is costed by its roofline latency model.")
+                   "other is costed by its roofline latency model. Repeatable: modelled targets share the "
+                   "runtime's answers; --json/--plot then get the target's name appended, and no choice is "
+                   "written.")
 @click.option("--data", "data_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help='JSONL of {"image": path, "prompt": text}: the prompts every candidate answers.')
 @click.option("--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None)
@@ -94,37 +97,55 @@ def _table(title: str, rows: list[dict], chosen: dict, full: dict) -> None:
 @click.option("--cost-as", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="A VLM config.json: cost the measured answers as if the pair had that model's size (a "
                    "forecast for the deployment the bundle stands in for; GPU targets).")
+@click.option("--shapes", default=None, metavar="'K,D,T K,D,T ...'",
+              help="Drafting shapes to search (chains: K=1), space-separated [chains of depth 3-16 and EAGLE-2 trees "
+                   "of 32-192 nodes, those within the bundle's max_tree]; the bundle's chain is always one. "
+                   "'none': only the bundle's chain.")
 @click.option("--dry-run", is_flag=True, help="Do not write the choice into the bundle.")
-def search_cmd(bundle: Path, target_name: str, data_path: Path, json_out: Path | None, plot_out: Path | None,
+def search_cmd(bundle: Path, target_names: tuple[str, ...], data_path: Path, json_out: Path | None, plot_out: Path | None,
                seed: int, budget_s: float, first_rung: int, max_prompts: int, max_new_tokens: int, threads: str,
-               precision: str | None, cost_as: Path | None, dry_run: bool) -> None:
+               precision: str | None, cost_as: Path | None, shapes: str | None, dry_run: bool) -> None:
     """Measure a supernet bundle's sub-networks on the prompts, print the Pareto front, and write the
     configuration with the most expected tokens/s on TARGET into the bundle (the runtime then uses it)."""
     from dream_export.core.prompts import read_prompts
     from dream_export.io import atomic_write_text
     from dream_export.targets.search import search, write_choice
 
-    res = search(bundle, target_name, read_prompts(data_path), seed=seed, budget_s=budget_s, first_rung=first_rung,
-                 max_prompts=max_prompts, max_new_tokens=max_new_tokens,
-                 threads=int(threads) if threads.isdigit() else threads, precision=precision,
-                 cost_as=json.loads(cost_as.read_text()) if cost_as else None, log=click.echo)
+    rows, runs = read_prompts(data_path), {}
+    for target_name in target_names:
+        res = search(bundle, target_name, rows, seed=seed, budget_s=budget_s, first_rung=first_rung,
+                     max_prompts=max_prompts, max_new_tokens=max_new_tokens,
+                     threads=int(threads) if threads.isdigit() else threads, precision=precision,
+                     cost_as=json.loads(cost_as.read_text()) if cost_as else None,
+                     shapes=None if shapes is None else [] if shapes.strip() == "none" else shapes.split(),
+                     runs=runs, log=click.echo)
+        _report(res)
+        if len(target_names) > 1:
+            click.echo(f"{len(target_names)} targets: the choice is not written (search one target to write it)")
+        elif not dry_run:
+            write_choice(bundle, res)
+            click.echo(f"wrote the choice into {bundle / 'manifest.json'}")
+
+        def named(path: Path) -> Path:
+            return path if len(target_names) == 1 else path.with_name(f"{path.stem}-{target_name}{path.suffix}")
+
+        if json_out:
+            atomic_write_text(named(json_out), json.dumps(res, indent=2))
+        if plot_out:
+            from dream_export.plots import search_plot
+
+            search_plot(res, named(plot_out))
+
+
+def _report(res: dict) -> None:
     c, f = res["chosen"], res["full"]
     _table(f"Pareto front on {res['target']} ({res['cost']}; τ up, a round's time in AR steps down):", res["front"],
            c, f)
-    _table(f"last rung ({c['prompts']} prompts each):", res["finalists"], c, f)
-    click.echo(f"chosen {c['label']}: {c['speedup']:.2f}x, {c['tokens_per_s']:.1f} tok/s; full draft "
-               f"{f['speedup']:.2f}x, {f['tokens_per_s']:.1f} tok/s (same prompts, same run); "
+    _table(f"last rung ({res['finalists'][0]['prompts']} prompts each):", res["finalists"], c, f)
+    _table(f"the last rung's best against the full draft ({c['prompts']} prompts each, measured together):",
+           res["head_to_head"], c, f)
+    click.echo(f"chosen {c['label']} (export --subnet {c['subnet']}): {c['speedup']:.2f}x, {c['tokens_per_s']:.1f} "
+               f"tok/s; full draft {f['speedup']:.2f}x, {f['tokens_per_s']:.1f} tok/s (same prompts, same run); "
                f"outputs {'lossless' if res['lossless'] else 'NOT lossless'}; {res['wall_seconds']:.0f}s")
     for call, b in res.get("bounds", {}).items():
         click.echo(f"  {call:<30} {b['seconds'] * 1e6:10.1f} us  {b['bound']}-bound")
-    if not dry_run:
-        write_choice(bundle, res)
-        click.echo(f"wrote the choice into {bundle / 'manifest.json'}")
-    if json_out:
-        atomic_write_text(json_out, json.dumps(res, indent=2))
-    if plot_out:
-        from dream_export.plots import search_plot
-
-        search_plot(res, plot_out)
-
-

@@ -20,6 +20,7 @@ from dream_export.draft.supernet import (
     prune,
 )
 from dream_export.runtime.subnet import SubNet
+from dream_export.runtime.tree import TreeSpec
 from tests.conftest import DEMO
 
 # a ranking that is not the identity: pruning must map each kept query head to its own KV head
@@ -112,21 +113,36 @@ def test_subnet_export_is_lossless(tmp_path, supernet_dir):
     out = tmp_path / "subnet"
     res = CliRunner().invoke(cli, ["export", str(DEMO / "vlm"), "--draft", str(supernet_dir), "-o", str(out),
                                    "--kv-capacity", "128", "--max-tree", "16", "--chain-steps", "2",
-                                   "--subnet", "heads=0.75,vtc_keep=0.5,layer=22"])
+                                   "--subnet", "heads=0.75,vtc_keep=0.5,layer=22,tree=2,4,8"])
     assert res.exit_code == 0, res.output
     assert "parity draft  fp32" in res.output and "FAILED" not in res.output
     man = json.loads((out / "manifest.json").read_text())
-    assert man["supernet"]["chosen"] == {"heads": 3, "vtc_keep": 0.5, "layer": 22}
+    assert man["supernet"]["chosen"] == {"heads": 3, "vtc_keep": 0.5, "layer": 22, "tree": "2,4,8"}
     assert man["supernet"]["taps"] == [22] and man["supernet"]["variants"] == {}
     pipe = Pipeline.load(out, threads=1)
     assert pipe.engine.vtc_keep == 0.5 and pipe.engine.target.feature_columns is not None
+    # the chosen drafting shape is what a request without mode/tree drafts; naming one still wins
+    assert pipe.engine.default_drafting() == ("tree", TreeSpec(2, 4, 8))
+    assert pipe.engine.default_drafting("chain") == ("chain", TreeSpec.chain(3))
+    assert pipe.engine.default_drafting("tree", TreeSpec(4, 3, 12)) == ("tree", TreeSpec(4, 3, 12))
     for sc, s in scenes.heldout(2):
         img = scenes.render(sc)
         ar = pipe.generate(img, s.prompt, mode="ar", max_new_tokens=24)
-        for mode in ("chain", "tree"):
-            sp = pipe.generate(img, s.prompt, mode=mode, tree=TreeSpec(2, 4, 8), max_new_tokens=24)
+        for mode in ("chain", "tree", None):
+            sp = pipe.generate(img, s.prompt, mode=mode, tree=None if mode is None else TreeSpec(2, 4, 8),
+                               max_new_tokens=24)
             assert sp.tokens == ar.tokens, mode
             assert sp.stats["tau"] > 1.0
+            assert sp.stats["mode"] == (mode or "tree")
+            if mode is None:  # the chosen 2,4,8 tree: never more than depth + 1 tokens a round
+                assert max(sp.stats["rounds"]) <= 5
+
+
+def _spec_of(bundle) -> SupernetSpec:
+    """The supernet spec a bundle's manifest records (what `export --subnet` parses against)."""
+    sn = json.loads((bundle / "manifest.json").read_text())["supernet"]
+    return SupernetSpec(sn["num_heads"], sn["num_heads"], sn["head_order"], [0.0] * sn["num_heads"],
+                        sn["head_choices"], sn["vtc_keeps"], sn["layers"])
 
 
 def _prompts(tmp_path, n=2):
@@ -157,9 +173,13 @@ def test_search_writes_a_choice_the_runtime_uses(tmp_path, supernet_bundle):
     assert res.exit_code == 0, res.output
     assert "Pareto front" in res.output
     rep = json.loads(out.read_text())
-    assert set(rep["chosen"]["config"]) == {"heads", "vtc_keep", "layer"}
+    assert set(rep["chosen"]["config"]) == {"heads", "vtc_keep", "layer", "tree"}
     assert isinstance(rep["chosen"]["speedup"], float) and isinstance(rep["full"]["speedup"], float)
-    assert rep["full"]["config"] == {"heads": 4, "vtc_keep": 1.0, "layer": 24}
+    # the full draft at the bundle's chain (chain_steps 2: depth 3); shapes beyond max_tree 16 left out
+    assert rep["full"]["config"] == {"heads": 4, "vtc_keep": 1.0, "layer": 24, "tree": "1,3,4"}
+    assert rep["shapes"][0] == "1,3,4" and all(TreeSpec.parse(t).total <= 16 for t in rep["shapes"])
+    assert len(rep["shapes"]) > 1 and {r["config"]["tree"] for r in rep["all"]} == set(rep["shapes"])
+    assert parse_subnet(rep["chosen"]["subnet"], _spec_of(bundle)) == SubNet(**rep["chosen"]["config"])
     assert rep["front"] and rep["chosen"]["prompts"] == rep["full"]["prompts"] == 2
     assert rep["chosen"]["tokens_per_s"] >= rep["full"]["tokens_per_s"]
     assert rep["lossless"]
@@ -171,12 +191,22 @@ def test_search_writes_a_choice_the_runtime_uses(tmp_path, supernet_bundle):
         assert pipe.bundle.graph("draft")["file"] == f"onnx/draft.h{chosen['heads']}.onnx"
     assert pipe.engine.target.feature_columns == feature_columns(man, chosen["layer"])
     assert pipe.engine.vtc_keep == (chosen["vtc_keep"] if chosen["vtc_keep"] < 1 else None)
+    shape = TreeSpec.parse(chosen["tree"])
+    assert pipe.engine.default_drafting() == ("chain" if shape.k == 1 else "tree", shape)
     row = json.loads(data.read_text().splitlines()[0])
     from dream_export.runtime.preprocess import load_image
 
     img = load_image(row["image"]).convert("RGB")
-    assert pipe.generate(img, row["prompt"], mode="chain", max_new_tokens=16).tokens == \
+    assert pipe.generate(img, row["prompt"], max_new_tokens=16).tokens == \
         pipe.generate(img, row["prompt"], mode="ar", max_new_tokens=16).tokens
+    # `bench` without --mode/--tree benches the chosen shape
+    bj = tmp_path / "bench.json"
+    res = CliRunner().invoke(cli, ["bench", str(bundle), "--data", str(data), "--limit", "1", "--max-new-tokens", "8",
+                                   "--threads", "1", "--json", str(bj)])
+    assert res.exit_code == 0, res.output
+    settings = json.loads(bj.read_text())["settings"]
+    assert settings["tree"] == [shape.k, shape.depth, shape.total]
+    assert settings["mode"] == ("chain" if shape.k == 1 else "tree")
 
 
 def test_seeded_search_is_reproducible(tmp_path, supernet_bundle):
@@ -195,7 +225,14 @@ def test_subnet_option_parsing(demo_draft):
     spec = _spec(demo_draft)
     assert parse_subnet("heads=0.5,keep=0.75,layer=21", spec) == SubNet(2, 0.75, 21)
     assert parse_subnet("heads=3", spec) == SubNet(3, 1.0, 24)
+    assert parse_subnet("heads=4,vtc_keep=1,layer=23,tree=1,5,6", spec) == SubNet(4, 1.0, 23, "1,5,6")
+    assert parse_subnet("tree=4, 6, 32,heads=2", spec) == SubNet(2, 1.0, 24, "4,6,32")
+    sub = SubNet(2, 0.5, 22, "8,8,64")
+    assert parse_subnet(sub.as_option(), spec) == sub and sub.mode == "tree"
     from dream_export.errors import UsageError
+
+    with pytest.raises(UsageError, match="K,DEPTH,TOTAL"):
+        parse_subnet("heads=2,tree=1,5", spec)
 
     with pytest.raises(UsageError, match="not injectable"):
         parse_subnet("layer=3", spec)

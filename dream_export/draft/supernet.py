@@ -11,6 +11,9 @@ A sub-network (`SubNet`) is chosen by three knobs:
   numbered as hidden_states (the last one is the final-norm state every DREAM draft reads; earlier
   ones pass through the same final norm, so every choice feeds features of one scale).
 
+A configuration may also fix the drafting shape (`tree`: a chain or an EAGLE-2 tree, "K,DEPTH,TOTAL"):
+no weights change, the runtime drafts that shape by default (`dream-export search` chooses it per target).
+
 Training has two phases (DREAM-S's progressive training): the full network (or an existing full
 draft as the start), then one random sub-network per step. `supernet.json` beside the weights records
 the head ranking and the choices, so that export and the search know them.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -74,6 +78,11 @@ class SupernetSpec:
             raise UsageError(f"vtc_keep {sub.vtc_keep} must be in (0, 1]")
         if sub.layer not in self.layers:
             raise UsageError(f"layer {sub.layer} is not injectable; choose one of {self.layers}")
+        if sub.tree is not None:
+            try:
+                sub.shape
+            except ValueError as e:
+                raise UsageError(f"tree {sub.tree!r}: {e}") from e
 
     @classmethod
     def load(cls, path: str | Path) -> SupernetSpec | None:
@@ -82,19 +91,29 @@ class SupernetSpec:
         return cls(**json.loads(p.read_text())) if p.exists() else None
 
 
+_KNOB = re.compile(r"\s*(\w+)\s*=\s*([^=]*?)\s*(?:,(?=\s*\w+\s*=)|$)")
+
+
 def parse_subnet(text: str, spec: SupernetSpec) -> SubNet:
-    """From "heads=2,vtc_keep=0.75,layer=22" (`heads` may be a ratio such as 0.5; omitted knobs: full)."""
-    vals = {"heads": str(spec.num_heads), "vtc_keep": "1", "layer": str(spec.final_layer)}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, _, val = part.partition("=")
-        key = {"keep": "vtc_keep", "vtc": "vtc_keep"}.get(key.strip(), key.strip())
-        if key not in vals or not val.strip():
-            raise UsageError(f"sub-network {text!r}: expected heads=N (or a ratio such as 0.5),vtc_keep=R,layer=L")
-        vals[key] = val.strip()
+    """From "heads=2,vtc_keep=0.75,layer=22[,tree=1,5,6]" (`heads` may be a ratio such as 0.5; omitted
+    knobs: full; `tree` K,DEPTH,TOTAL is the drafting shape the runtime then uses by default)."""
+    vals = {"heads": str(spec.num_heads), "vtc_keep": "1", "layer": str(spec.final_layer), "tree": None}
+    usage = f"sub-network {text!r}: expected heads=N (or a ratio such as 0.5),vtc_keep=R,layer=L[,tree=K,DEPTH,TOTAL]"
+    pos = 0
+    text = text.strip()
+    while pos < len(text):
+        m = _KNOB.match(text, pos)
+        if m is None or m.end() == pos:
+            raise UsageError(usage)
+        key = {"keep": "vtc_keep", "vtc": "vtc_keep", "shape": "tree"}.get(m[1], m[1])
+        if key not in vals or not m[2]:
+            raise UsageError(usage)
+        vals[key], pos = m[2], m.end()
     try:
         # a count ("2") or a keep ratio of the query heads ("0.5")
         heads = int(vals["heads"]) if vals["heads"].isdigit() else max(1, round(float(vals["heads"]) * spec.num_heads))
-        sub = SubNet(heads, float(vals["vtc_keep"]), int(vals["layer"]))
+        sub = SubNet(heads, float(vals["vtc_keep"]), int(vals["layer"]),
+                     None if vals["tree"] is None else ",".join(p.strip() for p in vals["tree"].split(",")))
     except ValueError as e:
         raise UsageError(f"sub-network {text!r}: every value must be a number") from e
     spec.check(sub)

@@ -12,13 +12,16 @@ from dream_export.runtime.tree import TreeSpec
 
 
 def bench(pipe: Pipeline, rows: list[dict], max_new_tokens: int = 128, tree: TreeSpec | None = None,
-          mode: str = "tree", vtc_keep: float | None = None, warmup: int = 1, progress: bool = True) -> dict:
-    """Run every prompt with plain AR decoding and with speculation; aggregate as DREAM's evaluation does."""
+          mode: str | None = None, vtc_keep: float | None = None, warmup: int = 1, progress: bool = True) -> dict:
+    """Run every prompt with plain AR decoding and with speculation; aggregate as DREAM's evaluation does.
+
+    Without `mode`/`tree` the pipeline's default drafting (a searched bundle's chosen shape) is benched."""
     from tqdm import tqdm
 
     from dream_export.runtime.preprocess import load_image
 
-    tree = tree or TreeSpec()
+    mode, tree = pipe.engine.default_drafting(mode, tree)
+    tree = tree or TreeSpec()  # "ar": no drafting shape
     images = [load_image(r["image"]).convert("RGB") for r in rows]  # unreadable files: UsageError
     for img, r in list(zip(images, rows, strict=True))[:warmup]:  # first calls allocate; keep them out
         pipe.generate(img, r["prompt"], max_new_tokens=8, mode="ar")

@@ -37,7 +37,7 @@ from dream_export.runtime.drafting import (
     TreeDrafter,
 )
 from dream_export.runtime.masks import SLOT_BUCKET, cache_mask, prefill_mask, row_index
-from dream_export.runtime.subnet import chosen_vtc_keep
+from dream_export.runtime.subnet import chosen_shape, chosen_vtc_keep
 from dream_export.runtime.target import TargetRunner
 from dream_export.runtime.tree import TreeSpec, VerifyTree, causal
 
@@ -133,6 +133,7 @@ class SpecEngine:
         chain = m["graphs"].get("draft_chain")
         self.chain_depth = chain["steps"] + 1 if chain else DEFAULT_CHAIN_DEPTH
         self.vtc_keep = chosen_vtc_keep(m)  # a searched supernet configuration's visual keep ratio
+        self.chosen_shape = chosen_shape(m)  # ... and drafting shape (mode, TreeSpec), when it fixes one
         # Gemma3 reads each image's tokens bidirectionally at prefill
         self.image_blocks = bool(m.get("decoder", {}).get("image_blocks_bidirectional", False))
         # Qwen2.5-VL: the target takes [3, N] (temporal, height, width) positions
@@ -149,12 +150,23 @@ class SpecEngine:
         pos = self._rope(np.arange(n) if positions is None else positions)
         return self.target.out(self.target.run(embeds, pos, causal(n), [n - 1], past=0), "row_logits")[0]
 
-    def drafter(self, mode: str = "tree", spec: TreeSpec | None = None) -> Drafter:
+    def default_drafting(self, mode: str | None = None, spec: TreeSpec | None = None) -> tuple[str, TreeSpec | None]:
+        """The (mode, shape) a request drafts: what it names, else the bundle's searched shape (for the mode
+        that drafts it), else an EAGLE-2 tree (`TreeSpec()`) or a chain as deep as the bundle's chain graph."""
+        if self.chosen_shape is not None and spec is None and mode in (None, self.chosen_shape[0]):
+            return self.chosen_shape
+        mode = mode or "tree"
+        if mode == "ar":
+            return mode, None
+        return mode, TreeSpec.chain(spec.depth if spec else self.chain_depth) if mode == "chain" else spec or TreeSpec()
+
+    def drafter(self, mode: str | None = "tree", spec: TreeSpec | None = None) -> Drafter:
         """The drafter for a mode: 'ar' (none), 'chain' (the chain graph when it drafts this depth, else one
-        call per step; depth from the bundle by default), anything else an EAGLE-2 tree (`spec`)."""
+        call per step; depth from the bundle by default), anything else an EAGLE-2 tree (`spec`). Without
+        a mode (or a shape for the chosen mode) a searched bundle's chosen shape is used."""
+        mode, spec = self.default_drafting(mode, spec)
         if mode == "ar":
             return NoDrafter()
-        spec = TreeSpec.chain(spec.depth if spec else self.chain_depth) if mode == "chain" else (spec or TreeSpec())
         if spec.total > self.tree_cap:
             raise UsageError(f"tree of {spec.total} nodes exceeds the bundle's max_tree {self.tree_cap}; "
                              "re-export with a larger --max-tree")
@@ -163,7 +175,7 @@ class SpecEngine:
         return StepwiseChainDrafter(self.draft, spec) if spec.k == 1 else TreeDrafter(self.draft, spec)
 
     # ---- generation --------------------------------------------------------------------------
-    def generate(self, prompt_embeds: np.ndarray, image_mask: np.ndarray, max_new_tokens: int, mode: str = "tree",
+    def generate(self, prompt_embeds: np.ndarray, image_mask: np.ndarray, max_new_tokens: int, mode: str | None = "tree",
                  spec: TreeSpec | None = None, sampling: SamplingParams | None = None,
                  eos_id: int | Collection[int] | None = None, vtc_keep: float | None = None, stats: EngineStats | None = None,
                  drafter: Drafter | None = None, positions: np.ndarray | None = None) -> Iterator[Round]:

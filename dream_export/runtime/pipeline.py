@@ -217,7 +217,7 @@ class Pipeline:
         return mrope_positions(image_mask, grids, self.bundle.manifest["decoder"]["spatial_merge_size"])[0]
 
     # ---- generation --------------------------------------------------------------------------
-    def chat_stream(self, messages: Sequence[dict], max_new_tokens: int = 128, mode: str = "tree",
+    def chat_stream(self, messages: Sequence[dict], max_new_tokens: int = 128, mode: str | None = None,
                     tree: TreeSpec | str | None = None, temperature: float = 0.0, top_p: float = 1.0,
                     top_k: int = 0, seed: int | None = None, vtc_keep: float | None = None,
                     stop: list[str] | None = None, deadline_s: float | None = None) -> Stream:
@@ -226,9 +226,10 @@ class Pipeline:
         The request is checked now (messages, images, options, KV capacity: `UsageError`,
         `ContextLengthError`); decoding starts on the first `next()`, one request at a time per pipeline
         (concurrent requests wait their turn). `deadline_s`: seconds from the start of decoding after
-        which the answer ends with the text so far and finish reason "timeout".
+        which the answer ends with the text so far and finish reason "timeout". Without `mode` (or `tree`
+        for that mode) a searched supernet bundle drafts its chosen shape, any other an EAGLE-2 tree.
         """
-        if mode not in MODES:
+        if mode is not None and mode not in MODES:
             raise UsageError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
         if isinstance(tree, str):
             try:
@@ -245,6 +246,7 @@ class Pipeline:
             raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the KV capacity {self.kv_capacity} "
                                      "(prompt tokens, image tokens included, + 1); shorten the prompt or export "
                                      "with a larger --kv-capacity")
+        mode, tree = self.engine.default_drafting(mode, tree)
         drafter = self.engine.drafter(mode, tree)  # a tree larger than the bundle's max_tree fails here too
 
         def run(deltas: bool) -> Generator[str, None, Result]:

@@ -1,8 +1,9 @@
 """A DREAM-S supernet bundle's configurations at run time (manifest `supernet`, see export/subnet.py).
 
 A configuration picks the draft graphs of a head count (physically pruned variants), the target layer
-whose features the draft reads (a slice of the target's `taps` output, or its final state) and the
-visual keep ratio. `dream-export search` writes the chosen one into the manifest; `Pipeline.load`
+whose features the draft reads (a slice of the target's `taps` output, or its final state), the
+visual keep ratio and, optionally, the drafting shape (a chain or an EAGLE-2 tree: how many nodes each
+verify pass carries). `dream-export search` writes the chosen one into the manifest; `Pipeline.load`
 applies it, so `run`, `bench` and `serve` use it without options.
 """
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, replace
 
 from dream_export.errors import IncompatibleArtifactError
 from dream_export.runtime.bundle import Bundle
+from dream_export.runtime.tree import TreeSpec
 
 DRAFT_SIDE = ("draft", "draft_chain")
 
@@ -23,9 +25,27 @@ class SubNet:
     heads: int  # query heads kept in the draft's last self-attention block
     vtc_keep: float  # share of image tokens in the draft's input stream
     layer: int  # target hidden_states index the cross-attention reads (the last one: the final-norm state)
+    tree: str | None = None  # drafting shape "K,DEPTH,TOTAL" (K = 1: a chain); None: the runtime's default
 
     def label(self) -> str:
-        return f"h{self.heads} keep{self.vtc_keep:g} L{self.layer}"
+        shape = "" if self.tree is None else (f" chain{self.shape.depth}" if self.shape.k == 1 else f" tree{self.tree}")
+        return f"h{self.heads} keep{self.vtc_keep:g} L{self.layer}{shape}"
+
+    @property
+    def shape(self) -> TreeSpec | None:
+        """The drafting shape as a `TreeSpec` (None: not chosen)."""
+        return None if self.tree is None else TreeSpec.parse(self.tree)
+
+    @property
+    def mode(self) -> str | None:
+        """The pipeline mode that drafts `shape`: chain for K = 1, else tree (None: not chosen)."""
+        shape = self.shape
+        return None if shape is None else "chain" if shape.k == 1 else "tree"
+
+    def as_option(self) -> str:
+        """The `export --subnet` text of this configuration."""
+        return f"heads={self.heads},vtc_keep={self.vtc_keep:g},layer={self.layer}" + (
+            f",tree={self.tree}" if self.tree else "")
 
 
 def chosen(manifest: dict) -> dict | None:
@@ -64,6 +84,15 @@ def feature_columns(manifest: dict, layer: int | None) -> slice | None:
     h = manifest["dims"]["hidden"]
     i = sn["taps"].index(layer)
     return slice(i * h, (i + 1) * h)
+
+
+def chosen_shape(manifest: dict) -> tuple[str, TreeSpec] | None:
+    """(mode, shape) of the chosen configuration's drafting shape, or None when none was chosen."""
+    c = chosen(manifest)
+    if not c or not c.get("tree"):
+        return None
+    sub = SubNet(**c)
+    return sub.mode, sub.shape
 
 
 def chosen_layer(manifest: dict) -> int | None:

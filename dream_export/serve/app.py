@@ -36,8 +36,8 @@ class ServeConfig:
     backend: str = "onnxruntime"
     precision: str = "fp32"
     threads: str = "2"
-    mode: str = "tree"
-    tree: str = "4,6,32"
+    mode: str | None = None  # None: the bundle's searched shape, else an EAGLE-2 tree
+    tree: str | None = None
     model_name: str | None = None  # the `model` clients name; default: the bundle directory's name
     local_images: Path | None = None  # file:// image URLs are served from under this directory only
 

@@ -31,8 +31,9 @@ def _need_serve_extra() -> None:
 @click.option("--precision", default="fp32", show_default=True, help="Graph variant: fp32, fp16, cpu, ...")
 @click.option("--threads", default="2", show_default=True,
               help="ONNX Runtime intra-op threads per pipeline: a number, or per graph, e.g. target=2,draft=1.")
-@click.option("--mode", type=click.Choice(["tree", "chain", "ar"]), default="tree", show_default=True)
-@click.option("--tree", "tree_spec", default="4,6,32", show_default=True, help="K,DEPTH,TOTAL")
+@click.option("--mode", type=click.Choice(["tree", "chain", "ar"]), default=None,
+              help="Drafting mode [the shape `dream-export search` chose for the bundle, else tree].")
+@click.option("--tree", "tree_spec", default=None, help="K,DEPTH,TOTAL [the searched shape, else 4,6,32].")
 @click.option("--model-name", default=None, help="The model id clients send [the bundle directory's name].")
 @click.option("--allow-local-images", "local_images", default=None,
               type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -42,8 +43,8 @@ def _need_serve_extra() -> None:
 @click.option("--max-replicas", type=int, default=None, help="Autoscale up to this many replicas under load.")
 @click.option("--ray-address", default=None,
               help="Join this Ray cluster (e.g. ray://head:10001 or auto) instead of starting a local one.")
-def serve_cmd(bundle: Path, host: str, port: int, backend: str, precision: str, threads: str, mode: str,
-              tree_spec: str, model_name: str | None, local_images: Path | None, replicas: int | None,
+def serve_cmd(bundle: Path, host: str, port: int, backend: str, precision: str, threads: str, mode: str | None,
+              tree_spec: str | None, model_name: str | None, local_images: Path | None, replicas: int | None,
               max_replicas: int | None, ray_address: str | None) -> None:
     """OpenAI-compatible HTTP server for a bundle: POST /v1/chat/completions (streaming), GET /v1/models,
     GET /health. With --replicas, the same app runs as a Ray Serve deployment."""
