@@ -122,3 +122,15 @@ def test_build_plan_passes_its_check(family_bundle, target):
     script = (out / "build.sh").read_text()
     for flag, shape in (("minShapes", lo), ("optShapes", opt), ("maxShapes", hi)):
         assert f"--{flag}={vin}:{'x'.join(map(str, shape))}" in script, (flag, shape)
+
+
+
+@pytest.mark.parametrize("family", ["idefics3", "mistral3"])
+def test_a_processor_without_a_size_limit_is_refused_clearly(family, tmp_path_factory):
+    """A processor that does not resize (do_resize false) bounds no image size: the plan says so."""
+    from dream_export.errors import UsageError
+
+    manifest = _manifest(cached_tiny_bundle(tmp_path_factory.mktemp("plans"), family, KV_CAPACITY[family]))
+    manifest["preprocess"]["do_resize"] = False
+    with pytest.raises(UsageError, match="do_resize"):
+        graph_profiles(manifest)

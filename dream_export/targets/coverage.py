@@ -94,8 +94,9 @@ def default_image_of(width: int, height: int) -> np.ndarray:
 def probe_image_sizes(manifest: dict) -> list[tuple[int, int]]:
     """(width, height) of images whose vision calls span a dynamic vision graph's range (none for a static
     one, whose calls all have one shape): a tiny image (enlarged or padded to the fewest views / patches),
-    a typical photo, the largest the preprocessing keeps (square, both elongations, and twice as large,
-    which it shrinks), and for tiled images one per grid pinpoint (each tile count)."""
+    a typical photo, the largest the preprocessing keeps (square and both elongations), and for tiled
+    images one per grid pinpoint (each tile count). On a full-size checkpoint the largest image's vision
+    call is the replay's most expensive (Qwen2.5-VL: its patches squared in attention masks)."""
     from dream_export.targets.bundle_builds import TYPICAL_IMAGE
 
     v, pre = manifest.get("vision") or {}, manifest.get("preprocess") or {}
@@ -108,7 +109,7 @@ def probe_image_sizes(manifest: dict) -> list[tuple[int, int]]:
         return []
     e = edge()
     thin = max(8, e // 6)  # elongated, within Qwen2-VL's aspect-ratio limit of 200
-    sizes = [(12, 12), TYPICAL_IMAGE[::-1], (e, e), (e, thin), (thin, e), (2 * e, 2 * e)]
+    sizes = [(12, 12), TYPICAL_IMAGE[::-1], (e, e), (e, thin), (thin, e)]
     sizes += [(int(w), int(h)) for h, w in v.get("pinpoints", ())]
     return list(dict.fromkeys(sizes))
 
