@@ -131,11 +131,12 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
     from dream_export.draft.target import load_target
     from dream_export.draft.train import load_draft, load_draft_config
     from dream_export.export.graphs import DraftChainGraph, DraftGraph, TargetGraph, VisionGraph
-    from dream_export.export.weights import prepare_decoder, release, to_fp32
+    from dream_export.export.weights import prepare_decoder, release, to_fp32, unmap_freed_tensors
     from dream_export.families import params_from_hf, require_exportable
     from dream_export.runtime.preprocess import ImagePreprocessor
 
     t0 = time.time()
+    unmap_freed_tensors()
     check_sources(target_dir, draft_dir)  # readable, supported, made for each other: refuse before work
     dcfg0 = load_draft_config(draft_dir)
     # A self-spec draft runs the target's first layers, so it loads beside the target; any other loads
@@ -230,9 +231,15 @@ def export_bundle(target_dir: str | Path, draft_dir: str | Path, out: str | Path
                   torch.zeros(n_layers, 1, kvh, cap, hd), torch.zeros(n_layers, 1, kvh, cap, hd), torch.tensor([t - 1]))
         scores = ["attn_importance", "attn_importance_max"] if opts.attn_scores else []
         t_out = SPECS["target"].output_names(present=scores + (["taps"] if taps else []))
+        # a plain draft's weights are not held beside the target's while its graph is traced: loaded again after
+        reload_draft = dcfg.arch != "self-spec" and not subnets.active
+        if reload_draft:
+            release([draft])
         _export(tg, t_args, onnx_dir / "target.onnx", SPECS["target"], t_out)
         if dcfg.arch != "self-spec":  # a self-spec draft runs the target's first layers
             release([dec.lm], keep=[target.side.embed_tokens, model.lm_head, dec.lm.norm])
+        if reload_draft:
+            draft = load_draft(draft_dir)
         # draft
         dkv, ddim = dcfg.num_kv_heads, dcfg.head_dim
         f = 2

@@ -59,6 +59,21 @@ def release(modules: Iterable[nn.Module], keep: Iterable[nn.Module] = ()) -> int
     return freed
 
 
+def unmap_freed_tensors() -> None:
+    """From now on, allocate every block of 1 MiB or more with its own mapping (glibc `M_MMAP_THRESHOLD`),
+    so a freed tensor leaves the process at once. By default glibc raises that threshold to the size of
+    the blocks it has seen freed (up to 32 MiB), after which weight-sized temporaries (the exporter's
+    per-node shape inference copies them) land in the heap, whose freed holes stay resident: about 0.5 B
+    per parameter more at the peak of a 1B export. A no-op where the C library has no `mallopt`."""
+    try:
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    except (OSError, AttributeError):
+        pass
+
+
+_M_MMAP_THRESHOLD = -3  # glibc's malloc.h
+
+
 def _return_to_os() -> None:
     """Hand freed heap memory back to the OS (glibc keeps it for reuse otherwise, so the process's
     resident size would not fall); a no-op where the C library has no malloc_trim."""
