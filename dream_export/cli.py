@@ -15,9 +15,8 @@ import click
 
 from dream_export import __version__
 from dream_export.errors import DreamExportError, MissingBackendError, UsageError, from_os_error
-from dream_export.export.bundle import LOAD_DTYPES
 from dream_export.export.sources import source_configs
-from dream_export.options import tree_option, vtc_score_option
+from dream_export.options import LOAD_DTYPES, tree_option, vtc_score_option
 from dream_export.runtime.tree import TreeSpec
 from dream_export.supernet_cli import (
     search_cmd,

@@ -6,6 +6,9 @@ import click
 
 from dream_export.runtime.tree import TreeSpec
 
+# what a target's weights may load as: "auto" keeps the checkpoint's own dtype (its config's `dtype`)
+LOAD_DTYPES = ("auto", "float32", "float16", "bfloat16")
+
 # The EAGLE-2 paper's tree (top-4 per node, depth 6, 32 verified nodes): the dataclass defaults.
 DEFAULT_TREE = TreeSpec()
 

@@ -9,8 +9,8 @@ from typing import Any
 
 from dream_export.draft.reference import TargetSide
 from dream_export.errors import UsageError
-from dream_export.export.bundle import LOAD_DTYPES
 from dream_export.families import VLM, load_processor, load_vlm, require_exportable
+from dream_export.options import LOAD_DTYPES
 
 
 @dataclass

@@ -25,8 +25,6 @@ from dream_export.io import atomic_dir, file_digest
 FORMAT_VERSION = 2
 # Opset 16: LayerNormalization (opset 17) has no importer in TensorRT 8.5, so it is exported as basic ops.
 OPSET = 16
-# what the target's weights may load as: "auto" keeps the checkpoint's own dtype (its config's `dtype`)
-LOAD_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass
