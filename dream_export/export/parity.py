@@ -30,6 +30,7 @@ FP16 policy (what decides, and why):
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -458,6 +459,8 @@ def check_bundle(bundle_dir: str | Path, target_dir: str | Path | None = None, d
     if unknown:
         raise UsageError(f"unknown precision variants {unknown}; parity knows {sorted(TOLERANCE)}")
 
+    # Every torch reference first, then the modules go before any ONNX Runtime session opens: the check
+    # then holds one fp32 copy of the target at a time (torch's, or a session's), not both.
     mods = _Modules(m, target_dir, draft_dir)
     emb_std = float(mods.embed.weight.detach().float().std())
     realistic = _Realistic(mods, m, samples[0]) if samples else None
@@ -466,19 +469,25 @@ def check_bundle(bundle_dir: str | Path, target_dir: str | Path | None = None, d
     if not samples:
         report["not_checked"] = {"realistic": "no (image, prompt) samples given: random feeds only, no greedy "
                                               "agreement"}
+    graph_cases, refs, lps = {}, {}, {}
     for name in GRAPHS:
         cases = {f"random-seed{s}": _random_feeds(name, m, np.random.default_rng(s), emb_std) for s in seeds}
         cases.update(realistic.cases[name] if realistic else {})
+        graph_cases[name] = cases
+        args = _arg_names(name)
+        refs[name], lps[name] = {}, {}
+        for case, feeds in cases.items():
+            refs[name][case] = dict(zip(_output_names(m, name), mods.run(name, feeds, args), strict=True))
+            lps[name][case] = mods.logprobs(name, refs[name][case])
+    del mods, realistic
+    gc.collect()
+    for name in GRAPHS:
+        cases = graph_cases[name]
         primary = m.get("precision", {}).get(name, "fp32")
         files = _variant_files(m, name)
         if primary not in TOLERANCE:
             report.setdefault("not_checked", {})[name] = (f"{primary} graph: judged by `dream-export calib-report` "
                                                           "(greedy agreement, τ, accuracy)")
-        args = _arg_names(name)
-        refs = {}
-        for case, feeds in cases.items():
-            outs = mods.run(name, feeds, args)
-            refs[case] = dict(zip(_output_names(m, name), outs, strict=True))
         report["graphs"][name] = {}
         for var in variants:
             if var not in files or not (root / files[var]).exists():
@@ -490,17 +499,18 @@ def check_bundle(bundle_dir: str | Path, target_dir: str | Path | None = None, d
             res: dict = {"file": files[var], "cases": {}}
             for case, feeds in cases.items():
                 got = dict(zip(out_names, sess.run(out_names, {k: feeds[k] for k in have}), strict=True))
-                lp = mods.logprobs(name, refs[case])
+                ref, lp = refs[name][case], lps[name][case]
                 per = {}
                 tol = _tolerance(var, case)
                 for o in out_names:
-                    per[o] = _compare(o, got[o], refs[case][o], tol, lp, refs[case])
+                    per[o] = _compare(o, got[o], ref[o], tol, lp, ref)
                     if not per[o]["ok"]:
                         report["ok"] = False
                         report["failures"].append(
                             f"{name}/{var}/{case}: output {o!r} error {per[o].get('rel', float('nan')):.3g} of scale "
                             f"> tolerance {tol:g}" + (f" ({per[o]['message']})" if "message" in per[o] else ""))
                 res["cases"][case] = per
+            del sess  # before the next variant's session loads
             # without realistic feeds the random ones are all there is to report
             strict = [c for c in cases if _tolerance(var, c) == TOLERANCE[var]] or list(cases)
             stress = [c for c in cases if c not in strict]
