@@ -148,21 +148,27 @@ class Pipeline:
         return pipe
 
     # ---- request preparation -----------------------------------------------------------------
-    def chat_ids(self, messages: Sequence[dict]) -> list[int]:
-        """Prompt token ids of a conversation (see `dream_export.runtime.chat`), image tokens expanded."""
-        return self._encode(messages)[0].tolist()
+    def chat_ids(self, messages: Sequence[dict], inputs: dict | None = None) -> list[int]:
+        """Prompt token ids of a conversation (see `dream_export.runtime.chat`), image tokens expanded.
+        `inputs`: its images already preprocessed (`preprocess.preprocess(images)`), so that counting many
+        texts with the same images preprocesses them once."""
+        return self._encode(messages, inputs)[0].tolist()
 
-    def prompt_ids(self, prompt: str, image=None) -> list[int]:
+    def prompt_ids(self, prompt: str, image=None, inputs: dict | None = None) -> list[int]:
         """Prompt token ids of one user turn: an image, then `prompt`. The image is needed only where its
-        number of image tokens depends on it (e.g. LLaVA-NeXT)."""
+        number of image tokens depends on it (e.g. LLaVA-NeXT); `inputs` as for `chat_ids`."""
         # any non-None image stands in when only its placeholder is rendered
-        return self.chat_ids(_turn(... if image is None else image, prompt))
+        return self.chat_ids(_turn(... if image is None else image, prompt), inputs)
 
-    def _encode(self, messages: Sequence[dict]) -> tuple[np.ndarray, dict | None]:
-        """Prompt ids and the preprocessed images (None without images; `...` images are not preprocessed)."""
+    def _encode(self, messages: Sequence[dict], inputs: dict | None = None) -> tuple[np.ndarray, dict | None]:
+        """Prompt ids and the preprocessed images (None without images; `...` images are not preprocessed;
+        `inputs`: the real images already preprocessed)."""
         norm, images = normalize(messages)
         real = [im for im in images if im is not ...]
-        inputs = self.preprocess.preprocess(real) if real else None  # unreadable images fail here
+        if not real:
+            inputs = None
+        elif inputs is None:
+            inputs = self.preprocess.preprocess(real)  # unreadable images fail here
         if len(real) != len(images):  # only placeholders: prompt_ids without an image
             texts = [self.layout.text(None, 0, self.image_token) for _ in images]
         else:
@@ -171,8 +177,7 @@ class Pipeline:
         # the tokenizer's own special tokens (llava-hf: the BOS its template leaves out), as the HF
         # processor added them at export
         adds = bool(self.bundle.manifest["tokens"].get("add_special_tokens", False))
-        return np.array(self.tokenizer.encode(text, add_special_tokens=adds).ids, dtype=np.int64), \
-            (inputs if real else None)
+        return np.array(self.tokenizer.encode(text, add_special_tokens=adds).ids, dtype=np.int64), inputs
 
     def chat_embeds(self, messages: Sequence[dict]) -> tuple[np.ndarray, np.ndarray, float]:
         """Merged prompt embeddings [n,H], image-token mask [n] and the vision time in seconds."""

@@ -122,8 +122,14 @@ def capacity_prompts(pipe, lengths: Iterable[int] | None = None, image=None) -> 
     `image` (needed where an image's token count depends on it)."""
     m = pipe.bundle.manifest
     cap, tree = m["kv_capacity"], m["max_tree"]
+    # the image preprocessed once, not once per text counted (thousands on a full-size checkpoint)
+    inputs = None if image is None else pipe.preprocess.preprocess([image])
+
+    def count(text: str) -> int:
+        return len(pipe.prompt_ids(text, image, inputs))
+
     shortest = "?"
-    base = len(pipe.prompt_ids(shortest, image))
+    base = count(shortest)
     wanted = sorted(set(lengths or (base, (base + cap) // 2, cap - tree - 2, cap - 1)))
     prompts = []
     for n in wanted:
@@ -133,7 +139,7 @@ def capacity_prompts(pipe, lengths: Iterable[int] | None = None, image=None) -> 
         i = 0
         while True:
             longer = (text + " " + words[i % len(words)]).strip()
-            if len(pipe.prompt_ids(longer, image)) > n:
+            if count(longer) > n:
                 break
             text, i = longer, i + 1
         prompts.append(text)
