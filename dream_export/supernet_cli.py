@@ -126,8 +126,8 @@ def search_cmd(bundle: Path, target_names: tuple[str, ...], data_path: Path, jso
             write_choice(bundle, res)
             click.echo(f"wrote the choice into {bundle / 'manifest.json'}")
 
-        def named(path: Path) -> Path:
-            return path if len(target_names) == 1 else path.with_name(f"{path.stem}-{target_name}{path.suffix}")
+        def named(path: Path, target: str = target_name) -> Path:
+            return path if len(target_names) == 1 else path.with_name(f"{path.stem}-{target}{path.suffix}")
 
         if json_out:
             atomic_write_text(named(json_out), json.dumps(res, indent=2))

@@ -21,10 +21,18 @@ from dream_export.targets.registry import all_targets
 
 try:
     from tests.bundle_fixture import cached_tiny_bundle
-    from tests.coverage_fixture import cached_small_demo_bundle, cached_small_eagle3_bundle, cached_small_selfspec_bundle
+    from tests.coverage_fixture import (
+        cached_small_demo_bundle,
+        cached_small_eagle3_bundle,
+        cached_small_selfspec_bundle,
+    )
 except ImportError:  # pragma: no cover
     from bundle_fixture import cached_tiny_bundle
-    from coverage_fixture import cached_small_demo_bundle, cached_small_eagle3_bundle, cached_small_selfspec_bundle
+    from coverage_fixture import (
+        cached_small_demo_bundle,
+        cached_small_eagle3_bundle,
+        cached_small_selfspec_bundle,
+    )
 
 
 def _tmp(request, name):

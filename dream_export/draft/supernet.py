@@ -35,6 +35,7 @@ import torch
 from dream_export.draft.model import Draft
 from dream_export.errors import IncompatibleArtifactError, UsageError
 from dream_export.runtime.subnet import SubNet
+from dream_export.runtime.tree import TreeSpec
 
 SPEC_FILE = "supernet.json"
 HEAD_RATIOS = (0.25, 0.5, 0.75, 1.0)
@@ -80,7 +81,7 @@ class SupernetSpec:
             raise UsageError(f"layer {sub.layer} is not injectable; choose one of {self.layers}")
         if sub.tree is not None:
             try:
-                sub.shape
+                TreeSpec.parse(sub.tree)
             except ValueError as e:
                 raise UsageError(f"tree {sub.tree!r}: {e}") from e
 
