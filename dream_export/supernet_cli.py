@@ -109,17 +109,26 @@ def search_cmd(bundle: Path, target_names: tuple[str, ...], data_path: Path, jso
     configuration with the most expected tokens/s on TARGET into the bundle (the runtime then uses it)."""
     from dream_export.core.prompts import read_prompts
     from dream_export.io import atomic_write_text
-    from dream_export.targets.search import search, write_choice
+    from dream_export.runtime.bundle import Bundle
+    from dream_export.targets.registry import get_target
+    from dream_export.targets.search import cost_model, search, write_choice
 
-    rows, runs = read_prompts(data_path), {}
+    rows, runs, results = read_prompts(data_path), {}, []
+    cost_cfg = json.loads(cost_as.read_text()) if cost_as else None
+    if cost_cfg is not None:  # reports name the costed model as a hub checkpoint would, else by its file
+        cost_cfg.setdefault("_name_or_path", cost_as.stem)
+    manifest = Bundle.open(bundle).manifest
+    for target_name in target_names:  # every target's costing is checked before the first answer
+        cost_model(manifest, bundle, get_target(target_name), precision, cost_cfg)
     for target_name in target_names:
         res = search(bundle, target_name, rows, seed=seed, budget_s=budget_s, first_rung=first_rung,
                      max_prompts=max_prompts, max_new_tokens=max_new_tokens,
                      threads=int(threads) if threads.isdigit() else threads, precision=precision,
-                     cost_as=json.loads(cost_as.read_text()) if cost_as else None,
+                     cost_as=cost_cfg,
                      shapes=None if shapes is None else [] if shapes.strip() == "none" else shapes.split(),
                      runs=runs, log=click.echo)
         _report(res)
+        results.append(res)
         if len(target_names) > 1:
             click.echo(f"{len(target_names)} targets: the choice is not written (search one target to write it)")
         elif not dry_run:
@@ -135,6 +144,35 @@ def search_cmd(bundle: Path, target_names: tuple[str, ...], data_path: Path, jso
             from dream_export.plots import search_plot
 
             search_plot(res, named(plot_out))
+    if len(results) > 1:
+        _compare(results)
+
+
+def _compare(results: list[dict]) -> None:
+    """The targets' choices side by side, with where each chosen request's time goes and which term bounds
+    the calls that differ between configurations (the why of different choices)."""
+    from dream_export.runtime.tree import TreeSpec
+
+    click.echo("choices per target (the same answers, each target's costs; ms per request of the chosen):")
+    for r in results:
+        c, split = r["chosen"], r["chosen"].get("split") or {}
+        parts = ", ".join(f"{k} {v * 1e3:,.1f}" for k, v in split.items())
+        click.echo(f"  {r['target']:<24} {c['label']:<30} {c['speedup']:.2f}x (full draft {r['full']['speedup']:.2f}x)"
+                   + (f"; {parts}" if parts else ""))
+    if not all("bounds" in r for r in results):
+        return
+    verify = {f"target verify ({TreeSpec.parse(r['chosen']['config']['tree']).total} tok)" for r in results}
+    keys = [k for k in results[0]["bounds"] if k.startswith(("target prefill", "target decode", "draft prompt pass"))
+            or k in verify or k.startswith("draft step") and k.endswith(f"h{max(_heads(r) for r in results)}")]
+    click.echo("  " + f"{'call':<40}" + "".join(f"{r['target']:>30}" for r in results))
+    for k in keys:
+        cells = [r["bounds"].get(k) for r in results]
+        click.echo(f"  {k:<40}" + "".join(f"{b['seconds'] * 1e3:>11.3f} ms {b['bound'] + '-bound':>15}" if b else f"{'-':>30}"
+                                       for b in cells))
+
+
+def _heads(res: dict) -> int:
+    return max(int(k.rsplit(" h", 1)[1]) for k in res["bounds"] if k.startswith("draft step"))
 
 
 def _report(res: dict) -> None:
@@ -148,4 +186,4 @@ def _report(res: dict) -> None:
                f"tok/s; full draft {f['speedup']:.2f}x, {f['tokens_per_s']:.1f} tok/s (same prompts, same run); "
                f"outputs {'lossless' if res['lossless'] else 'NOT lossless'}; {res['wall_seconds']:.0f}s")
     for call, b in res.get("bounds", {}).items():
-        click.echo(f"  {call:<30} {b['seconds'] * 1e6:10.1f} us  {b['bound']}-bound")
+        click.echo(f"  {call:<40} {b['seconds'] * 1e6:10.1f} us  {b['bound']}-bound")

@@ -4,6 +4,7 @@ the runtime then uses."""
 import json
 import shutil
 from dataclasses import asdict
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -219,6 +220,39 @@ def test_seeded_search_is_reproducible(tmp_path, supernet_bundle):
     a, b = search(supernet_bundle, "jetson-orin-nano-8gb", rows, **kw), search(supernet_bundle, "jetson-orin-nano-8gb", rows, **kw)
     assert a["chosen"]["config"] == b["chosen"]["config"]
     assert [r["label"] for r in a["front"]] == [r["label"] for r in b["front"]]
+
+
+def test_search_of_two_targets_compares_their_choices(tmp_path, supernet_bundle):
+    """Two modelled targets costed as a VLM that loads on both: one set of answers, a report per target with
+    where the chosen request's time goes, and the side-by-side table of the calls that decide (the draft's
+    prompt pass, the verify, the draft step) with the term that bounds each; nothing written into the
+    bundle. A forecast a target cannot load is refused before any answer is computed."""
+    from dream_export.cli import cli
+    from dream_export.errors import UsageError
+
+    root = Path(__file__).resolve().parents[1] / "docs" / "cost-as"
+    data, out = _prompts(tmp_path), tmp_path / "search.json"
+    before = (supernet_bundle / "manifest.json").read_text()
+    res = CliRunner().invoke(cli, ["search", str(supernet_bundle), "--target", "jetson-orin-nano-8gb", "--target", "h100",
+                                   "--cost-as", str(root / "llava-interleave-qwen-0.5b.json"), "--data", str(data),
+                                   "--json", str(out), "--first-rung", "1", "--max-prompts", "2",
+                                   "--max-new-tokens", "12"])
+    assert res.exit_code == 0, res.output
+    assert (supernet_bundle / "manifest.json").read_text() == before
+    reps = {t: json.loads((tmp_path / f"search-{t}.json").read_text()) for t in ("jetson-orin-nano-8gb", "h100")}
+    for rep in reps.values():
+        split = rep["chosen"]["split"]
+        assert set(split) == {"vision + prefill", "draft prompt", "decode"} and min(split.values()) > 0
+    pass_row = next(k for k in reps["h100"]["bounds"] if k.startswith("draft prompt pass") and k.endswith("keep 1)"))
+    assert reps["jetson-orin-nano-8gb"]["bounds"][pass_row]["bound"] == "compute"
+    assert reps["h100"]["bounds"]["target decode (1 tok)"]["bound"] == "overhead"
+    assert reps["jetson-orin-nano-8gb"]["bounds"]["target decode (1 tok)"]["bound"] == "memory"
+    assert "choices per target" in res.output and pass_row in res.output.split("choices per target")[1]
+    res = CliRunner().invoke(cli, ["search", str(supernet_bundle), "--target", "h100", "--target", "jetson-orin-nano-8gb",
+                                   "--cost-as", str(root / "llava-1.5-7b.json"), "--data", str(data)])
+    assert isinstance(res.exception, UsageError), res.output
+    assert "llava-1.5-7b" in str(res.exception) and "GiB on jetson-orin-nano-8gb" in str(res.exception)
+    assert "Pareto front" not in res.output
 
 
 def test_subnet_option_parsing(demo_draft):

@@ -144,6 +144,7 @@ def test_partial_hub_config_is_completed_with_transformers_defaults():
     assert (t.hidden_size, t.num_layers, t.num_heads, t.intermediate_size, t.vocab_size) == (4096, 32, 32, 11008, 32064)
     assert m.lm_params() == pytest.approx(describe_model(LLAVA_15_7B).lm_params())
     assert m.vision.images_per_prompt == 5  # base image + up to 4 tiles of 336 in a 672x672 grid
+    assert m.vision.lm_tokens == 5 * 576
     assert m.name == "llava_next"
 
 
@@ -156,6 +157,7 @@ def test_explicit_head_dim_and_gqa_are_honoured():
                                 "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
                                 "patch_size": 14}}
     m = describe_model(gemma3)
+    assert m.vision.lm_tokens == 256  # 64x64 patches pooled to mm_tokens_per_image
     assert m.text.head_dim == 256 != 2560 // 8
     assert m.text.tie_word_embeddings
     kv = estimate(m, "jetson-thor", "fp16", 1024, 32).breakdown()["kv_cache"]
@@ -188,3 +190,15 @@ def test_flat_qwen25_vl_config_reads_text_keys_from_the_top_level():
     assert m.lm_params() == pytest.approx(7.6e9, rel=0.03)  # Qwen2.5-7B class (q/k/v biases not counted)
     assert m.vision.num_layers == 32 and m.vision.gated_mlp
     assert m.vision.params() == pytest.approx(0.67e9, rel=0.1)  # the ~670M Qwen2.5-VL ViT + merger
+    assert m.vision.lm_tokens == 256  # a 448x448 image: 32x32 patches, merged 2x2 into decoder tokens
+    assert describe_model(LLAVA_15_7B).vision.lm_tokens == 576  # no merge; the class token is dropped
+
+
+def test_idefics3_pixel_shuffle_merges_scale_squared_patches():
+    smolvlm = {"model_type": "idefics3", "scale_factor": 3,
+               "text_config": {"model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 24,
+                               "num_attention_heads": 32, "intermediate_size": 8192, "vocab_size": 49155},
+               "vision_config": {"model_type": "idefics3_vision", "hidden_size": 1152, "image_size": 384,
+                                 "intermediate_size": 4304, "num_hidden_layers": 27, "num_attention_heads": 16,
+                                 "patch_size": 14}}
+    assert describe_model(smolvlm).vision.lm_tokens == 81  # 27x27 patches, 3x3 into one token

@@ -117,11 +117,17 @@ class VisionDesc:
     gated_mlp: bool = False
     projector_params: int = 0
     images_per_prompt: int = 1  # crops the tower runs per image (LLaVA-NeXT anyres: base + tiles)
+    merge: int = 1  # patches folded into one decoder token (Qwen2.5-VL, Mistral3: 2x2; Idefics3: scale²)
 
     @property
     def tokens(self) -> int:
         """Patch tokens (+1 class token) of one crop."""
         return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def lm_tokens(self) -> int:
+        """Image tokens the decoder reads for one image (every crop, after the projector's merge)."""
+        return (self.image_size // self.patch_size) ** 2 // self.merge * self.images_per_prompt
 
     def params(self) -> int:
         """Tower + patch/position embeddings + projector."""
@@ -282,11 +288,16 @@ def _describe_vision(config: dict, top_type: str, text_hidden: int) -> VisionDes
         projector = d * d + d + d * int(v.get("out_hidden_size") or text_hidden)
     else:  # Gemma3 / Mistral3: norm + linear (Mistral3 adds a patch merger; small next to the tower)
         projector = h * text_hidden + h
+    patches = (image // patch) ** 2
+    merge = {"qwen2_5_vl": int(v.get("spatial_merge_size") or 2) ** 2,
+             "mistral3": int(config.get("spatial_merge_size") or 2) ** 2,
+             "idefics3": int(config.get("scale_factor") or 2) ** 2,
+             "gemma3": max(1, patches // int(config.get("mm_tokens_per_image") or 256))}.get(top_type, 1)
     crops = 1
     if top_type == "llava_next" and config.get("image_grid_pinpoints"):
         # anyres: the base image plus as many tiles as the largest grid pinpoint holds
         crops = 1 + max((a // image) * (b // image) for a, b in config["image_grid_pinpoints"])
-    return VisionDesc(layers, h, inter, heads, patch, image, channels, vt in _GATED_VISION, projector, crops)
+    return VisionDesc(layers, h, inter, heads, patch, image, channels, vt in _GATED_VISION, projector, crops, merge)
 
 
 # ------------------------------------------------------------------------------------ the plan

@@ -48,6 +48,7 @@ class Answer:
     rounds: int
     seconds: float  # measured wall time (cpu) or the latency model's time (other targets)
     round_seconds: float  # decode time per round
+    split: dict[str, float] | None = None  # modelled costs: seconds of each part of the request
 
 
 @dataclass
@@ -68,10 +69,13 @@ class Score:
         secs = sum(x.seconds for x in a)
         round_s = sum(x.round_seconds * x.rounds for x in a) / max(rounds, 1)
         ar_step = sum(ar[p].round_seconds * ar[p].rounds for p in prompts) / max(sum(ar[p].rounds for p in prompts), 1)
-        return {"config": asdict(self.candidate), "label": self.candidate.label(), "prompts": len(a),
-                "tau": tokens / max(rounds, 1), "tokens_per_s": tokens / secs,
-                "speedup": sum(ar[p].seconds for p in prompts) / secs,
-                "round_seconds": round_s, "round_cost": round_s / max(ar_step, 1e-12)}
+        row = {"config": asdict(self.candidate), "label": self.candidate.label(), "prompts": len(a),
+               "tau": tokens / max(rounds, 1), "tokens_per_s": tokens / secs,
+               "speedup": sum(ar[p].seconds for p in prompts) / secs,
+               "round_seconds": round_s, "round_cost": round_s / max(ar_step, 1e-12)}
+        if a and all(x.split for x in a):  # where a request's time goes, seconds per prompt
+            row["split"] = {k: sum(x.split[k] for x in a) / len(a) for k in a[0].split}
+        return row
 
 
 # Drafting shapes the search tries by default (those that fit the bundle's max_tree): chains of depth 3-16
@@ -149,7 +153,7 @@ class ModelledCost:
     def __init__(self, manifest: dict, bundle_dir: str | Path, target, precision: str, cost_as: dict | None = None):
         from dream_export.export.sources import source_configs
         from dream_export.targets.latency import Capacities, LatencyModel
-        from dream_export.targets.memory import DraftDesc, describe_model
+        from dream_export.targets.memory import DraftDesc, describe_model, estimate
 
         sn = manifest["supernet"]
         self.image_tokens = manifest["tokens"]["image_tokens_per_image"]
@@ -158,8 +162,7 @@ class ModelledCost:
             self.model = describe_model(cost_as)
             base = DraftDesc.from_model(self.model)
             if self.model.vision is not None:
-                v = self.model.vision
-                self.scaled_image_tokens = (v.tokens - 1) * v.images_per_prompt  # patch tokens (no class token)
+                self.scaled_image_tokens = self.model.vision.lm_tokens
         else:
             cfg, draft_cfg = source_configs(manifest, bundle_dir)
             if draft_cfg is None:
@@ -167,10 +170,16 @@ class ModelledCost:
             self.model = describe_model(cfg)
             base = DraftDesc.from_config({**draft_cfg, "last_block_heads": None})
         self.caps = Capacities.from_manifest(manifest)
-        if cost_as is not None:  # the scaled model's prompts need room
-            self.caps = Capacities.from_plan(max(self.caps.kv_capacity, 4 * self.scaled_image_tokens),
+        if cost_as is not None:  # the same room for text and answer as the bundle, the costed model's images
+            self.caps = Capacities.from_plan(self.caps.kv_capacity - self.image_tokens + self.scaled_image_tokens,
                                              self.caps.max_tree)
         self.target, self.precision = target, precision
+        plan = estimate(self.model, target, precision, self.caps.kv_capacity, self.caps.max_tree, base)
+        if plan.headroom_bytes < 0:  # a forecast for a deployment that cannot load is no forecast
+            raise UsageError(f"{self.model.name} at {precision} with KV capacity {self.caps.kv_capacity} and trees of "
+                             f"{self.caps.max_tree} nodes needs {plan.device_bytes / 2**30:.1f} GiB on {target.name}, "
+                             f"which has {plan.usable_bytes / 2**30:.1f} GiB usable (`dream-export plan` shows the "
+                             "breakdown): cost a smaller model or choose a larger target")
         self.name = f"latency model ({target.name}, {precision}" + (f", costed as {self.model.name}" if cost_as else "") + ")"
         self._models = {}
         for h in sn["head_choices"]:
@@ -218,13 +227,16 @@ class ModelledCost:
             prompt, draft_prompt = self._scaled(prompt, cand.vtc_keep if cand else 1.0)
         b = self.breakdown(heads, cand.shape if cand else TreeSpec.chain(1), prompt, draft_prompt, n, rounds)
         if cand is None:
-            return Answer(prompt, 0, n, n, b["fixed"] + n * b["decode"], b["decode"])
+            return Answer(prompt, 0, n, n, b["fixed"] + n * b["decode"], b["decode"],
+                          {"vision + prefill": b["fixed"], "draft prompt": 0.0, "decode": n * b["decode"]})
         secs = b["fixed"] + b["draft_prompt"] + rounds * b["round"]
-        return Answer(prompt, draft_prompt, n, rounds, secs, b["round"] + b["draft_prompt"] / max(rounds, 1))
+        return Answer(prompt, draft_prompt, n, rounds, secs, b["round"] + b["draft_prompt"] / max(rounds, 1),
+                      {"vision + prefill": b["fixed"], "draft prompt": b["draft_prompt"], "decode": rounds * b["round"]})
 
-    def bounds(self, shapes: list[str], prompt: int = 64) -> dict:
+    def bounds(self, shapes: list[str], prompt: int = 64, keeps: tuple[float, ...] = (1.0,)) -> dict:
         """Which term bounds each graph call on the target (memory, compute or overhead), for the report:
-        every call of the full network, the verify of every shape and the pruned drafts' steps."""
+        every call of the full network, the verify of every shape, the pruned drafts' steps and the draft's
+        prompt pass at each visual keep ratio. `prompt`: tokens of a typical (costed) prompt, images included."""
         from dream_export.targets.latency import Call, decode_calls
 
         full = max(self._models)
@@ -235,6 +247,10 @@ class ModelledCost:
                 if c.graph == "vision" and self.model.vision is None or c.graph != "draft" and h != full:
                     continue
                 calls[c.label + (f" h{h}" if c.graph == "draft" else "")] = (h, c)
+        img = self.scaled_image_tokens if self.model.vision is not None else 0
+        for keep in sorted(set(keeps), reverse=True):
+            n = prompt - img + (img if keep >= 1.0 else max(1, round(img * keep)))
+            calls[f"draft prompt pass ({n} tok, keep {keep:g})"] = (full, Call("draft prompt", "draft", n + 1, 1, prompt))
         for text in shapes:
             sh = TreeSpec.parse(text)
             calls[f"target verify ({sh.total} tok)"] = (full, Call("verify", "target", sh.total, sh.total, context=ctx))
@@ -248,6 +264,19 @@ class ModelledCost:
 
 
 # ------------------------------------------------------------------------------------ the search
+
+
+def cost_model(manifest: dict, bundle_dir: str | Path, target, precision: str | None = None,
+               cost_as: dict | None = None) -> MeasuredCost | ModelledCost:
+    """How the search costs answers on `target`: measured on this CPU, else its latency model (fp16 unless
+    `precision`); raises `UsageError` for a forecast the target cannot load."""
+    if target.kind == "cpu":
+        if cost_as is not None:
+            raise UsageError("--cost-as forecasts with a latency model: choose a GPU target (cpu is measured)")
+        return MeasuredCost()
+    return ModelledCost(manifest, bundle_dir, target,
+                        precision or ("fp16" if "fp16" in target.precisions else target.precisions[0]), cost_as)
+
 
 
 def search(bundle_dir: str | Path, target_name: str, rows: list[dict], seed: int = 0, budget_s: float = 1200.0,
@@ -278,6 +307,7 @@ def search(bundle_dir: str | Path, target_name: str, rows: list[dict], seed: int
     target = get_target(target_name)
     if not rows:
         raise UsageError("search needs prompts (--data)")
+    cost = cost_model(m, bundle_dir, target, precision, cost_as)  # before any session: a bad forecast fails at once
     order = list(range(len(rows)))
     rng = random.Random(seed)
     rng.shuffle(order)
@@ -292,13 +322,6 @@ def search(bundle_dir: str | Path, target_name: str, rows: list[dict], seed: int
     subs = candidates(m, default)
     full = full_candidate(m, default)
     screen = subs + [full_candidate(m, sh) for sh in shape_list if sh != default]
-    if target.kind == "cpu":
-        if cost_as is not None:
-            raise UsageError("--cost-as forecasts with a latency model: choose a GPU target (cpu is measured)")
-        cost = MeasuredCost()
-    else:
-        cost = ModelledCost(m, bundle_dir, target,
-                            precision or ("fp16" if "fp16" in target.precisions else target.precisions[0]), cost_as)
     images = {}
 
     def image(p: int):
@@ -401,7 +424,8 @@ def search(bundle_dir: str | Path, target_name: str, rows: list[dict], seed: int
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
     if isinstance(cost, ModelledCost):
-        result["bounds"] = cost.bounds(shape_list)
+        prompt = round(sum(final_ar[p].prompt_tokens for p in order[:done]) / max(done, 1))
+        result["bounds"] = cost.bounds(shape_list, prompt, tuple(m["supernet"]["vtc_keeps"]))
     return result
 
 
