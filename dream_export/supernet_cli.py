@@ -163,16 +163,12 @@ def _compare(results: list[dict]) -> None:
         return
     verify = {f"target verify ({TreeSpec.parse(r['chosen']['config']['tree']).total} tok)" for r in results}
     keys = [k for k in results[0]["bounds"] if k.startswith(("target prefill", "target decode", "draft prompt pass"))
-            or k in verify or k.startswith("draft step") and k.endswith(f"h{max(_heads(r) for r in results)}")]
+            or k in verify or k.startswith("draft step") and k.endswith(f"h{results[0]['full']['config']['heads']}")]
     click.echo("  " + f"{'call':<40}" + "".join(f"{r['target']:>30}" for r in results))
     for k in keys:
         cells = [r["bounds"].get(k) for r in results]
         click.echo(f"  {k:<40}" + "".join(f"{b['seconds'] * 1e3:>11.3f} ms {b['bound'] + '-bound':>15}" if b else f"{'-':>30}"
                                        for b in cells))
-
-
-def _heads(res: dict) -> int:
-    return max(int(k.rsplit(" h", 1)[1]) for k in res["bounds"] if k.startswith("draft step"))
 
 
 def _report(res: dict) -> None:

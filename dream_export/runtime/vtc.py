@@ -18,6 +18,11 @@ def vtc_score_output(score: str) -> str:
     return VTC_SCORES[score]
 
 
+def vtc_kept_count(n_image: int, keep: float) -> int:
+    """Image tokens the draft keeps of `n_image` at keep ratio `keep` (at least one of a non-empty image)."""
+    return max(1, int(round(n_image * keep))) if n_image else 0
+
+
 def vtc_keep_indices(image_mask: np.ndarray, importance: np.ndarray, keep: float) -> np.ndarray:
     """Prompt positions the draft keeps: every text token and the `keep` share of image tokens.
 
@@ -28,6 +33,6 @@ def vtc_keep_indices(image_mask: np.ndarray, importance: np.ndarray, keep: float
     if not 0.0 < keep <= 1.0:
         raise ValueError(f"visual-token keep ratio must be in (0, 1], got {keep}")
     img = np.flatnonzero(image_mask)
-    n_keep = max(1, int(round(len(img) * keep))) if len(img) else 0
+    n_keep = vtc_kept_count(len(img), keep)
     top = img[np.argsort(-importance[img], kind="stable")[:n_keep]]
     return np.sort(np.concatenate([np.flatnonzero(~image_mask), top]))

@@ -35,7 +35,7 @@ from dream_export.errors import UsageError
 from dream_export.runtime.bundle import Bundle
 from dream_export.runtime.subnet import SubNet, feature_columns, with_heads
 from dream_export.runtime.tree import TreeSpec
-from dream_export.runtime.vtc import vtc_keep_indices
+from dream_export.runtime.vtc import vtc_kept_count
 
 
 @dataclass
@@ -191,8 +191,7 @@ class ModelledCost:
     def _scaled(self, prompt: int, keep: float) -> tuple[int, int]:
         """(prompt tokens, draft prompt tokens) with the modelled image-token count (one image)."""
         text = prompt - self.image_tokens
-        img = self.scaled_image_tokens
-        return text + img, text + (img if keep >= 1.0 else max(1, round(img * keep)))
+        return text + self.scaled_image_tokens, text + vtc_kept_count(self.scaled_image_tokens, keep)
 
     def _seconds(self, heads: int, call) -> float:
         key = (heads, call)
@@ -249,7 +248,7 @@ class ModelledCost:
                 calls[c.label + (f" h{h}" if c.graph == "draft" else "")] = (h, c)
         img = self.scaled_image_tokens if self.model.vision is not None else 0
         for keep in sorted(set(keeps), reverse=True):
-            n = prompt - img + (img if keep >= 1.0 else max(1, round(img * keep)))
+            n = prompt - img + vtc_kept_count(img, keep)
             calls[f"draft prompt pass ({n} tok, keep {keep:g})"] = (full, Call("draft prompt", "draft", n + 1, 1, prompt))
         for text in shapes:
             sh = TreeSpec.parse(text)
@@ -276,7 +275,6 @@ def cost_model(manifest: dict, bundle_dir: str | Path, target, precision: str | 
         return MeasuredCost()
     return ModelledCost(manifest, bundle_dir, target,
                         precision or ("fp16" if "fp16" in target.precisions else target.precisions[0]), cost_as)
-
 
 
 def search(bundle_dir: str | Path, target_name: str, rows: list[dict], seed: int = 0, budget_s: float = 1200.0,
@@ -443,11 +441,8 @@ def _planned_evals(n_subs: int, n_shapes: int, first: int, n_prompts: int) -> in
 
 def _draft_prompt(stats: dict, image_tokens: int, keep: float) -> int:
     """Tokens of the draft's prompt stream under visual keep ratio `keep` (what its first pass reads)."""
-    import numpy as np
-
     n_img = image_tokens * stats["images"]
-    kept = len(vtc_keep_indices(np.ones(n_img, bool), np.zeros(n_img, np.float32), keep)) if n_img else 0
-    return stats["prompt_tokens"] - n_img + kept
+    return stats["prompt_tokens"] - n_img + vtc_kept_count(n_img, keep)
 
 
 def write_choice(bundle_dir: str | Path, result: dict) -> None:
